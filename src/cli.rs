@@ -1,0 +1,104 @@
+//! Command line: subcommands and raw flags, no logic.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Duration;
+use crate::generate::OutFormat;
+use crate::ingest::BadRowPolicy;
+
+/// tokenwatch: says when an API token stops behaving like itself.
+#[derive(Debug, Parser)]
+#[command(name = "tokenwatch", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write synthetic labelled traffic (events, registry, incidents).
+    Generate {
+        /// Number of tokens.
+        #[arg(long, default_value_t = 500)]
+        tokens: usize,
+        /// Days of traffic.
+        #[arg(long, default_value_t = 21)]
+        days: u32,
+        /// Random seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Events file format.
+        #[arg(long, value_enum, default_value_t = OutFormat::Parquet)]
+        format: OutFormat,
+        /// Multiply every request rate (smaller samples).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+    },
+    /// Replay a labelled file through the engine and measure detection quality.
+    Eval {
+        /// Input and output.
+        #[command(flatten)]
+        replay: ReplayArgs,
+        /// Training ends here (RFC 3339 or epoch ms); windows after it are evaluated.
+        #[arg(long, conflicts_with = "train_fraction")]
+        train_until: Option<String>,
+        /// Fraction of the file's time span used for training.
+        #[arg(long, default_value_t = 0.67)]
+        train_fraction: f64,
+        /// Write the metrics as JSON here.
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+        /// Incidents file (token_id, kind, start, end); derived from labels if absent.
+        #[arg(long)]
+        incidents: Option<PathBuf>,
+    },
+    /// Replay a file through the engine and write window scores (no labels needed).
+    Replay {
+        /// Input and output.
+        #[command(flatten)]
+        replay: ReplayArgs,
+    },
+    /// Train and score the bundled sample in data/, print the riskiest tokens and the
+    /// evaluation summary.
+    Demo {
+        /// Directory of the sample (events.parquet, tokens.csv, incidents.csv).
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Also write window scores here.
+        #[arg(long)]
+        scores_out: Option<PathBuf>,
+    },
+}
+
+/// Flags shared by `eval` and `replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Events file (.csv, .jsonl, optionally .gz, or .parquet).
+    #[arg(long)]
+    pub events: PathBuf,
+    /// Token registry file.
+    #[arg(long)]
+    pub tokens: Option<PathBuf>,
+    /// Model parameters overriding models/default.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Window size (e.g. 1m, 5m); overrides the config.
+    #[arg(long)]
+    pub window: Option<Duration>,
+    /// Window scores output (.csv or .parquet).
+    #[arg(long)]
+    pub scores_out: Option<PathBuf>,
+    /// What to do with rows that break the input contract.
+    #[arg(long, value_enum, default_value_t = BadRowPolicy::Skip)]
+    pub on_bad_row: BadRowPolicy,
+    /// Number of shards (threads); 0 = one per core. Overrides the config.
+    #[arg(long)]
+    pub shards: Option<usize>,
+}

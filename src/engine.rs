@@ -1,0 +1,666 @@
+//! The one path every door uses: owns the sharded per-token state, applies validated event
+//! batches, closes windows on the watermark, scores them, learns them, and refits the
+//! cross-token models. `eval`, `replay`, the demo and the server all drive this.
+//!
+//! Shards own disjoint sets of tokens (stable hash of the token id) and everything about
+//! them; a batch is split by shard and each shard runs on its own thread with no locks.
+//! Only the global models (peer groups, isolation, endpoint rarity) cross shards: they are
+//! fitted from all shards' states at fixed event-time points and handed back read-only.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, StringArray};
+use arrow::datatypes::{
+    Float32Type, TimestampMillisecondType, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+};
+use arrow::record_batch::RecordBatch;
+use rustc_hash::FxHashMap;
+
+use crate::config::Config;
+use crate::event::col;
+use crate::model::isolation::{IsolationModel, Reservoir};
+use crate::model::peers::{PeerGroups, PeerPoint, NO_GROUP};
+use crate::model::registry::Registry;
+use crate::model::sketch::mix;
+use crate::model::{Ctx, Global, Models, Scratch, Signal, SignalKind, TokenState};
+use crate::score;
+use crate::window::{
+    country_key, endpoint_key, prefix_key, status_class, text_key, window_start, Names, WindowAgg,
+};
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A batch that is not in the canonical schema (a bug in the caller).
+    #[error("batch column `{0}` does not have the event schema's type")]
+    Schema(&'static str),
+}
+
+/// One signal's part in a score, with its plain-words reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    /// Signal.
+    pub signal: SignalKind,
+    /// What the window showed.
+    pub observed: f64,
+    /// What the model expected.
+    pub expected: f64,
+    /// Tail probability.
+    pub p: f64,
+    /// Evidence added to the log-odds (nats).
+    pub evidence: f64,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// The score of one (token, window).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowScore {
+    /// Token id.
+    pub token: Arc<str>,
+    /// Window start (epoch ms).
+    pub start: i64,
+    /// Events in the window.
+    pub events: u32,
+    /// Risk 0..=100.
+    pub risk: f32,
+    /// Risk reached the alert threshold.
+    pub alert: bool,
+    /// The window was learned into the baseline (false: quarantined).
+    pub learned: bool,
+    /// Labelled events (evaluation only).
+    pub labelled: u32,
+    /// Anomaly kind of the labelled events.
+    pub kind: Option<String>,
+    /// Contributions with evidence, largest first.
+    pub contributions: Vec<Contribution>,
+}
+
+impl WindowScore {
+    /// Name of the largest contributor or `none`.
+    pub fn top_signal(&self) -> &'static str {
+        self.contributions
+            .first()
+            .map_or("none", |c| c.signal.name())
+    }
+
+    /// Evidence of one signal (0 if it did not contribute).
+    pub fn evidence(&self, s: SignalKind) -> f64 {
+        self.contributions
+            .iter()
+            .find(|c| c.signal == s)
+            .map_or(0.0, |c| c.evidence)
+    }
+}
+
+/// Counters of what the engine did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Events applied.
+    pub events: u64,
+    /// Events dropped because their window had already closed.
+    pub late: u64,
+    /// Windows scored.
+    pub windows: u64,
+    /// Windows at or above the alert threshold.
+    pub alerts: u64,
+    /// Windows kept out of the baseline.
+    pub quarantined: u64,
+    /// Tokens known.
+    pub tokens: u64,
+    /// Global refits done.
+    pub refits: u64,
+}
+
+struct Slot {
+    name: Arc<str>,
+    state: TokenState,
+    /// Open windows: (start, index into the shard's aggregate arena).
+    open: Vec<(i64, u32)>,
+}
+
+/// Columns of a canonical batch, typed once per batch.
+struct Cols<'a> {
+    ts: &'a arrow::array::PrimitiveArray<TimestampMillisecondType>,
+    token: &'a StringArray,
+    method: &'a StringArray,
+    endpoint: &'a StringArray,
+    status: &'a arrow::array::PrimitiveArray<UInt16Type>,
+    bytes: &'a arrow::array::PrimitiveArray<UInt64Type>,
+    latency: &'a arrow::array::PrimitiveArray<Float32Type>,
+    ip: &'a StringArray,
+    country: &'a StringArray,
+    asn: &'a arrow::array::PrimitiveArray<UInt32Type>,
+    agent: &'a StringArray,
+    scope: &'a StringArray,
+    env: &'a StringArray,
+    label: &'a arrow::array::PrimitiveArray<UInt8Type>,
+    kind: &'a StringArray,
+}
+
+impl<'a> Cols<'a> {
+    fn new(b: &'a RecordBatch) -> Result<Self, Error> {
+        fn s<'b>(b: &'b RecordBatch, c: usize, n: &'static str) -> Result<&'b StringArray, Error> {
+            b.columns()
+                .get(c)
+                .and_then(|a| a.as_string_opt::<i32>())
+                .ok_or(Error::Schema(n))
+        }
+        macro_rules! p {
+            ($c:expr, $t:ty, $n:expr) => {
+                b.columns()
+                    .get($c)
+                    .and_then(|a| a.as_primitive_opt::<$t>())
+                    .ok_or(Error::Schema($n))?
+            };
+        }
+        Ok(Cols {
+            ts: p!(col::TS, TimestampMillisecondType, "ts"),
+            token: s(b, col::TOKEN_ID, "token_id")?,
+            method: s(b, col::METHOD, "method")?,
+            endpoint: s(b, col::ENDPOINT, "endpoint")?,
+            status: p!(col::STATUS, UInt16Type, "status"),
+            bytes: p!(col::BYTES_OUT, UInt64Type, "bytes_out"),
+            latency: p!(col::LATENCY_MS, Float32Type, "latency_ms"),
+            ip: s(b, col::SRC_IP, "src_ip")?,
+            country: s(b, col::COUNTRY, "country")?,
+            asn: p!(col::ASN, UInt32Type, "asn"),
+            agent: s(b, col::USER_AGENT, "user_agent")?,
+            scope: s(b, col::SCOPE, "scope")?,
+            env: s(b, col::ENV, "env")?,
+            label: p!(col::LABEL, UInt8Type, "label"),
+            kind: s(b, col::KIND, "kind")?,
+        })
+    }
+}
+
+#[inline]
+fn opt_str(a: &StringArray, i: usize) -> Option<&str> {
+    if a.is_valid(i) {
+        let s = a.value(i);
+        (!s.is_empty()).then_some(s)
+    } else {
+        None
+    }
+}
+
+/// A shard: a disjoint set of tokens and everything about them.
+struct Shard {
+    cfg: Arc<Config>,
+    models: Models,
+    registry: Arc<Registry>,
+    global: Arc<Global>,
+    tokens: FxHashMap<Box<str>, u32>,
+    slots: Vec<Slot>,
+    aggs: Vec<WindowAgg>,
+    free: Vec<u32>,
+    queue: BTreeMap<i64, Vec<u32>>,
+    names: Names,
+    reservoir: Reservoir,
+    scratch: Scratch,
+    closed_wm: i64,
+    stats: Stats,
+}
+
+impl Shard {
+    fn new(cfg: Arc<Config>, registry: Arc<Registry>, global: Arc<Global>) -> Self {
+        Shard {
+            models: Models::new(&cfg),
+            reservoir: Reservoir::new(cfg.isolation.reservoir),
+            cfg,
+            registry,
+            global,
+            tokens: FxHashMap::default(),
+            slots: Vec::new(),
+            aggs: Vec::new(),
+            free: Vec::new(),
+            queue: BTreeMap::new(),
+            names: Names::default(),
+            scratch: Scratch::default(),
+            closed_wm: i64::MIN,
+            stats: Stats::default(),
+        }
+    }
+
+    fn token_index(&mut self, name: &str, start: i64) -> u32 {
+        if let Some(&t) = self.tokens.get(name) {
+            return t;
+        }
+        let t = self.slots.len() as u32;
+        self.tokens.insert(name.into(), t);
+        let state = TokenState {
+            first_seen: start,
+            last_seen: start,
+            ..Default::default()
+        };
+        self.slots.push(Slot {
+            name: Arc::from(name),
+            state,
+            open: Vec::new(),
+        });
+        self.stats.tokens += 1;
+        t
+    }
+
+    /// Aggregate the given rows of a batch into open windows.
+    fn ingest(&mut self, c: &Cols, rows: impl Iterator<Item = usize>) {
+        let w = self.cfg.window.size.ms;
+        for i in rows {
+            let ts = c.ts.value(i);
+            let start = window_start(ts, w);
+            if start.saturating_add(w) <= self.closed_wm {
+                self.stats.late += 1;
+                continue;
+            }
+            self.stats.events += 1;
+            let t = self.token_index(c.token.value(i), start) as usize;
+            let slot = &mut self.slots[t];
+            let a = match slot.open.iter().find(|o| o.0 == start) {
+                Some(o) => o.1 as usize,
+                None => {
+                    let a = match self.free.pop() {
+                        Some(a) => a as usize,
+                        None => {
+                            self.aggs.push(WindowAgg::default());
+                            self.aggs.len() - 1
+                        }
+                    };
+                    self.aggs[a].reset(start);
+                    slot.open.push((start, a as u32));
+                    self.queue.entry(start).or_default().push(t as u32);
+                    a
+                }
+            };
+            let agg = &mut self.aggs[a];
+            let names = &mut self.names;
+            agg.count += 1;
+            agg.first_ts = agg.first_ts.min(ts);
+            agg.last_ts = agg.last_ts.max(ts);
+            agg.status[status_class(c.status.value(i))] += 1;
+            agg.bytes = agg.bytes.saturating_add(c.bytes.value(i));
+            if c.latency.is_valid(i) {
+                agg.latency_sum += c.latency.value(i) as f64;
+                agg.latency_n += 1;
+            }
+            let (m, e) = (c.method.value(i), c.endpoint.value(i));
+            let k = endpoint_key(m, e);
+            if agg.endpoints.add(k) {
+                names.note(k, || format!("{m} {e}"));
+            }
+            if let Some(cc) = opt_str(c.country, i) {
+                agg.countries.add(country_key(cc));
+            }
+            if c.asn.is_valid(i) {
+                agg.asns.add(c.asn.value(i) as u64);
+            }
+            if let Ok(ip) = c.ip.value(i).trim().parse::<IpAddr>() {
+                agg.prefixes.add(prefix_key(&ip));
+            }
+            if let Some(ua) = opt_str(c.agent, i) {
+                let k = text_key(ua);
+                if agg.agents.add(k) {
+                    names.note(k, || ua.to_string());
+                }
+            }
+            if let Some(s) = opt_str(c.scope, i) {
+                let k = text_key(s);
+                if agg.scopes.add(k) {
+                    names.note(k, || s.to_string());
+                }
+            }
+            if let Some(s) = opt_str(c.env, i) {
+                let k = text_key(s);
+                if agg.envs.add(k) {
+                    names.note(k, || s.to_string());
+                }
+            }
+            if c.label.is_valid(i) && c.label.value(i) == 1 {
+                agg.labelled += 1;
+                if agg.kind == 0 {
+                    if let Some(s) = opt_str(c.kind, i) {
+                        let k = text_key(s);
+                        agg.kind = k;
+                        names.note(k, || s.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Close, score and learn every window that ends at or before `wm`.
+    fn close_until(&mut self, wm: i64, out: &mut Vec<WindowScore>) {
+        let w = self.cfg.window.size.ms;
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().saturating_add(w) > wm {
+                break;
+            }
+            let (start, toks) = entry.remove_entry();
+            for t in toks {
+                let slot = &mut self.slots[t as usize];
+                let Some(pos) = slot.open.iter().position(|o| o.0 == start) else {
+                    continue;
+                };
+                let (_, a) = slot.open.swap_remove(pos);
+                let s = self.close_one(t as usize, a as usize);
+                out.push(s);
+                self.free.push(a);
+            }
+        }
+        self.closed_wm = self.closed_wm.max(wm);
+    }
+
+    fn close_one(&mut self, t: usize, a: usize) -> WindowScore {
+        let cfg = &*self.cfg;
+        let global = &*self.global;
+        let slot = &mut self.slots[t];
+        let agg = &self.aggs[a];
+        let st = &mut slot.state;
+        if st.peers.group == NO_GROUP && st.windows > 0 {
+            if let Some(p) = &global.peers {
+                st.peers.group = p.nearest(&st.peers.usage()) as u8;
+            }
+        }
+        let reg = self.registry.get(&slot.name);
+        let ctx = Ctx {
+            cfg,
+            window_ms: cfg.window.size.ms,
+            start: agg.start,
+            windows: st.windows,
+            first_seen: st.first_seen,
+            global,
+            registry: reg,
+            group: global
+                .peers
+                .as_ref()
+                .and_then(|p| p.groups.get(st.peers.group as usize)),
+        };
+        let scratch = &mut self.scratch;
+        scratch.clear();
+        self.models.score(st, agg, &ctx, scratch);
+        if let Some(iso) = &global.isolation {
+            if st.windows >= 10 {
+                let (s, p) = iso.score(&scratch.features);
+                scratch.push(Signal::new(SignalKind::Isolation, s, 0.5, p));
+            }
+        }
+        let risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
+        let alert = risk >= cfg.score.alert_risk;
+        let learned = risk < cfg.score.learn_max_risk;
+        if learned {
+            self.models.learn(st, agg, &ctx);
+            if st.windows > 30 {
+                let h = mix(text_key(&slot.name) ^ (agg.start as u64).rotate_left(17));
+                self.reservoir.offer(h, &scratch.features);
+            }
+        } else {
+            st.quarantined = st.quarantined.saturating_add(1);
+            self.stats.quarantined += 1;
+        }
+        st.last_seen = st.last_seen.max(agg.start);
+        self.stats.windows += 1;
+        if alert {
+            self.stats.alerts += 1;
+        }
+        let contributions = scratch
+            .signals
+            .iter()
+            .filter(|s| s.evidence > 0.0)
+            .map(|s| Contribution {
+                signal: s.kind,
+                observed: s.observed,
+                expected: s.expected,
+                p: s.p,
+                evidence: s.evidence,
+                reason: score::explain(s, agg.start, &self.names, reg),
+            })
+            .collect();
+        WindowScore {
+            token: slot.name.clone(),
+            start: agg.start,
+            events: agg.count,
+            risk: risk as f32,
+            alert,
+            learned,
+            labelled: agg.labelled,
+            kind: (agg.kind != 0).then(|| self.names.get(agg.kind).unwrap_or("?").to_string()),
+            contributions,
+        }
+    }
+}
+
+/// The engine: shards, watermark, global refits.
+pub struct Engine {
+    cfg: Arc<Config>,
+    shards: Vec<Shard>,
+    global: Arc<Global>,
+    max_ts: i64,
+    watermark: i64,
+    next_refit: Option<i64>,
+    rows: Vec<Vec<u32>>,
+    refits: u64,
+}
+
+impl Engine {
+    /// A fresh engine.
+    pub fn new(cfg: Config, registry: Registry) -> Self {
+        let cfg = Arc::new(cfg);
+        let registry = Arc::new(registry);
+        let global = Arc::new(Global::default());
+        let n = cfg.shard_count();
+        Engine {
+            shards: (0..n)
+                .map(|_| Shard::new(cfg.clone(), registry.clone(), global.clone()))
+                .collect(),
+            cfg,
+            global,
+            max_ts: i64::MIN,
+            watermark: i64::MIN,
+            next_refit: None,
+            rows: vec![Vec::new(); n],
+            refits: 0,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Current watermark (event time up to which windows are closed).
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Apply a batch of validated events (the canonical schema); returns the windows the
+    /// advancing watermark closed, ordered by (window start, token).
+    pub fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<WindowScore>, Error> {
+        let cols = Cols::new(batch)?;
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut bmax = i64::MIN;
+        let mut bmin = i64::MAX;
+        for i in 0..n {
+            let t = cols.ts.value(i);
+            bmax = bmax.max(t);
+            bmin = bmin.min(t);
+        }
+        if self.next_refit.is_none() {
+            let w = self.cfg.window.size.ms;
+            self.next_refit = Some(window_start(bmin, w).saturating_add(self.cfg.engine.warmup.ms));
+        }
+        let nshards = self.shards.len();
+        if nshards == 1 {
+            self.shards[0].ingest(&cols, 0..n);
+        } else {
+            for r in self.rows.iter_mut() {
+                r.clear();
+            }
+            for i in 0..n {
+                let s = (text_key(cols.token.value(i)) % nshards as u64) as usize;
+                self.rows[s].push(i as u32);
+            }
+            let rows = &self.rows;
+            let cols = &cols;
+            std::thread::scope(|sc| {
+                for (shard, rows) in self.shards.iter_mut().zip(rows.iter()) {
+                    sc.spawn(move || shard.ingest(cols, rows.iter().map(|&r| r as usize)));
+                }
+            });
+        }
+        self.max_ts = self.max_ts.max(bmax);
+        let wm = self.max_ts.saturating_sub(self.cfg.window.lateness.ms);
+        Ok(self.advance(wm))
+    }
+
+    /// Close every open window (end of input).
+    pub fn finish(&mut self) -> Vec<WindowScore> {
+        self.advance(i64::MAX)
+    }
+
+    /// Move the watermark to `wm`, refitting global models at their event-time points so
+    /// that results do not depend on batch boundaries.
+    fn advance(&mut self, wm: i64) -> Vec<WindowScore> {
+        let mut out = Vec::new();
+        if wm <= self.watermark {
+            return out;
+        }
+        // Refits happen at fixed event times (never past the newest event), so a large
+        // batch and many small ones give the same scores.
+        let limit = wm.min(self.max_ts);
+        while let Some(r) = self.next_refit.filter(|&r| r <= limit) {
+            self.close_all(r, &mut out);
+            self.watermark = self.watermark.max(r);
+            self.refit(r);
+            self.next_refit = Some(r.saturating_add(self.cfg.engine.refit_every.ms));
+        }
+        self.close_all(wm, &mut out);
+        self.watermark = wm;
+        out.sort_by(|a, b| a.start.cmp(&b.start).then_with(|| a.token.cmp(&b.token)));
+        out
+    }
+
+    fn close_all(&mut self, wm: i64, out: &mut Vec<WindowScore>) {
+        if self.shards.len() == 1 {
+            self.shards[0].close_until(wm, out);
+            return;
+        }
+        let parts: Vec<Vec<WindowScore>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = self
+                .shards
+                .iter_mut()
+                .map(|s| {
+                    sc.spawn(move || {
+                        let mut o = Vec::new();
+                        s.close_until(wm, &mut o);
+                        o
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        for p in parts {
+            out.extend(p);
+        }
+    }
+
+    /// Refit the cross-token models from every shard's state, now (event time `at`).
+    pub fn refit(&mut self, at: i64) {
+        let min_w = self.cfg.peers.min_windows;
+        let mut points: Vec<PeerPoint> = Vec::new();
+        let mut rarity = crate::model::endpoints::Rarity::default();
+        for sh in &self.shards {
+            for slot in &sh.slots {
+                let st = &slot.state;
+                if st.windows == 0 {
+                    continue;
+                }
+                rarity.tokens += 1;
+                for s in st.endpoints.top.slots.iter().filter(|s| s.key != 0) {
+                    *rarity.users.entry(s.key).or_insert(0) += 1;
+                }
+                if st.windows as f64 >= min_w {
+                    points.push(PeerPoint {
+                        token: slot.name.clone(),
+                        usage: st.peers.usage(),
+                        d_own: st.peers.d_own.mean as f64,
+                        rate_mean: st.rate.long.mean as f64,
+                        rate_var: st.rate.long.var as f64,
+                    });
+                }
+            }
+        }
+        let iso = &self.cfg.isolation;
+        let parts: Vec<&Reservoir> = self.shards.iter().map(|s| &s.reservoir).collect();
+        let sample = Reservoir::merged(&parts, iso.reservoir);
+        let isolation = IsolationModel::fit(&sample, iso.trees, iso.sample_size, iso.seed);
+        let peers = PeerGroups::fit(&mut points, self.cfg.peers.groups, iso.seed);
+        let global = Arc::new(Global {
+            peers,
+            isolation,
+            rarity,
+            fitted_at: at,
+        });
+        for sh in self.shards.iter_mut() {
+            sh.global = global.clone();
+            if let Some(p) = &global.peers {
+                for slot in sh.slots.iter_mut() {
+                    if slot.state.windows > 0 {
+                        slot.state.peers.group = p.nearest(&slot.state.peers.usage()) as u8;
+                    }
+                }
+            }
+        }
+        self.global = global;
+        self.refits += 1;
+    }
+
+    /// Counters summed over shards.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for sh in &self.shards {
+            s.events += sh.stats.events;
+            s.late += sh.stats.late;
+            s.windows += sh.stats.windows;
+            s.alerts += sh.stats.alerts;
+            s.quarantined += sh.stats.quarantined;
+            s.tokens += sh.stats.tokens;
+        }
+        s.refits = self.refits;
+        s
+    }
+
+    /// The state of one token, if known.
+    pub fn token_state(&self, token: &str) -> Option<&TokenState> {
+        self.shards
+            .iter()
+            .find_map(|sh| sh.tokens.get(token).map(|&t| &sh.slots[t as usize].state))
+    }
+
+    /// Cross-token models in force.
+    pub fn global(&self) -> &Global {
+        &self.global
+    }
+
+    /// Bytes of model state per token: in memory (`size_of`) and encoded (snapshot).
+    pub fn state_bytes(&self) -> (usize, usize) {
+        let mem = std::mem::size_of::<TokenState>();
+        let enc = self
+            .shards
+            .iter()
+            .flat_map(|s| s.slots.first())
+            .map(|s| {
+                let mut w = crate::model::codec::Writer::default();
+                s.state.encode(&mut w);
+                w.buf.len()
+            })
+            .next()
+            .unwrap_or(0);
+        (mem, enc)
+    }
+}

@@ -1,0 +1,726 @@
+//! Replays an events file through the [`Engine`] (learning throughout, scoring each window
+//! before learning it) and, when the file carries labels, measures detection quality on the
+//! evaluation period: window-level precision / recall / F1 at the alert threshold, PR-AUC,
+//! incident recall per kind, median detection delay and false alerts per 1,000 token-days.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::engine::{Engine, WindowScore};
+use crate::event::fmt_ts;
+use crate::ingest::{self, BadRowPolicy, EventReader, RawReader};
+use crate::model::registry::Registry;
+use crate::output::ScoresWriter;
+
+/// Errors of a replay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading input.
+    #[error(transparent)]
+    Ingest(#[from] ingest::Error),
+    /// Writing output.
+    #[error(transparent)]
+    Output(#[from] crate::output::Error),
+    /// Engine.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::Error),
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Where training ends and evaluation begins.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Split {
+    /// Windows starting at or after this time are evaluated.
+    Until(i64),
+    /// This fraction of the file's time span is training.
+    Fraction(f64),
+}
+
+/// What to replay and where to write.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Events file.
+    pub events: PathBuf,
+    /// Registry file.
+    pub tokens: Option<PathBuf>,
+    /// Train / eval split.
+    pub split: Split,
+    /// Window scores file.
+    pub scores_out: Option<PathBuf>,
+    /// Incidents file (`token_id, kind, start, end`); derived from labels when absent.
+    pub incidents: Option<PathBuf>,
+    /// Bad row policy.
+    pub on_bad_row: BadRowPolicy,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Alert windows of one token closer than this form one alert (ms).
+    pub alert_gap_ms: i64,
+    /// Labelled windows of one token and kind closer than this form one incident (ms).
+    pub incident_gap_ms: i64,
+    /// How many of the riskiest tokens to keep.
+    pub top: usize,
+}
+
+impl Options {
+    /// Defaults for a file.
+    pub fn new(events: PathBuf) -> Self {
+        Options {
+            events,
+            tokens: None,
+            split: Split::Fraction(0.67),
+            scores_out: None,
+            incidents: None,
+            on_bad_row: BadRowPolicy::Skip,
+            progress: false,
+            alert_gap_ms: 30 * 60_000,
+            incident_gap_ms: 24 * 3_600_000,
+            top: 10,
+        }
+    }
+}
+
+/// Recall for one incident kind.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KindRecall {
+    /// Kind.
+    pub kind: String,
+    /// Incidents.
+    pub incidents: u64,
+    /// Incidents with at least one alert while they lasted.
+    pub detected: u64,
+    /// detected / incidents.
+    pub recall: f64,
+    /// Labelled windows of this kind.
+    pub windows: u64,
+    /// Labelled windows of this kind that alerted.
+    pub windows_alerted: u64,
+    /// Median delay from incident start to the end of the first alerting window (s).
+    pub median_delay_s: Option<f64>,
+}
+
+/// Detection quality on the evaluation period.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Metrics {
+    /// Evaluation period start (RFC 3339).
+    pub eval_from: String,
+    /// Windows scored in the evaluation period.
+    pub windows: u64,
+    /// Windows with labelled events.
+    pub positive_windows: u64,
+    /// Alerting windows.
+    pub alert_windows: u64,
+    /// True positives (alerting, labelled).
+    pub tp: u64,
+    /// False positives.
+    pub fp: u64,
+    /// False negatives.
+    pub fn_: u64,
+    /// Precision at the alert threshold.
+    pub precision: f64,
+    /// Recall at the alert threshold.
+    pub recall: f64,
+    /// F1 at the alert threshold.
+    pub f1: f64,
+    /// Area under the precision-recall curve (average precision over risk).
+    pub pr_auc: f64,
+    /// Incidents.
+    pub incidents: u64,
+    /// Incidents detected.
+    pub incidents_detected: u64,
+    /// Per kind.
+    pub per_kind: Vec<KindRecall>,
+    /// Median detection delay over all detected incidents (s).
+    pub median_delay_s: Option<f64>,
+    /// Alerts (runs of alerting windows of one token) that touch no labelled window and no
+    /// incident of that token.
+    pub false_alerts: u64,
+    /// Distinct (token, UTC day) pairs with traffic in the evaluation period.
+    pub token_days: u64,
+    /// false_alerts per 1,000 token-days.
+    pub false_alerts_per_1k_token_days: f64,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Events applied.
+    pub events: u64,
+    /// Bad rows skipped.
+    pub bad_rows: u64,
+    /// Late events dropped.
+    pub late_events: u64,
+    /// Windows scored.
+    pub windows: u64,
+    /// Alerting windows (whole replay).
+    pub alerts: u64,
+    /// Tokens seen.
+    pub tokens: u64,
+    /// Wall seconds.
+    pub seconds: f64,
+    /// Events per second.
+    pub events_per_s: f64,
+    /// Bytes of model state per token in memory / encoded.
+    pub state_bytes_per_token: (usize, usize),
+    /// Metrics, when the file had labels.
+    pub metrics: Option<Metrics>,
+    /// The riskiest tokens of the evaluation period, highest first.
+    #[serde(skip)]
+    pub riskiest: Vec<WindowScore>,
+    /// First bad-row errors, for people.
+    #[serde(skip)]
+    pub bad_row_summary: String,
+}
+
+/// Time span (min, max event time) of a file, reading only `ts` where the format allows.
+pub fn time_span(path: &Path) -> Result<(i64, i64), Error> {
+    let mut r = RawReader::open(path, &["ts"])?;
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    while let Some((b, _)) = r.next_batch()? {
+        let Ok(i) = b.schema().index_of("ts") else {
+            return Err(Error::Other(format!("{}: no `ts` column", path.display())));
+        };
+        let a = b.column(i);
+        let ms = match a.data_type() {
+            arrow::datatypes::DataType::Utf8 => {
+                use arrow::array::AsArray;
+                a.as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .filter_map(|s| crate::event::parse_ts(s).ok())
+                    .collect::<Vec<i64>>()
+            }
+            _ => {
+                use arrow::array::AsArray;
+                let c = arrow::compute::cast(
+                    a,
+                    &arrow::datatypes::DataType::Timestamp(
+                        arrow::datatypes::TimeUnit::Millisecond,
+                        None,
+                    ),
+                )
+                .and_then(|c| arrow::compute::cast(&c, &arrow::datatypes::DataType::Int64))
+                .map_err(|e| Error::Other(format!("{}: ts: {e}", path.display())))?;
+                c.as_primitive::<arrow::datatypes::Int64Type>()
+                    .iter()
+                    .flatten()
+                    .collect()
+            }
+        };
+        for t in ms {
+            lo = lo.min(t);
+            hi = hi.max(t);
+        }
+    }
+    if lo > hi {
+        return Err(Error::Other(format!("{}: no events", path.display())));
+    }
+    Ok((lo, hi))
+}
+
+fn parquet_rows(path: &Path) -> Option<u64> {
+    let f = std::fs::File::open(path).ok()?;
+    let r = parquet::file::reader::SerializedFileReader::new(f).ok()?;
+    use parquet::file::reader::FileReader;
+    Some(r.metadata().file_metadata().num_rows() as u64)
+}
+
+/// A compact record of one evaluated window.
+struct Rec {
+    token: u32,
+    start: i64,
+    risk: f32,
+    alert: bool,
+    positive: bool,
+    kind: u16,
+}
+
+/// Replay `opts.events` through a fresh engine; measure when labels are present.
+pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Error> {
+    let split_at = match opts.split {
+        Split::Until(t) => t,
+        Split::Fraction(f) => {
+            let (lo, hi) = time_span(&opts.events)?;
+            lo + ((hi - lo) as f64 * f.clamp(0.0, 1.0)) as i64
+        }
+    };
+    let window_ms = cfg.window.size.ms;
+    let split_at = crate::window::window_start(split_at, window_ms);
+    let mut engine = Engine::new(cfg, registry);
+    let mut reader = EventReader::open(&opts.events, opts.on_bad_row)?;
+    let mut writer = match &opts.scores_out {
+        Some(p) => Some(ScoresWriter::create(p)?),
+        None => None,
+    };
+    let bar = if opts.progress {
+        let pb = match parquet_rows(&opts.events) {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {human_pos}/{human_len} events ({per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut tokens: FxHashMap<Arc<str>, u32> = FxHashMap::default();
+    let mut token_names: Vec<Arc<str>> = Vec::new();
+    let mut kinds: Vec<String> = vec![String::new()];
+    let mut recs: Vec<Rec> = Vec::new();
+    let mut any_label = false;
+    let mut riskiest: FxHashMap<Arc<str>, WindowScore> = FxHashMap::default();
+    let started = Instant::now();
+    let mut handle =
+        |scores: Vec<WindowScore>, writer: &mut Option<ScoresWriter>| -> Result<(), Error> {
+            for s in scores {
+                let eval = s.start >= split_at;
+                if let Some(w) = writer.as_mut() {
+                    w.write(&s, eval)?;
+                }
+                if !eval {
+                    continue;
+                }
+                if s.labelled > 0 {
+                    any_label = true;
+                }
+                let t = match tokens.get(&s.token) {
+                    Some(&t) => t,
+                    None => {
+                        let t = token_names.len() as u32;
+                        tokens.insert(s.token.clone(), t);
+                        token_names.push(s.token.clone());
+                        t
+                    }
+                };
+                let kind = match &s.kind {
+                    None => 0,
+                    Some(k) => match kinds.iter().position(|x| x == k) {
+                        Some(i) => i as u16,
+                        None => {
+                            kinds.push(k.clone());
+                            (kinds.len() - 1) as u16
+                        }
+                    },
+                };
+                recs.push(Rec {
+                    token: t,
+                    start: s.start,
+                    risk: s.risk,
+                    alert: s.alert,
+                    positive: s.labelled > 0,
+                    kind,
+                });
+                let better = riskiest.get(&s.token).is_none_or(|b| s.risk > b.risk);
+                if better && s.risk > 0.0 {
+                    riskiest.insert(s.token.clone(), s);
+                }
+            }
+            Ok(())
+        };
+    while let Some(batch) = reader.next_batch()? {
+        bar.inc(batch.num_rows() as u64);
+        let out = engine.apply(&batch)?;
+        handle(out, &mut writer)?;
+    }
+    handle(engine.finish(), &mut writer)?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    let stats = engine.stats();
+    let metrics = if any_label {
+        let incidents = match &opts.incidents {
+            Some(p) => Some(read_incidents(p, &tokens, &mut kinds)?),
+            None => None,
+        };
+        Some(measure(&recs, &kinds, incidents, split_at, window_ms, opts))
+    } else {
+        None
+    };
+    let mut top: Vec<WindowScore> = riskiest.into_values().collect();
+    top.sort_by(|a, b| {
+        b.risk
+            .total_cmp(&a.risk)
+            .then_with(|| a.token.cmp(&b.token))
+    });
+    top.truncate(opts.top);
+    let rr = reader.report();
+    Ok(Report {
+        events: stats.events,
+        bad_rows: rr.bad_rows,
+        late_events: stats.late,
+        windows: stats.windows,
+        alerts: stats.alerts,
+        tokens: stats.tokens,
+        seconds,
+        events_per_s: stats.events as f64 / seconds.max(1e-9),
+        state_bytes_per_token: engine.state_bytes(),
+        metrics,
+        riskiest: top,
+        bad_row_summary: if rr.bad_rows > 0 {
+            rr.summary()
+        } else {
+            String::new()
+        },
+    })
+}
+
+/// An incident: token, kind index, start, end (ms).
+type Incident = (u32, u16, i64, i64);
+
+fn read_incidents(
+    path: &Path,
+    tokens: &FxHashMap<Arc<str>, u32>,
+    kinds: &mut Vec<String>,
+) -> Result<Vec<Incident>, Error> {
+    let mut r = RawReader::open(path, &["token_id", "kind", "start", "end"])?;
+    let mut out = Vec::new();
+    while let Some((b, first)) = r.next_batch()? {
+        use arrow::array::{Array, AsArray};
+        let get = |name: &str| -> Result<arrow::array::StringArray, Error> {
+            let i = b.schema().index_of(name).map_err(|_| {
+                Error::Other(format!("{}: column `{name}` missing", path.display()))
+            })?;
+            let a = arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8)
+                .map_err(|e| Error::Other(e.to_string()))?;
+            Ok(a.as_string::<i32>().clone())
+        };
+        let (tk, kd, st, en) = (get("token_id")?, get("kind")?, get("start")?, get("end")?);
+        for i in 0..b.num_rows() {
+            if !tk.is_valid(i) || !st.is_valid(i) || !en.is_valid(i) {
+                continue;
+            }
+            let Some(&t) = tokens.get(tk.value(i)) else {
+                continue; // token never seen in the evaluation period
+            };
+            let parse = |s: &str| {
+                crate::event::parse_ts(s).map_err(|e| {
+                    Error::Other(format!("{}: row {}: {e}", path.display(), first + i as u64))
+                })
+            };
+            let k = if kd.is_valid(i) { kd.value(i) } else { "" };
+            let ki = match kinds.iter().position(|x| x == k) {
+                Some(x) => x as u16,
+                None => {
+                    kinds.push(k.to_string());
+                    (kinds.len() - 1) as u16
+                }
+            };
+            out.push((t, ki, parse(st.value(i))?, parse(en.value(i))?));
+        }
+    }
+    Ok(out)
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn measure(
+    recs: &[Rec],
+    kinds: &[String],
+    incidents: Option<Vec<Incident>>,
+    split_at: i64,
+    window_ms: i64,
+    opts: &Options,
+) -> Metrics {
+    let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
+    for r in recs {
+        match (r.alert, r.positive) {
+            (true, true) => tp += 1,
+            (true, false) => fp += 1,
+            (false, true) => fn_ += 1,
+            _ => {}
+        }
+    }
+    let precision = if tp + fp > 0 {
+        tp as f64 / (tp + fp) as f64
+    } else {
+        0.0
+    };
+    let recall = if tp + fn_ > 0 {
+        tp as f64 / (tp + fn_) as f64
+    } else {
+        0.0
+    };
+    let f1 = if precision + recall > 0.0 {
+        2.0 * precision * recall / (precision + recall)
+    } else {
+        0.0
+    };
+    // Average precision over the risk ranking; ties are ranked as one block.
+    let mut order: Vec<(f32, bool)> = recs.iter().map(|r| (r.risk, r.positive)).collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total_pos = order.iter().filter(|x| x.1).count() as f64;
+    let (mut ap, mut seen, mut seen_pos, mut i) = (0.0, 0.0, 0.0, 0);
+    while i < order.len() {
+        let mut j = i;
+        let mut block_pos = 0.0;
+        while j < order.len() && order[j].0 == order[i].0 {
+            if order[j].1 {
+                block_pos += 1.0;
+            }
+            j += 1;
+        }
+        seen += (j - i) as f64;
+        seen_pos += block_pos;
+        if block_pos > 0.0 {
+            ap += block_pos * (seen_pos / seen);
+        }
+        i = j;
+    }
+    let pr_auc = if total_pos > 0.0 { ap / total_pos } else { 0.0 };
+
+    // Per token, windows in time order.
+    let mut by_token: BTreeMap<u32, Vec<&Rec>> = BTreeMap::new();
+    for r in recs {
+        by_token.entry(r.token).or_default().push(r);
+    }
+    for v in by_token.values_mut() {
+        v.sort_by_key(|r| r.start);
+    }
+    // Incidents: given, or runs of labelled windows of one token and kind.
+    let incidents: Vec<Incident> = match incidents {
+        Some(v) => v.into_iter().filter(|i| i.3 >= split_at).collect(),
+        None => {
+            let mut out = Vec::new();
+            for (&t, v) in &by_token {
+                let mut open: FxHashMap<u16, (i64, i64)> = FxHashMap::default();
+                for r in v.iter().filter(|r| r.positive) {
+                    match open.get_mut(&r.kind) {
+                        Some(span) if r.start - span.1 <= opts.incident_gap_ms => {
+                            span.1 = r.start + window_ms
+                        }
+                        _ => {
+                            if let Some(span) = open.insert(r.kind, (r.start, r.start + window_ms))
+                            {
+                                out.push((t, r.kind, span.0, span.1));
+                            }
+                        }
+                    }
+                }
+                for (k, span) in open {
+                    out.push((t, k, span.0, span.1));
+                }
+            }
+            out.sort();
+            out
+        }
+    };
+    let mut per_kind: BTreeMap<u16, (u64, u64, Vec<f64>, u64, u64)> = BTreeMap::new();
+    let mut all_delays = Vec::new();
+    let mut detected_total = 0;
+    for &(t, k, s, e) in &incidents {
+        let entry = per_kind.entry(k).or_default();
+        entry.0 += 1;
+        let first_alert = by_token.get(&t).and_then(|v| {
+            v.iter()
+                .find(|r| r.alert && r.start + window_ms > s && r.start <= e)
+        });
+        if let Some(a) = first_alert {
+            entry.1 += 1;
+            detected_total += 1;
+            let d = ((a.start + window_ms - s).max(0)) as f64 / 1000.0;
+            entry.2.push(d);
+            all_delays.push(d);
+        }
+    }
+    for r in recs.iter().filter(|r| r.positive) {
+        let e = per_kind.entry(r.kind).or_default();
+        e.3 += 1;
+        if r.alert {
+            e.4 += 1;
+        }
+    }
+    let per_kind = per_kind
+        .into_iter()
+        .map(|(k, (n, d, mut delays, w, wa))| KindRecall {
+            kind: kinds.get(k as usize).cloned().unwrap_or_default(),
+            incidents: n,
+            detected: d,
+            recall: if n > 0 { d as f64 / n as f64 } else { 0.0 },
+            windows: w,
+            windows_alerted: wa,
+            median_delay_s: median(&mut delays),
+        })
+        .collect();
+    // False alerts: runs of alerting windows per token (gap <= alert gap) touching no
+    // labelled window and no incident span of the token.
+    let mut false_alerts = 0;
+    let mut token_days = std::collections::HashSet::new();
+    for (&t, v) in &by_token {
+        let spans: Vec<(i64, i64)> = incidents
+            .iter()
+            .filter(|i| i.0 == t)
+            .map(|i| (i.2, i.3))
+            .collect();
+        let mut run: Option<(i64, bool)> = None; // (last alert start, touches truth)
+        for r in v {
+            token_days.insert((t, r.start.div_euclid(86_400_000)));
+            if !r.alert {
+                continue;
+            }
+            let truth = r.positive
+                || spans
+                    .iter()
+                    .any(|&(s, e)| r.start + window_ms > s && r.start <= e);
+            run = match run {
+                Some((last, tr)) if r.start - last <= opts.alert_gap_ms => {
+                    Some((r.start, tr || truth))
+                }
+                Some((_, tr)) => {
+                    if !tr {
+                        false_alerts += 1;
+                    }
+                    Some((r.start, truth))
+                }
+                None => Some((r.start, truth)),
+            };
+        }
+        if let Some((_, false)) = run {
+            false_alerts += 1;
+        }
+    }
+    let token_days = token_days.len() as u64;
+    Metrics {
+        eval_from: fmt_ts(split_at),
+        windows: recs.len() as u64,
+        positive_windows: tp + fn_,
+        alert_windows: tp + fp,
+        tp,
+        fp,
+        fn_,
+        precision,
+        recall,
+        f1,
+        pr_auc,
+        incidents: incidents.len() as u64,
+        incidents_detected: detected_total,
+        per_kind,
+        median_delay_s: median(&mut all_delays),
+        false_alerts,
+        token_days,
+        false_alerts_per_1k_token_days: if token_days > 0 {
+            false_alerts as f64 * 1000.0 / token_days as f64
+        } else {
+            0.0
+        },
+    }
+}
+
+impl Report {
+    /// Human summary.
+    pub fn render(&self, engine_cfg: &Config) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "replayed {} events ({} bad rows skipped, {} late) into {} windows of {} tokens in {:.1}s ({:.0} events/s); {} alert windows; model state {} B/token in memory, {} B encoded",
+            self.events,
+            self.bad_rows,
+            self.late_events,
+            self.windows,
+            self.tokens,
+            self.seconds,
+            self.events_per_s,
+            self.alerts,
+            self.state_bytes_per_token.0,
+            self.state_bytes_per_token.1
+        );
+        if !self.bad_row_summary.is_empty() {
+            let _ = writeln!(s, "{}", self.bad_row_summary);
+        }
+        if !self.riskiest.is_empty() {
+            let _ = writeln!(s, "\nriskiest tokens (evaluation period):");
+            for w in &self.riskiest {
+                let _ = writeln!(
+                    s,
+                    "  {:<24} risk {:5.1} at {}{}",
+                    w.token,
+                    w.risk,
+                    fmt_ts(w.start),
+                    if w.alert { "  ALERT" } else { "" }
+                );
+                for c in w.contributions.iter().take(4) {
+                    let _ = writeln!(
+                        s,
+                        "      {:<20} +{:5.1}  {}",
+                        c.signal.name(),
+                        c.evidence,
+                        c.reason
+                    );
+                }
+            }
+        }
+        if let Some(m) = &self.metrics {
+            let _ = writeln!(
+                s,
+                "\nevaluation from {} (alert at risk >= {}):",
+                m.eval_from, engine_cfg.score.alert_risk
+            );
+            let _ = writeln!(
+                s,
+                "  windows {}  labelled {}  alerting {}  TP {} FP {} FN {}",
+                m.windows, m.positive_windows, m.alert_windows, m.tp, m.fp, m.fn_
+            );
+            let _ = writeln!(
+                s,
+                "  precision {:.3}  recall {:.3}  F1 {:.3}  PR-AUC {:.3}",
+                m.precision, m.recall, m.f1, m.pr_auc
+            );
+            let _ = writeln!(
+                s,
+                "  incidents {}/{} detected; median delay {}",
+                m.incidents_detected,
+                m.incidents,
+                m.median_delay_s
+                    .map_or("-".to_string(), |d| format!("{d:.0}s"))
+            );
+            let _ = writeln!(
+                s,
+                "  false alerts {} over {} token-days = {:.2} per 1,000 token-days",
+                m.false_alerts, m.token_days, m.false_alerts_per_1k_token_days
+            );
+            let _ = writeln!(
+                s,
+                "  {:<22} {:>9} {:>8} {:>7} {:>12} {:>10}",
+                "kind", "incidents", "detected", "recall", "win recall", "delay"
+            );
+            for k in &m.per_kind {
+                let _ = writeln!(
+                    s,
+                    "  {:<22} {:>9} {:>8} {:>7.3} {:>12} {:>10}",
+                    k.kind,
+                    k.incidents,
+                    k.detected,
+                    k.recall,
+                    format!("{}/{}", k.windows_alerted, k.windows),
+                    k.median_delay_s
+                        .map_or("-".to_string(), |d| format!("{d:.0}s"))
+                );
+            }
+        }
+        s
+    }
+}

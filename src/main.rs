@@ -1,0 +1,159 @@
+//! Thin binary: parse the command line, build the configuration, call the library, print
+//! the error chain once and return an exit code.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use tokenwatch::cli::{Cli, Command, ReplayArgs};
+use tokenwatch::config::Config;
+use tokenwatch::eval::{self, Split};
+use tokenwatch::generate;
+use tokenwatch::ingest::{self, BadRowPolicy};
+use tokenwatch::model::registry::Registry;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &ReplayArgs) -> Result<(Config, Registry)> {
+    let mut cfg = Config::load(args.config.as_deref())?.with_window(args.window)?;
+    if let Some(s) = args.shards {
+        cfg.engine.shards = s;
+    }
+    let registry = load_registry(args.tokens.as_deref(), args.on_bad_row)?;
+    Ok((cfg, registry))
+}
+
+fn load_registry(path: Option<&Path>, policy: BadRowPolicy) -> Result<Registry> {
+    let Some(p) = path else {
+        return Ok(Registry::default());
+    };
+    let (reg, rep) = ingest::read_registry(p, policy)?;
+    if rep.bad_rows > 0 {
+        eprintln!("registry: {}", rep.summary());
+    }
+    Ok(reg)
+}
+
+fn replay_options(args: &ReplayArgs, split: Split) -> eval::Options {
+    let mut o = eval::Options::new(args.events.clone());
+    o.tokens = args.tokens.clone();
+    o.scores_out = args.scores_out.clone();
+    o.on_bad_row = args.on_bad_row;
+    o.split = split;
+    o.progress = std::io::stderr().is_terminal();
+    o
+}
+
+fn run(cli: Cli) -> Result<()> {
+    #[allow(unreachable_patterns)]
+    match cli.command {
+        Command::Generate {
+            tokens,
+            days,
+            seed,
+            out,
+            format,
+            scale,
+        } => {
+            let mut o = generate::Options::new(out);
+            o.tokens = tokens;
+            o.days = days;
+            o.seed = seed;
+            o.format = format;
+            o.scale = scale;
+            let s = generate::run(&o)?;
+            println!(
+                "wrote {} events ({} labelled, {} incidents): {}",
+                s.events,
+                s.labelled,
+                s.incidents,
+                s.files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Command::Eval {
+            replay,
+            train_until,
+            train_fraction,
+            json_out,
+            incidents,
+        } => {
+            let split = match train_until {
+                Some(t) => Split::Until(
+                    tokenwatch::event::parse_ts(&t)
+                        .map_err(|e| anyhow::anyhow!("--train-until: {e}"))?,
+                ),
+                None => {
+                    if !(0.0..1.0).contains(&train_fraction) {
+                        bail!("--train-fraction must be in [0, 1)");
+                    }
+                    Split::Fraction(train_fraction)
+                }
+            };
+            let (cfg, registry) = load(&replay)?;
+            let mut o = replay_options(&replay, split);
+            o.incidents = incidents;
+            let report = eval::run(cfg.clone(), registry, &o)?;
+            print!("{}", report.render(&cfg));
+            if report.metrics.is_none() {
+                eprintln!("note: the file has no labels (label = 1), so no metrics were computed");
+            }
+            if let Some(p) = json_out {
+                let text = serde_json::to_string_pretty(&report)?;
+                std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
+        Command::Replay { replay } => {
+            let (cfg, registry) = load(&replay)?;
+            let mut o = replay_options(&replay, Split::Until(i64::MAX));
+            o.top = 10;
+            let report = eval::run(cfg.clone(), registry, &o)?;
+            print!("{}", report.render(&cfg));
+        }
+        Command::Demo { data, scores_out } => {
+            let dir = find_data(&data)?;
+            let cfg = Config::load(None)?;
+            let registry = load_registry(Some(&dir.join("tokens.csv")), BadRowPolicy::Skip)?;
+            let mut o = eval::Options::new(dir.join("events.parquet"));
+            o.incidents = Some(dir.join("incidents.csv")).filter(|p| p.exists());
+            o.scores_out = scores_out;
+            o.progress = std::io::stderr().is_terminal();
+            println!(
+                "tokenwatch demo: training on the first 67% of {} and scoring the rest",
+                o.events.display()
+            );
+            let report = eval::run(cfg.clone(), registry, &o)?;
+            print!("{}", report.render(&cfg));
+        }
+    }
+    Ok(())
+}
+
+fn find_data(dir: &Path) -> Result<PathBuf> {
+    if dir.join("events.parquet").exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    if beside.join("events.parquet").exists() {
+        return Ok(beside);
+    }
+    bail!(
+        "{}: no events.parquet here (run from the project root, or pass --data DIR)",
+        dir.display()
+    )
+}

@@ -1,0 +1,140 @@
+//! Endpoints: which routes the token calls. Per-token endpoint frequencies (heavy hitters)
+//! and a Bloom filter of every endpoint ever used; first use of an endpoint (novelty, as in
+//! the network model) and, for a first use, how rare the endpoint is across all tokens
+//! (an endpoint few tokens touch is where sensitive data lives).
+
+use rustc_hash::FxHashMap;
+
+use super::codec::{Reader, Writer};
+use super::sketch::{Bloom, TopK};
+use super::{feature, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use crate::config::Config;
+use crate::window::{fold, WindowAgg};
+
+/// How many tokens use each endpoint (folded key), over all shards.
+#[derive(Debug, Clone, Default)]
+pub struct Rarity {
+    /// Tokens using each endpoint.
+    pub users: FxHashMap<u32, u32>,
+    /// Tokens counted.
+    pub tokens: u32,
+}
+
+impl Rarity {
+    /// Fewer tokens than this and rarity says nothing.
+    pub const MIN_TOKENS: u32 = 20;
+
+    /// Probability that a token uses this endpoint (Laplace-smoothed share of tokens).
+    pub fn p_used(&self, key: u64) -> Option<(f64, u32)> {
+        if self.tokens < Self::MIN_TOKENS {
+            return None;
+        }
+        let u = self.users.get(&fold(key)).copied().unwrap_or(0);
+        Some(((u as f64 + 1.0) / (self.tokens as f64 + 2.0), u))
+    }
+}
+
+/// Per-token endpoint state.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EndpointState {
+    /// Every endpoint ever learned.
+    pub known: Bloom<8>,
+    /// Most used endpoints.
+    pub top: TopK<16>,
+    /// Learned windows that brought a new endpoint.
+    pub novel: u32,
+}
+
+/// Endpoint parameters.
+#[derive(Debug, Clone)]
+pub struct EndpointModel {
+    prior_novel: f64,
+    prior_seen: f64,
+}
+
+impl EndpointModel {
+    /// From configuration.
+    pub fn new(cfg: &Config) -> Self {
+        EndpointModel {
+            prior_novel: cfg.novelty.prior_novel,
+            prior_seen: cfg.novelty.prior_seen,
+        }
+    }
+}
+
+impl Model for EndpointModel {
+    type State = EndpointState;
+
+    fn score(&self, st: &EndpointState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+        let mut new_calls = 0u32;
+        let mut first_new = 0u64;
+        let mut rarest: Option<(f64, u32, u64)> = None;
+        for &(k, c) in &w.endpoints.items {
+            if st.known.contains(k) {
+                continue;
+            }
+            new_calls += c;
+            if first_new == 0 {
+                first_new = k;
+            }
+            if let Some((p, users)) = ctx.global.rarity.p_used(k) {
+                if rarest.is_none_or(|r| p < r.0) {
+                    rarest = Some((p, users, k));
+                }
+            }
+        }
+        if new_calls == 0 {
+            return;
+        }
+        let p = (st.novel as f64 + self.prior_novel)
+            / (ctx.windows as f64 + self.prior_novel + self.prior_seen);
+        out.features[feature::NOVELTY] += (-p.ln()) as f32;
+        let usual: Vec<u32> = st.top.top(2);
+        let item = rarest.map_or(first_new, |r| r.2);
+        out.push(
+            Signal::new(SignalKind::NewEndpoint, new_calls as f64, p, p)
+                .with_item(item)
+                .with_usual(&usual),
+        );
+        if let Some((p_r, users, k)) = rarest {
+            out.push(
+                Signal::new(
+                    SignalKind::EndpointRarity,
+                    users as f64,
+                    ctx.global.rarity.tokens as f64,
+                    p_r,
+                )
+                .with_item(k),
+            );
+        }
+    }
+
+    fn learn(&self, st: &mut EndpointState, w: &WindowAgg, ctx: &Ctx) {
+        let day = ctx.day();
+        let mut new = false;
+        for &(k, c) in &w.endpoints.items {
+            if !st.known.contains(k) {
+                new = true;
+                st.known.insert(k);
+            }
+            st.top.add(fold(k), c, day);
+        }
+        if new && ctx.windows > 0 {
+            st.novel += 1;
+        }
+    }
+
+    fn encode(st: &EndpointState, w: &mut Writer) {
+        st.known.encode(w);
+        st.top.encode(w);
+        w.u32(st.novel);
+    }
+
+    fn decode(r: &mut Reader) -> Result<EndpointState, DecodeError> {
+        Ok(EndpointState {
+            known: Bloom::decode(r)?,
+            top: TopK::decode(r)?,
+            novel: r.u32()?,
+        })
+    }
+}

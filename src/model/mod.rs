@@ -1,0 +1,488 @@
+//! Per-token behavioural models and the signal contract they share.
+//!
+//! Every model is a pure function pair over a fixed-size state: `score` reads the state and
+//! one closed window and emits [`Signal`]s, each with a calibrated tail probability `p` of
+//! seeing something at least this extreme if the token behaves as before; `learn` folds the
+//! window into the state. Models never see the clock, files or the network: time comes in
+//! through [`Ctx`]. Global, cross-token models (peer groups, isolation, endpoint rarity) are
+//! fitted from all shards' states and handed in read-only as [`Global`].
+
+pub mod codec;
+pub mod endpoints;
+pub mod isolation;
+pub mod network;
+pub mod peers;
+pub mod rate;
+pub mod registry;
+pub mod seasonal;
+pub mod sketch;
+pub mod telemetry;
+
+use crate::config::Config;
+use crate::window::WindowAgg;
+use codec::{Reader, Writer};
+
+/// Every signal a window can raise. The names are part of the output contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[allow(missing_docs)]
+pub enum SignalKind {
+    Rate,
+    Seasonal,
+    NewCountry,
+    NewAsn,
+    NewPrefix,
+    NewUserAgent,
+    ConcurrentNetworks,
+    NewEndpoint,
+    EndpointRarity,
+    AuthErrors,
+    RateLimited,
+    ServerErrors,
+    ClientErrors,
+    BytesOut,
+    Latency,
+    EndpointMix,
+    PeerDistance,
+    Isolation,
+    ScopeViolation,
+    EnvMismatch,
+    TokenValidity,
+}
+
+impl SignalKind {
+    /// All signals, in output column order.
+    pub const ALL: [SignalKind; 21] = [
+        SignalKind::Rate,
+        SignalKind::Seasonal,
+        SignalKind::NewCountry,
+        SignalKind::NewAsn,
+        SignalKind::NewPrefix,
+        SignalKind::NewUserAgent,
+        SignalKind::ConcurrentNetworks,
+        SignalKind::NewEndpoint,
+        SignalKind::EndpointRarity,
+        SignalKind::AuthErrors,
+        SignalKind::RateLimited,
+        SignalKind::ServerErrors,
+        SignalKind::ClientErrors,
+        SignalKind::BytesOut,
+        SignalKind::Latency,
+        SignalKind::EndpointMix,
+        SignalKind::PeerDistance,
+        SignalKind::Isolation,
+        SignalKind::ScopeViolation,
+        SignalKind::EnvMismatch,
+        SignalKind::TokenValidity,
+    ];
+
+    /// Stable snake_case name.
+    pub fn name(self) -> &'static str {
+        use SignalKind::*;
+        match self {
+            Rate => "rate",
+            Seasonal => "seasonal",
+            NewCountry => "new_country",
+            NewAsn => "new_asn",
+            NewPrefix => "new_prefix",
+            NewUserAgent => "new_user_agent",
+            ConcurrentNetworks => "concurrent_networks",
+            NewEndpoint => "new_endpoint",
+            EndpointRarity => "endpoint_rarity",
+            AuthErrors => "auth_errors",
+            RateLimited => "rate_limited",
+            ServerErrors => "server_errors",
+            ClientErrors => "client_errors",
+            BytesOut => "bytes_out",
+            Latency => "latency",
+            EndpointMix => "endpoint_mix",
+            PeerDistance => "peer_distance",
+            Isolation => "isolation",
+            ScopeViolation => "scope_violation",
+            EnvMismatch => "env_mismatch",
+            TokenValidity => "token_validity",
+        }
+    }
+
+    /// Position in [`SignalKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One model's finding about one window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Signal {
+    /// Which signal.
+    pub kind: SignalKind,
+    /// What the window showed (count, bytes, fraction, distance...).
+    pub observed: f64,
+    /// What the token's model expected.
+    pub expected: f64,
+    /// Tail probability under the token's model (1 = nothing unusual).
+    pub p: f64,
+    /// Evidence in nats, filled in by `score::combine`.
+    pub evidence: f64,
+    /// The item involved (country, ASN, prefix, endpoint key), 0 if none.
+    pub item: u64,
+    /// Up to two items the token usually has (folded keys), for the reason.
+    pub usual: [u32; 2],
+}
+
+impl Signal {
+    /// A signal with no item.
+    pub fn new(kind: SignalKind, observed: f64, expected: f64, p: f64) -> Self {
+        Signal {
+            kind,
+            observed,
+            expected,
+            p: p.clamp(1e-300, 1.0),
+            evidence: 0.0,
+            item: 0,
+            usual: [0; 2],
+        }
+    }
+
+    /// Attach the item involved.
+    pub fn with_item(mut self, item: u64) -> Self {
+        self.item = item;
+        self
+    }
+
+    /// Attach what the token usually shows.
+    pub fn with_usual(mut self, usual: &[u32]) -> Self {
+        for (d, s) in self.usual.iter_mut().zip(usual) {
+            *d = *s;
+        }
+        self
+    }
+}
+
+/// Number of features the isolation model sees per window.
+pub const FEATURES: usize = 10;
+
+/// Feature slots filled by the per-token models for the isolation model.
+#[allow(missing_docs)]
+pub mod feature {
+    pub const RATE_Z: usize = 0;
+    pub const LOG_COUNT: usize = 1;
+    pub const BYTES_Z: usize = 2;
+    pub const AUTH_EXCESS: usize = 3;
+    pub const CLIENT_EXCESS: usize = 4;
+    pub const NOVELTY: usize = 5;
+    pub const SEASONAL: usize = 6;
+    pub const MIX_Z: usize = 7;
+    pub const NETWORKS: usize = 8;
+    pub const LATENCY_Z: usize = 9;
+}
+
+/// Per-window scratch: signals raised and isolation features.
+#[derive(Debug, Clone, Default)]
+pub struct Scratch {
+    /// Signals raised by the models.
+    pub signals: Vec<Signal>,
+    /// Isolation features.
+    pub features: [f32; FEATURES],
+}
+
+impl Scratch {
+    /// Reset for the next window.
+    pub fn clear(&mut self) {
+        self.signals.clear();
+        self.features = [0.0; FEATURES];
+    }
+
+    /// Raise a signal if it says anything (p < 1).
+    #[inline]
+    pub fn push(&mut self, s: Signal) {
+        if s.p < 1.0 {
+            self.signals.push(s);
+        }
+    }
+}
+
+/// What a model may know besides its own state.
+pub struct Ctx<'a> {
+    /// Configuration.
+    pub cfg: &'a Config,
+    /// Window size in ms.
+    pub window_ms: i64,
+    /// Start of the window being scored or learned.
+    pub start: i64,
+    /// Windows of this token learned so far.
+    pub windows: u32,
+    /// First window start of this token.
+    pub first_seen: i64,
+    /// Cross-token models.
+    pub global: &'a Global,
+    /// Registry facts of this token.
+    pub registry: Option<&'a registry::RegistryEntry>,
+    /// The token's peer group, once groups are fitted.
+    pub group: Option<&'a peers::GroupStats>,
+}
+
+impl Ctx<'_> {
+    /// Day number (since the epoch) of the window.
+    pub fn day(&self) -> u16 {
+        (self.start.div_euclid(86_400_000)).clamp(0, u16::MAX as i64) as u16
+    }
+}
+
+/// Cross-token models fitted from every shard's state, shared read-only by all shards.
+#[derive(Debug, Default, Clone)]
+pub struct Global {
+    /// Peer groups.
+    pub peers: Option<peers::PeerGroups>,
+    /// Isolation model over window features.
+    pub isolation: Option<isolation::IsolationModel>,
+    /// How many tokens use each endpoint.
+    pub rarity: endpoints::Rarity,
+    /// Event time of the fit (ms), 0 before the first.
+    pub fitted_at: i64,
+}
+
+/// A snapshot could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the state needs.
+    #[error("model state is truncated")]
+    Truncated,
+    /// Written by another schema version.
+    #[error("model state version {found}, expected {expected}")]
+    Version {
+        /// Found.
+        found: u8,
+        /// Expected.
+        expected: u8,
+    },
+    /// Bytes left over.
+    #[error("model state has {0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// The contract every per-token model follows (see the contract suite in the tests).
+pub trait Model {
+    /// Fixed-size per-token state.
+    type State: Clone + Default + PartialEq + std::fmt::Debug;
+    /// Emit signals (and isolation features) for a closed window.
+    fn score(&self, st: &Self::State, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch);
+    /// Fold a window into the state.
+    fn learn(&self, st: &mut Self::State, w: &WindowAgg, ctx: &Ctx);
+    /// Serialise the state.
+    fn encode(st: &Self::State, w: &mut Writer);
+    /// Read back what `encode` wrote.
+    fn decode(r: &mut Reader) -> Result<Self::State, DecodeError>;
+}
+
+/// Everything tokenwatch keeps about one token. Fixed size: no heap.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenState {
+    /// First window start.
+    pub first_seen: i64,
+    /// Last window start.
+    pub last_seen: i64,
+    /// Windows learned.
+    pub windows: u32,
+    /// Windows scored but kept out of the baseline (quarantined).
+    pub quarantined: u32,
+    /// Rate model.
+    pub rate: rate::RateState,
+    /// Hour-of-week model.
+    pub seasonal: seasonal::SeasonalState,
+    /// Network novelty model.
+    pub network: network::NetworkState,
+    /// Endpoint model.
+    pub endpoints: endpoints::EndpointState,
+    /// Errors, bytes, latency.
+    pub telemetry: telemetry::TelemetryState,
+    /// Usage vector and peer group.
+    pub peers: peers::PeerState,
+}
+
+/// Version of the encoded [`TokenState`].
+pub const STATE_VERSION: u8 = 1;
+
+/// All per-token models, built from the configuration.
+#[derive(Debug, Clone)]
+pub struct Models {
+    /// Rate.
+    pub rate: rate::RateModel,
+    /// Seasonal.
+    pub seasonal: seasonal::SeasonalModel,
+    /// Network.
+    pub network: network::NetworkModel,
+    /// Endpoints.
+    pub endpoints: endpoints::EndpointModel,
+    /// Telemetry.
+    pub telemetry: telemetry::TelemetryModel,
+    /// Peers.
+    pub peers: peers::PeerModel,
+    /// Registry.
+    pub registry: registry::RegistryModel,
+}
+
+impl Models {
+    /// Build from configuration.
+    pub fn new(cfg: &Config) -> Self {
+        Models {
+            rate: rate::RateModel::new(cfg),
+            seasonal: seasonal::SeasonalModel::new(cfg),
+            network: network::NetworkModel::new(cfg),
+            endpoints: endpoints::EndpointModel::new(cfg),
+            telemetry: telemetry::TelemetryModel::new(cfg),
+            peers: peers::PeerModel::new(cfg),
+            registry: registry::RegistryModel::new(cfg),
+        }
+    }
+
+    /// Every per-token model's signals for a window (isolation is added by the caller,
+    /// from the features).
+    pub fn score(&self, st: &TokenState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+        self.rate.score(&st.rate, w, ctx, out);
+        self.seasonal.score(&st.seasonal, w, ctx, out);
+        self.network.score(&st.network, w, ctx, out);
+        self.endpoints.score(&st.endpoints, w, ctx, out);
+        self.telemetry.score(&st.telemetry, w, ctx, out);
+        self.peers.score(&st.peers, w, ctx, out);
+        self.registry.score(&(), w, ctx, out);
+    }
+
+    /// Fold a window into every model.
+    pub fn learn(&self, st: &mut TokenState, w: &WindowAgg, ctx: &Ctx) {
+        self.rate.learn(&mut st.rate, w, ctx);
+        self.seasonal.learn(&mut st.seasonal, w, ctx);
+        self.network.learn(&mut st.network, w, ctx);
+        self.endpoints.learn(&mut st.endpoints, w, ctx);
+        self.telemetry.learn(&mut st.telemetry, w, ctx);
+        self.peers.learn(&mut st.peers, w, ctx);
+        st.windows = st.windows.saturating_add(1);
+    }
+}
+
+impl TokenState {
+    /// Serialise (versioned) for snapshots.
+    pub fn encode(&self, w: &mut Writer) {
+        w.u8(STATE_VERSION);
+        w.i64(self.first_seen);
+        w.i64(self.last_seen);
+        w.u32(self.windows);
+        w.u32(self.quarantined);
+        rate::RateModel::encode(&self.rate, w);
+        seasonal::SeasonalModel::encode(&self.seasonal, w);
+        network::NetworkModel::encode(&self.network, w);
+        endpoints::EndpointModel::encode(&self.endpoints, w);
+        telemetry::TelemetryModel::encode(&self.telemetry, w);
+        peers::PeerModel::encode(&self.peers, w);
+    }
+
+    /// Read back what [`TokenState::encode`] wrote; the whole buffer must be used.
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let v = r.u8()?;
+        if v != STATE_VERSION {
+            return Err(DecodeError::Version {
+                found: v,
+                expected: STATE_VERSION,
+            });
+        }
+        let st = TokenState {
+            first_seen: r.i64()?,
+            last_seen: r.i64()?,
+            windows: r.u32()?,
+            quarantined: r.u32()?,
+            rate: rate::RateModel::decode(&mut r)?,
+            seasonal: seasonal::SeasonalModel::decode(&mut r)?,
+            network: network::NetworkModel::decode(&mut r)?,
+            endpoints: endpoints::EndpointModel::decode(&mut r)?,
+            telemetry: telemetry::TelemetryModel::decode(&mut r)?,
+            peers: peers::PeerModel::decode(&mut r)?,
+        };
+        if r.remaining() != 0 {
+            return Err(DecodeError::Trailing(r.remaining()));
+        }
+        Ok(st)
+    }
+}
+
+/// Upper-tail probability helpers shared by the models (statrs distributions).
+pub mod tail {
+    use statrs::distribution::{
+        Binomial, ContinuousCDF, DiscreteCDF, NegativeBinomial, Normal, Poisson,
+    };
+
+    /// P(X >= k) for a count with this mean and variance: Poisson when the variance is
+    /// at most the mean, negative binomial (over-dispersed) otherwise. Only computed
+    /// beyond mean + 2 sd; closer in, the tail is well above any alerting level and 1 is
+    /// returned, which keeps the common case cheap.
+    pub fn count_at_least(k: f64, mean: f64, var: f64) -> f64 {
+        let mean = mean.max(1e-3);
+        let var = var.max(mean);
+        if k <= mean + 2.0 * var.sqrt() || k < 1.0 {
+            return 1.0;
+        }
+        let k = k.floor() as u64;
+        let p = if var <= mean * 1.000_001 {
+            Poisson::new(mean).map(|d| d.sf(k - 1)).unwrap_or(1.0)
+        } else {
+            let r = mean * mean / (var - mean);
+            let prob = r / (r + mean);
+            NegativeBinomial::new(r, prob)
+                .map(|d| d.sf(k - 1))
+                .unwrap_or(1.0)
+        };
+        if p.is_nan() {
+            1.0
+        } else {
+            p
+        }
+    }
+
+    /// P(X >= k) for X ~ Binomial(n, p), computed only where it can be small.
+    pub fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
+        if k == 0 || n == 0 {
+            return 1.0;
+        }
+        let p = p.clamp(1e-9, 1.0 - 1e-9);
+        let mean = n as f64 * p;
+        let sd = (mean * (1.0 - p)).sqrt();
+        if (k as f64) <= mean + 2.0 * sd + 0.5 {
+            return 1.0;
+        }
+        let v = Binomial::new(p, n).map(|d| d.sf(k - 1)).unwrap_or(1.0);
+        if v.is_nan() {
+            1.0
+        } else {
+            v
+        }
+    }
+
+    /// Upper tail of a standard normal at `z`.
+    pub fn normal_above(z: f64) -> f64 {
+        if !(z > 2.0) {
+            return 1.0;
+        }
+        Normal::new(0.0, 1.0).map(|d| d.sf(z)).unwrap_or(1.0)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn low_volume_is_calm() {
+            // 3 calls where 1 is usual is not an incident.
+            assert!(count_at_least(3.0, 1.0, 1.0) > 0.05);
+            // 40 where 5 is usual is.
+            assert!(count_at_least(40.0, 5.0, 5.0) < 1e-10);
+            // Over-dispersion widens the tail.
+            assert!(count_at_least(20.0, 5.0, 50.0) > count_at_least(20.0, 5.0, 5.0));
+        }
+
+        #[test]
+        fn binomial_and_normal() {
+            assert_eq!(binomial_at_least(0, 10, 0.1), 1.0);
+            assert!(binomial_at_least(50, 60, 0.02) < 1e-30);
+            assert!((normal_above(3.0) - 0.00135).abs() < 1e-4);
+            assert_eq!(normal_above(1.0), 1.0);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Network: where the token is called from. Known countries, ASNs, network prefixes (/24,
+//! /48) and user agents with counts; novelty of a never-seen item, weighted by how stable
+//! the token has been; and more distinct networks in one window than usual (sharing).
+//!
+//! Novelty probability is the Beta-Bernoulli posterior predictive of "a window brings a new
+//! item of this kind": (novel windows + a) / (windows + a + b). A token that has shown a new
+//! prefix in one window of ten gets little from another; one that never moved in ten
+//! thousand windows gets a lot.
+
+use super::codec::{Reader, Writer};
+use super::sketch::{Bloom, Ewma, TopK};
+use super::{feature, tail, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use crate::config::Config;
+use crate::window::{fold, Counts, WindowAgg};
+
+/// Categories of network item, in the order of `NetworkState::novel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    /// ISO country.
+    Country = 0,
+    /// Autonomous system.
+    Asn = 1,
+    /// /24 or /48 prefix.
+    Prefix = 2,
+    /// User agent string.
+    Agent = 3,
+}
+
+impl Category {
+    const ALL: [Category; 4] = [
+        Category::Country,
+        Category::Asn,
+        Category::Prefix,
+        Category::Agent,
+    ];
+
+    fn signal(self) -> SignalKind {
+        match self {
+            Category::Country => SignalKind::NewCountry,
+            Category::Asn => SignalKind::NewAsn,
+            Category::Prefix => SignalKind::NewPrefix,
+            Category::Agent => SignalKind::NewUserAgent,
+        }
+    }
+
+    fn counts(self, w: &WindowAgg) -> &Counts {
+        match self {
+            Category::Country => &w.countries,
+            Category::Asn => &w.asns,
+            Category::Prefix => &w.prefixes,
+            Category::Agent => &w.agents,
+        }
+    }
+
+    /// Key as stored in the Bloom filter: salted by category.
+    #[inline]
+    fn salted(self, key: u64) -> u64 {
+        key ^ ((self as u64 + 1) << 58).rotate_left(3)
+    }
+}
+
+/// Per-token network state.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NetworkState {
+    /// Every item ever learned (all categories, salted).
+    pub known: Bloom<16>,
+    /// Most used countries.
+    pub countries: TopK<4>,
+    /// Most used ASNs.
+    pub asns: TopK<4>,
+    /// Learned windows that brought a new item, per category.
+    pub novel: [u32; 4],
+    /// Distinct prefixes per window, minus one.
+    pub spread: Ewma,
+}
+
+/// Network parameters.
+#[derive(Debug, Clone)]
+pub struct NetworkModel {
+    prior_novel: f64,
+    prior_seen: f64,
+}
+
+impl NetworkModel {
+    /// From configuration.
+    pub fn new(cfg: &Config) -> Self {
+        NetworkModel {
+            prior_novel: cfg.novelty.prior_novel,
+            prior_seen: cfg.novelty.prior_seen,
+        }
+    }
+
+    /// Posterior predictive probability that a window brings a new item.
+    pub fn p_new(&self, novel: u32, windows: u32) -> f64 {
+        (novel as f64 + self.prior_novel) / (windows as f64 + self.prior_novel + self.prior_seen)
+    }
+}
+
+impl Model for NetworkModel {
+    type State = NetworkState;
+
+    fn score(&self, st: &NetworkState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+        let mut novelty = 0.0f32;
+        for cat in Category::ALL {
+            let counts = cat.counts(w);
+            let mut new_items = 0u32;
+            let mut first_new = 0u64;
+            for &(k, c) in &counts.items {
+                if !st.known.contains(cat.salted(k)) {
+                    if first_new == 0 {
+                        first_new = k;
+                    }
+                    new_items += c;
+                }
+            }
+            if new_items == 0 {
+                continue;
+            }
+            let p = self.p_new(st.novel[cat as usize], ctx.windows);
+            novelty += (-p.ln()) as f32;
+            let usual = match cat {
+                Category::Country => st.countries.top(2),
+                Category::Asn => st.asns.top(2),
+                _ => Vec::new(),
+            };
+            out.push(
+                Signal::new(cat.signal(), new_items as f64, p, p)
+                    .with_item(first_new)
+                    .with_usual(&usual),
+            );
+        }
+        out.features[feature::NOVELTY] += novelty;
+        let spread = w.prefixes.distinct().saturating_sub(1) as f64;
+        out.features[feature::NETWORKS] = spread as f32;
+        if ctx.windows >= 10 && spread >= 1.0 {
+            let mean = (st.spread.mean as f64).max(0.05);
+            let p = tail::count_at_least(spread, mean, st.spread.var as f64);
+            out.push(Signal::new(
+                SignalKind::ConcurrentNetworks,
+                spread + 1.0,
+                mean + 1.0,
+                p,
+            ));
+        }
+    }
+
+    fn learn(&self, st: &mut NetworkState, w: &WindowAgg, ctx: &Ctx) {
+        let day = ctx.day();
+        for cat in Category::ALL {
+            let counts = cat.counts(w);
+            let mut new = false;
+            for &(k, c) in &counts.items {
+                let s = cat.salted(k);
+                if !st.known.contains(s) {
+                    new = true;
+                    st.known.insert(s);
+                }
+                match cat {
+                    Category::Country => st.countries.add(fold(k), c, day),
+                    Category::Asn => st.asns.add(fold(k), c, day),
+                    _ => {}
+                }
+            }
+            if new && ctx.windows > 0 {
+                st.novel[cat as usize] += 1;
+            }
+        }
+        let spread = w.prefixes.distinct().saturating_sub(1) as f64;
+        st.spread.update(spread, Ewma::alpha(500.0), ctx.windows);
+    }
+
+    fn encode(st: &NetworkState, w: &mut Writer) {
+        st.known.encode(w);
+        st.countries.encode(w);
+        st.asns.encode(w);
+        for n in &st.novel {
+            w.u32(*n);
+        }
+        st.spread.encode(w);
+    }
+
+    fn decode(r: &mut Reader) -> Result<NetworkState, DecodeError> {
+        Ok(NetworkState {
+            known: Bloom::decode(r)?,
+            countries: TopK::decode(r)?,
+            asns: TopK::decode(r)?,
+            novel: [r.u32()?, r.u32()?, r.u32()?, r.u32()?],
+            spread: Ewma::decode(r)?,
+        })
+    }
+}

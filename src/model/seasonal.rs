@@ -1,0 +1,147 @@
+//! Seasonal: the token's own hour-of-week rhythm (168 buckets of active windows) and a
+//! time-of-use score for activity where the token is normally silent.
+//!
+//! The probability that the token is active in a window of bucket b is estimated with
+//! hierarchical shrinkage: hour-of-week toward hour-of-day toward the token's overall
+//! activity. The signal's tail probability is the likelihood ratio q_b / q_overall (capped
+//! at 1): how much less likely activity is now than at a typical time for this token.
+
+use super::codec::{Reader, Writer};
+use super::{feature, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use crate::config::Config;
+use crate::event::hour_of_week;
+use crate::window::WindowAgg;
+
+const HOURS: usize = 168;
+const HOUR_MS: i64 = 3_600_000;
+
+/// Active windows per hour-of-week bucket (Monday 00h UTC = 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeasonalState {
+    /// Counts of learned windows per bucket.
+    pub active: [u16; HOURS],
+}
+
+impl Default for SeasonalState {
+    fn default() -> Self {
+        SeasonalState { active: [0; HOURS] }
+    }
+}
+
+/// Seasonal parameters.
+#[derive(Debug, Clone)]
+pub struct SeasonalModel {
+    shrink_week: f64,
+    shrink_day: f64,
+    min_days: f64,
+}
+
+/// Windows of each bucket elapsed between `first` and `now` (whole hours only).
+fn exposure(first: i64, now: i64, per_hour: f64) -> [f64; HOURS] {
+    let h0 = first.div_euclid(HOUR_MS);
+    let h1 = now.div_euclid(HOUR_MS);
+    let total = (h1 - h0).max(0);
+    let full = (total / HOURS as i64) as f64;
+    let rem = (total % HOURS as i64) as usize;
+    let start = hour_of_week(h0 * HOUR_MS);
+    let mut e = [full; HOURS];
+    for i in 0..rem {
+        e[(start + i) % HOURS] += 1.0;
+    }
+    for x in e.iter_mut() {
+        *x *= per_hour;
+    }
+    e
+}
+
+impl SeasonalModel {
+    /// From configuration.
+    pub fn new(cfg: &Config) -> Self {
+        SeasonalModel {
+            shrink_week: cfg.seasonal.shrink_hour_of_week,
+            shrink_day: cfg.seasonal.shrink_hour_of_day,
+            min_days: cfg.seasonal.min_days,
+        }
+    }
+
+    /// (probability of activity in this window's bucket, overall probability).
+    pub fn activity(&self, st: &SeasonalState, ctx: &Ctx) -> Option<(f64, f64)> {
+        let days = (ctx.start - ctx.first_seen) as f64 / 86_400_000.0;
+        if days < self.min_days {
+            return None;
+        }
+        let per_hour = (HOUR_MS as f64 / ctx.window_ms as f64).max(1.0);
+        let n = exposure(ctx.first_seen, ctx.start, per_hour);
+        let total_n: f64 = n.iter().sum();
+        let total_a: f64 = st.active.iter().map(|&a| a as f64).sum();
+        if total_n <= 0.0 || total_a <= 0.0 {
+            return None;
+        }
+        let overall = (total_a / total_n).min(1.0);
+        let b = hour_of_week(ctx.start);
+        let h = b % 24;
+        let (mut a_h, mut n_h) = (0.0, 0.0);
+        for d in 0..7 {
+            a_h += st.active[d * 24 + h] as f64;
+            n_h += n[d * 24 + h];
+        }
+        let q_h = (a_h + self.shrink_day * overall) / (n_h + self.shrink_day);
+        let q_b = (st.active[b] as f64 + self.shrink_week * q_h) / (n[b] + self.shrink_week);
+        Some((q_b, overall))
+    }
+}
+
+impl Model for SeasonalModel {
+    type State = SeasonalState;
+
+    fn score(&self, st: &SeasonalState, _w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+        let Some((q_b, overall)) = self.activity(st, ctx) else {
+            return;
+        };
+        let ratio = (q_b / overall).min(1.0);
+        out.features[feature::SEASONAL] = (-ratio.max(1e-12).ln()) as f32;
+        let per_hour = (HOUR_MS as f64 / ctx.window_ms as f64).max(1.0);
+        out.push(Signal::new(
+            SignalKind::Seasonal,
+            q_b * per_hour,
+            overall * per_hour,
+            ratio,
+        ));
+    }
+
+    fn learn(&self, st: &mut SeasonalState, _w: &WindowAgg, ctx: &Ctx) {
+        let b = hour_of_week(ctx.start);
+        st.active[b] = st.active[b].saturating_add(1);
+    }
+
+    fn encode(st: &SeasonalState, w: &mut Writer) {
+        for a in &st.active {
+            w.u16(*a);
+        }
+    }
+
+    fn decode(r: &mut Reader) -> Result<SeasonalState, DecodeError> {
+        let mut st = SeasonalState::default();
+        for a in st.active.iter_mut() {
+            *a = r.u16()?;
+        }
+        Ok(st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_counts_whole_hours() {
+        // Two whole weeks from Monday 00h: every bucket seen twice, 60 windows per hour.
+        let monday = crate::event::parse_ts("2026-03-02T00:00:00Z").unwrap();
+        let e = exposure(monday, monday + 14 * 86_400_000, 60.0);
+        assert!(e.iter().all(|&x| x == 120.0));
+        let e = exposure(monday, monday + 25 * HOUR_MS, 1.0);
+        assert_eq!(e[0], 1.0);
+        assert_eq!(e[24], 1.0);
+        assert_eq!(e[25], 0.0);
+    }
+}

@@ -1,0 +1,251 @@
+//! Pure scoring: signals -> one risk 0..100 with the contributions that drove it.
+//!
+//! Each signal carries a calibrated tail probability `p` from its model. Its evidence (in
+//! nats) is `weight * min(cap, max(0, -ln p + ln quiet_p))`: a signal is silent until its
+//! tail probability is below `quiet_p`, then adds log-likelihood in proportion to how
+//! surprising the window is. Evidence adds to the prior log-odds of an incident:
+//!
+//! ```text
+//! risk = 100 * sigmoid( ln(prior / (1 - prior)) + sum_i evidence_i )
+//! ```
+//!
+//! so risk 50 means the signals together outweigh the prior, and the contributions say
+//! exactly how much each one pushed.
+
+use crate::config::{ScoreConfig, Weights};
+use crate::event::fmt_ts;
+use crate::model::registry::RegistryEntry;
+use crate::model::{Signal, SignalKind};
+use crate::window::{country_name, prefix_name, Names};
+
+/// Combine signals into a risk (0..=100); fills each signal's `evidence` and sorts the
+/// signals by evidence, largest first.
+pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> f64 {
+    let quiet = -cfg.quiet_p.ln();
+    let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
+    for s in signals.iter_mut() {
+        let surprise = -s.p.max(1e-300).ln();
+        s.evidence = weights.get(s.kind) * (surprise - quiet).clamp(0.0, cfg.max_evidence);
+        logit += s.evidence;
+    }
+    signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
+    100.0 / (1.0 + (-logit).exp())
+}
+
+/// The name of the largest contributor, or `none`.
+pub fn top_signal(signals: &[Signal]) -> &'static str {
+    signals
+        .iter()
+        .find(|s| s.evidence > 0.0)
+        .map_or("none", |s| s.kind.name())
+}
+
+fn human_bytes(b: f64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b.max(0.0);
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", units[u])
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn name_or(names: &Names, key: u64, what: &str) -> String {
+    names
+        .get(key)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{what} #{key:x}"))
+}
+
+/// Plain-words reason for one signal ("first call from BR / AS 28573; token seen only
+/// from DE").
+pub fn explain(
+    s: &Signal,
+    window_start: i64,
+    names: &Names,
+    reg: Option<&RegistryEntry>,
+) -> String {
+    use SignalKind::*;
+    let usual = |f: &dyn Fn(u32) -> String| -> String {
+        let v: Vec<String> = s.usual.iter().filter(|k| **k != 0).map(|k| f(*k)).collect();
+        v.join(", ")
+    };
+    match s.kind {
+        Rate => format!(
+            "{:.0} calls in one window; usually {:.1}",
+            s.observed, s.expected
+        ),
+        Seasonal => {
+            let how = crate::event::hour_of_week(window_start);
+            let day = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"][how / 24];
+            format!(
+                "active {day} {:02}h UTC, when this token is rarely active ({:.1} vs {:.1} active windows per hour on average)",
+                how % 24,
+                s.observed,
+                s.expected
+            )
+        }
+        NewCountry => {
+            let u = usual(&|k| country_name(k as u64));
+            let mut r = format!("first call from {}", country_name(s.item));
+            if !u.is_empty() {
+                r.push_str(&format!("; token seen only from {u}"));
+            }
+            r
+        }
+        NewAsn => {
+            let u = usual(&|k| format!("AS {k}"));
+            let mut r = format!("first call from AS {}", s.item);
+            if !u.is_empty() {
+                r.push_str(&format!("; usually {u}"));
+            }
+            r
+        }
+        NewPrefix => format!("first call from network {}", prefix_name(s.item)),
+        NewUserAgent => format!(
+            "first call with user agent {:?}",
+            name_or(names, s.item, "agent")
+        ),
+        ConcurrentNetworks => format!(
+            "{:.0} networks in one window; usually {:.1}",
+            s.observed, s.expected
+        ),
+        NewEndpoint => {
+            let u = usual(&|k| names.get_folded(k).unwrap_or("?").to_string());
+            let mut r = format!(
+                "first call to {} ({:.0} calls to endpoints never used before)",
+                name_or(names, s.item, "endpoint"),
+                s.observed
+            );
+            if !u.is_empty() {
+                r.push_str(&format!("; usually {u}"));
+            }
+            r
+        }
+        EndpointRarity => format!(
+            "{} is used by {:.0} of {:.0} tokens",
+            name_or(names, s.item, "endpoint"),
+            s.observed,
+            s.expected
+        ),
+        AuthErrors => format!(
+            "{:.0} calls refused with 401/403; expected {:.1}",
+            s.observed, s.expected
+        ),
+        RateLimited => format!(
+            "{:.0} calls rate-limited (429); expected {:.1}",
+            s.observed, s.expected
+        ),
+        ClientErrors => format!(
+            "{:.0} calls failed with 4xx; expected {:.1}",
+            s.observed, s.expected
+        ),
+        ServerErrors => format!(
+            "{:.0} calls failed with 5xx; expected {:.1}",
+            s.observed, s.expected
+        ),
+        BytesOut => format!(
+            "{} sent in one window; usually {}",
+            human_bytes(s.observed),
+            human_bytes(s.expected)
+        ),
+        Latency => format!(
+            "mean latency {:.0} ms; usually {:.0} ms",
+            s.observed, s.expected
+        ),
+        EndpointMix => format!(
+            "endpoint and geo mix {:.2} away from the token's usual (typically {:.2})",
+            s.observed, s.expected
+        ),
+        PeerDistance => format!(
+            "usage {:.2} away from its peer group (typically {:.2})",
+            s.observed, s.expected
+        ),
+        Isolation => format!(
+            "unusual combination of behaviours (isolation score {:.2}; about 1 in {:.0} normal windows score as high)",
+            s.observed,
+            1.0 / s.p.max(1e-12)
+        ),
+        ScopeViolation => {
+            let has = reg.map(|r| r.scopes.join(" ")).unwrap_or_default();
+            format!(
+                "{:.0} calls need scope {} which the token lacks (has: {has})",
+                s.observed,
+                name_or(names, s.item, "scope")
+            )
+        }
+        EnvMismatch => format!(
+            "{:.0} calls served by {}; token belongs to {}",
+            s.observed,
+            name_or(names, s.item, "env"),
+            reg.and_then(|r| r.env.as_deref()).unwrap_or("?")
+        ),
+        TokenValidity => {
+            if s.observed < s.expected {
+                format!(
+                    "used at {}, before the token was created ({})",
+                    fmt_ts(s.observed as i64),
+                    fmt_ts(s.expected as i64)
+                )
+            } else {
+                format!(
+                    "used at {}, after the token expired ({})",
+                    fmt_ts(s.observed as i64),
+                    fmt_ts(s.expected as i64)
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn quiet_signals_leave_the_prior() {
+        let cfg = Config::default();
+        let mut s = vec![Signal::new(SignalKind::Rate, 3.0, 1.0, 0.2)];
+        let r = combine(&mut s, &cfg.score, &cfg.weights);
+        assert!((r - 100.0 * cfg.score.prior).abs() < 1e-3, "{r}");
+        assert_eq!(s[0].evidence, 0.0);
+        assert_eq!(top_signal(&s), "none");
+    }
+
+    #[test]
+    fn strong_signals_raise_risk_and_are_ordered() {
+        let cfg = Config::default();
+        let mut s = vec![
+            Signal::new(SignalKind::NewPrefix, 1.0, 1e-3, 1e-3),
+            Signal::new(SignalKind::ScopeViolation, 2.0, 0.0, 1e-7),
+        ];
+        let r = combine(&mut s, &cfg.score, &cfg.weights);
+        assert!(r > cfg.score.alert_risk, "{r}");
+        assert_eq!(s[0].kind, SignalKind::ScopeViolation);
+        assert_eq!(top_signal(&s), "scope_violation");
+        // Monotone: a smaller p never lowers risk.
+        let mut t = vec![Signal::new(SignalKind::Rate, 9.0, 1.0, 1e-9)];
+        let mut u = vec![Signal::new(SignalKind::Rate, 9.0, 1.0, 1e-5)];
+        assert!(
+            combine(&mut t, &cfg.score, &cfg.weights) > combine(&mut u, &cfg.score, &cfg.weights)
+        );
+    }
+
+    #[test]
+    fn reasons_name_the_items() {
+        let names = Names::default();
+        let s = Signal::new(SignalKind::NewCountry, 4.0, 1e-4, 1e-4)
+            .with_item(crate::window::country_key("BR"))
+            .with_usual(&[crate::window::country_key("DE") as u32]);
+        assert_eq!(
+            explain(&s, 0, &names, None),
+            "first call from BR; token seen only from DE"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Event-time tumbling windows: the per-(token, window) aggregate and the keys of the items
+//! it counts. Pure: no clock, no I/O; the engine decides when a window closes.
+
+use std::net::IpAddr;
+
+use rustc_hash::FxHashMap;
+
+/// Most distinct items of one kind a window keeps; the rest only count as overflow.
+pub const MAX_DISTINCT: usize = 64;
+
+/// Start of the window holding `ts`.
+#[inline]
+pub fn window_start(ts: i64, size_ms: i64) -> i64 {
+    ts - ts.rem_euclid(size_ms)
+}
+
+/// Status classes counted separately.
+pub mod class {
+    #![allow(missing_docs)]
+    pub const OK: usize = 0;
+    pub const AUTH: usize = 1;
+    pub const LIMITED: usize = 2;
+    pub const CLIENT: usize = 3;
+    pub const SERVER: usize = 4;
+}
+
+/// Class of an HTTP status: 401/403, 429, other 4xx, 5xx, everything else.
+#[inline]
+pub fn status_class(s: u16) -> usize {
+    match s {
+        401 | 403 => class::AUTH,
+        429 => class::LIMITED,
+        400..=499 => class::CLIENT,
+        500..=599 => class::SERVER,
+        _ => class::OK,
+    }
+}
+
+/// Stable 64-bit hash of text (FNV-1a, then mixed): keys must not change between runs or
+/// versions because snapshots store them.
+#[inline]
+pub fn text_key(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    crate::model::sketch::mix(h) | 1
+}
+
+/// Key of an endpoint: method and route template together.
+#[inline]
+pub fn endpoint_key(method: &str, endpoint: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in method
+        .as_bytes()
+        .iter()
+        .chain(b" ")
+        .chain(endpoint.as_bytes())
+    {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    crate::model::sketch::mix(h) | 1
+}
+
+/// Key of a country code (`DE` -> 0x4445).
+#[inline]
+pub fn country_key(c: &str) -> u64 {
+    let b = c.as_bytes();
+    if b.len() == 2 {
+        ((b[0].to_ascii_uppercase() as u64) << 8) | b[1].to_ascii_uppercase() as u64
+    } else {
+        0
+    }
+}
+
+/// Country code from its key.
+pub fn country_name(k: u64) -> String {
+    let a = ((k >> 8) & 0xff) as u8 as char;
+    let b = (k & 0xff) as u8 as char;
+    format!("{a}{b}")
+}
+
+/// Network prefix of an address: /24 for IPv4, /48 for IPv6.
+#[inline]
+pub fn prefix_key(ip: &IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => (4u64 << 56) | (u32::from(*v4) as u64 >> 8),
+        IpAddr::V6(v6) => (6u64 << 56) | ((u128::from(*v6) >> 80) as u64),
+    }
+}
+
+/// Printable prefix from its key.
+pub fn prefix_name(k: u64) -> String {
+    match k >> 56 {
+        4 => {
+            let v = ((k & 0xff_ffff) << 8) as u32;
+            format!("{}/24", std::net::Ipv4Addr::from(v))
+        }
+        6 => {
+            let v = ((k & 0xffff_ffff_ffff) as u128) << 80;
+            format!("{}/48", std::net::Ipv6Addr::from(v))
+        }
+        _ => format!("prefix#{k:x}"),
+    }
+}
+
+/// Distinct items of one kind in a window with their counts.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    /// (key, count), in order of first appearance.
+    pub items: Vec<(u64, u32)>,
+    /// Events whose item did not fit in `MAX_DISTINCT`.
+    pub overflow: u32,
+}
+
+impl Counts {
+    /// Count one more `key`; true when the key is new in this window.
+    #[inline]
+    pub fn add(&mut self, key: u64) -> bool {
+        for it in self.items.iter_mut() {
+            if it.0 == key {
+                it.1 += 1;
+                return false;
+            }
+        }
+        if self.items.len() < MAX_DISTINCT {
+            self.items.push((key, 1));
+            true
+        } else {
+            self.overflow += 1;
+            false
+        }
+    }
+
+    /// Distinct items held.
+    pub fn distinct(&self) -> usize {
+        self.items.len()
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+        self.overflow = 0;
+    }
+}
+
+/// Everything one token did in one window.
+#[derive(Debug, Clone, Default)]
+pub struct WindowAgg {
+    /// Window start, epoch ms.
+    pub start: i64,
+    /// Requests.
+    pub count: u32,
+    /// Requests per status class (see [`class`]).
+    pub status: [u32; 5],
+    /// Sum of bytes_out.
+    pub bytes: u64,
+    /// Sum of latency of events that had one.
+    pub latency_sum: f64,
+    /// Events with a latency.
+    pub latency_n: u32,
+    /// Endpoints (method + route).
+    pub endpoints: Counts,
+    /// Countries.
+    pub countries: Counts,
+    /// Autonomous systems.
+    pub asns: Counts,
+    /// Network prefixes.
+    pub prefixes: Counts,
+    /// User agents.
+    pub agents: Counts,
+    /// Scopes the endpoints required.
+    pub scopes: Counts,
+    /// Environments that served the requests.
+    pub envs: Counts,
+    /// Events labelled 1 (evaluation only).
+    pub labelled: u32,
+    /// Anomaly kind of the labelled events (key into names), 0 if none.
+    pub kind: u64,
+    /// Earliest and latest event time in the window.
+    pub first_ts: i64,
+    /// Latest event time.
+    pub last_ts: i64,
+}
+
+impl WindowAgg {
+    /// Reset for reuse, keeping allocations.
+    pub fn reset(&mut self, start: i64) {
+        self.start = start;
+        self.count = 0;
+        self.status = [0; 5];
+        self.bytes = 0;
+        self.latency_sum = 0.0;
+        self.latency_n = 0;
+        for c in [
+            &mut self.endpoints,
+            &mut self.countries,
+            &mut self.asns,
+            &mut self.prefixes,
+            &mut self.agents,
+            &mut self.scopes,
+            &mut self.envs,
+        ] {
+            c.clear();
+        }
+        self.labelled = 0;
+        self.kind = 0;
+        self.first_ts = i64::MAX;
+        self.last_ts = i64::MIN;
+    }
+
+    /// Mean latency in ms, if any event had one.
+    pub fn mean_latency(&self) -> Option<f64> {
+        (self.latency_n > 0).then(|| self.latency_sum / self.latency_n as f64)
+    }
+}
+
+/// Printable names of keys, kept per shard for reasons ("first call to GET /v1/admin").
+#[derive(Debug, Default)]
+pub struct Names {
+    map: FxHashMap<u64, Box<str>>,
+}
+
+impl Names {
+    /// Remember `name` for `key` unless known.
+    #[inline]
+    pub fn note(&mut self, key: u64, name: impl FnOnce() -> String) {
+        self.map
+            .entry(key)
+            .or_insert_with(|| name().into_boxed_str());
+    }
+
+    /// Name of `key`, if noted.
+    pub fn get(&self, key: u64) -> Option<&str> {
+        self.map.get(&key).map(|s| &**s)
+    }
+
+    /// Name of a key whose 32 low bits are all a sketch kept.
+    pub fn get_folded(&self, folded: u32) -> Option<&str> {
+        self.map
+            .iter()
+            .find(|(k, _)| fold(**k) == folded)
+            .map(|(_, v)| &**v)
+    }
+
+    /// All names (for merging shards).
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &Box<str>)> {
+        self.map.iter()
+    }
+}
+
+/// Fold a 64-bit key to the 32 bits a sketch slot stores (never 0).
+#[inline]
+pub fn fold(k: u64) -> u32 {
+    ((k ^ (k >> 32)) as u32).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_align_to_epoch() {
+        assert_eq!(window_start(125_000, 60_000), 120_000);
+        assert_eq!(window_start(-1, 60_000), -60_000);
+    }
+
+    #[test]
+    fn prefixes_group_neighbours() {
+        let a: IpAddr = "203.0.113.7".parse().unwrap();
+        let b: IpAddr = "203.0.113.200".parse().unwrap();
+        let c: IpAddr = "203.0.114.7".parse().unwrap();
+        assert_eq!(prefix_key(&a), prefix_key(&b));
+        assert_ne!(prefix_key(&a), prefix_key(&c));
+        assert_eq!(prefix_name(prefix_key(&a)), "203.0.113.0/24");
+        let v6: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        assert_eq!(prefix_name(prefix_key(&v6)), "2001:db8:1::/48");
+    }
+
+    #[test]
+    fn counts_cap_distinct() {
+        let mut c = Counts::default();
+        for i in 0..100 {
+            c.add(i);
+        }
+        assert!(c.add(1_000) == false);
+        assert_eq!(c.distinct(), MAX_DISTINCT);
+        assert_eq!(c.overflow, 37);
+        assert_eq!(status_class(403), class::AUTH);
+        assert_eq!(country_name(country_key("de")), "DE");
+    }
+}
