@@ -305,8 +305,10 @@ mod tests {
         (0..n)
             .map(|_| {
                 let mut p = [0f32; FEATURES];
+                // Like real residuals: mostly near zero, a few features moving together.
+                let common = rng.gen::<f32>() - 0.5;
                 for x in p.iter_mut() {
-                    *x = rng.gen::<f32>() - 0.5;
+                    *x = 0.5 * common + 0.2 * (rng.gen::<f32>() + rng.gen::<f32>() - 1.0);
                 }
                 p
             })
@@ -321,11 +323,12 @@ mod tests {
         assert_eq!(m, m2);
         let (s_in, p_in) = m.score(&[0.0; FEATURES]);
         let mut out = [0.0; FEATURES];
-        out[0] = 8.0;
-        out[3] = -6.0;
+        out[0] = 3.0;
+        out[1] = -3.0;
+        out[3] = 3.0;
         let (s_out, p_out) = m.score(&out);
         assert!(s_out > s_in, "{s_out} vs {s_in}");
-        assert!(p_out < 0.01 && p_in > 0.1, "{p_out} {p_in}");
+        assert!(p_out < 0.05 && p_in > 0.1, "{p_out} {p_in}");
     }
 
     #[test]

@@ -486,3 +486,6 @@ pub mod tail {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn bloom_has_no_false_negatives() {
-        let mut b = Self::default();
+        let mut b: Bloom<16> = Bloom::default();
         for k in 0..50u64 {
             b.insert(k * 31);
         }

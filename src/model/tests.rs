@@ -1,0 +1,380 @@
+//! The contract suite run over every per-token model, and known-answer tests per model.
+//!
+//! Contract: (1) deterministic: the same seeded history gives the same state and signals;
+//! (2) snapshot round trip: encode -> decode gives the same state, and truncation is an
+//! error, never a panic; (3) an injected outlier window gets a smaller tail probability
+//! than an ordinary window of the same history.
+
+use rand::Rng;
+use rand_xoshiro::rand_core::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use super::codec::{Reader, Writer};
+use super::*;
+use crate::config::Config;
+use crate::window::{country_key, endpoint_key, prefix_key, text_key, WindowAgg};
+
+const T0: i64 = 1_772_409_600_000; // Monday 2026-03-02 00:00 UTC
+const W: i64 = 60_000;
+
+/// A window with `n` calls from DE / AS 3320 / 198.51.100.0/24 to the given endpoints.
+fn window(start: i64, n: u32, eps: &[&str]) -> WindowAgg {
+    let mut w = WindowAgg::default();
+    w.reset(start);
+    let ip: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    for i in 0..n {
+        w.count += 1;
+        w.status[0] += 1;
+        w.bytes += 2_000;
+        w.latency_sum += 40.0;
+        w.latency_n += 1;
+        w.endpoints.add(endpoint_key("GET", eps[i as usize % eps.len()]));
+        w.countries.add(country_key("DE"));
+        w.asns.add(3320);
+        w.prefixes.add(prefix_key(&ip));
+        w.agents.add(text_key("svc/1.0"));
+        w.scopes.add(text_key("orders:read"));
+        w.envs.add(text_key("prod"));
+        w.first_ts = w.first_ts.min(start + i as i64);
+        w.last_ts = w.last_ts.max(start + i as i64);
+    }
+    w
+}
+
+/// A seeded ordinary history: a business-hours token with 2..8 calls per active minute.
+fn history(seed: u64, minutes: i64) -> Vec<WindowAgg> {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for m in 0..minutes {
+        let start = T0 + m * W;
+        let hour = (start / 3_600_000) % 24;
+        if !(8..18).contains(&hour) || rng.gen_bool(0.5) {
+            continue;
+        }
+        let n = rng.gen_range(2..8);
+        out.push(window(start, n, &["/v1/orders", "/v1/orders/{id}", "/v1/products"]));
+    }
+    out
+}
+
+/// The outlier: 3 a.m., 400 calls, from BR / AS 28573, to an admin endpoint, all 401.
+fn outlier(start: i64) -> WindowAgg {
+    let mut w = WindowAgg::default();
+    w.reset(start);
+    let ip: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+    for i in 0..400 {
+        w.count += 1;
+        w.status[crate::window::class::AUTH] += 1;
+        w.bytes += 900_000;
+        w.latency_sum += 900.0;
+        w.latency_n += 1;
+        w.endpoints.add(endpoint_key("GET", "/v1/admin/keys"));
+        w.countries.add(country_key("BR"));
+        w.asns.add(28573);
+        w.prefixes.add(prefix_key(&ip));
+        w.agents.add(text_key("curl/8.5.0"));
+        w.scopes.add(text_key("admin"));
+        w.envs.add(text_key("staging"));
+        w.first_ts = w.first_ts.min(start + i);
+        w.last_ts = w.last_ts.max(start + i);
+    }
+    w
+}
+
+struct Env {
+    cfg: Config,
+    global: Global,
+    reg: registry::RegistryEntry,
+}
+
+impl Env {
+    fn new() -> Self {
+        let cfg = Config::default();
+        let mut global = Global::default();
+        global.rarity.tokens = 100;
+        global.rarity.users.insert(
+            crate::window::fold(endpoint_key("GET", "/v1/orders")),
+            60,
+        );
+        let reg = registry::RegistryEntry::new(
+            "t1",
+            "team",
+            "svc",
+            "prod",
+            ["orders:read", "catalog:read"].into_iter(),
+            Some(T0 - 86_400_000),
+            Some(T0 + 60 * 86_400_000),
+        );
+        Env { cfg, global, reg }
+    }
+
+    fn ctx<'a>(&'a self, start: i64, windows: u32) -> Ctx<'a> {
+        Ctx {
+            cfg: &self.cfg,
+            window_ms: W,
+            start,
+            windows,
+            first_seen: T0,
+            global: &self.global,
+            registry: Some(&self.reg),
+            group: None,
+        }
+    }
+}
+
+/// Train a model on a history; returns the state.
+fn train<M: Model>(m: &M, env: &Env, hist: &[WindowAgg]) -> M::State {
+    let mut st = M::State::default();
+    for (i, w) in hist.iter().enumerate() {
+        let ctx = env.ctx(w.start, i as u32);
+        m.learn(&mut st, w, &ctx);
+    }
+    st
+}
+
+fn min_p<M: Model>(m: &M, st: &M::State, env: &Env, w: &WindowAgg, windows: u32) -> f64 {
+    let mut sc = Scratch::default();
+    m.score(st, w, &env.ctx(w.start, windows), &mut sc);
+    sc.signals.iter().map(|s| s.p).fold(1.0, f64::min)
+}
+
+fn contract<M: Model>(m: &M) {
+    let env = Env::new();
+    let days = 14;
+    let hist = history(11, days * 1440);
+    let n = hist.len() as u32;
+    // (1) deterministic under a seed.
+    let a = train(m, &env, &hist);
+    let b = train(m, &env, &history(11, days * 1440));
+    assert_eq!(a, b, "training is not deterministic");
+    // (2) snapshot round trip, and a truncated snapshot is an error.
+    let mut w = Writer::default();
+    M::encode(&a, &mut w);
+    let back = M::decode(&mut Reader::new(&w.buf)).expect("decode");
+    assert_eq!(a, back, "snapshot round trip changed the state");
+    if !w.buf.is_empty() {
+        assert!(M::decode(&mut Reader::new(&w.buf[..w.buf.len() - 1])).is_err());
+    }
+    // (3) an injected outlier is more surprising than an ordinary window.
+    let next = T0 + days * 86_400_000;
+    let ordinary = window(next + 10 * 3_600_000, 5, &["/v1/orders"]);
+    let odd = outlier(next + 3 * 3_600_000);
+    let p_ord = min_p(m, &a, &env, &ordinary, n);
+    let p_odd = min_p(m, &a, &env, &odd, n);
+    assert!(p_odd < p_ord, "outlier p {p_odd} not below ordinary p {p_ord}");
+    assert!(
+        p_odd < env.cfg.score.quiet_p,
+        "outlier p {p_odd} is not surprising enough to speak"
+    );
+}
+
+#[test]
+fn contract_rate() {
+    contract(&rate::RateModel::new(&Config::default()));
+}
+
+#[test]
+fn contract_seasonal() {
+    contract(&seasonal::SeasonalModel::new(&Config::default()));
+}
+
+#[test]
+fn contract_network() {
+    contract(&network::NetworkModel::new(&Config::default()));
+}
+
+#[test]
+fn contract_endpoints() {
+    contract(&endpoints::EndpointModel::new(&Config::default()));
+}
+
+#[test]
+fn contract_telemetry() {
+    contract(&telemetry::TelemetryModel::new(&Config::default()));
+}
+
+#[test]
+fn contract_peers() {
+    contract(&peers::PeerModel::new(&Config::default()));
+}
+
+#[test]
+fn contract_registry() {
+    contract(&registry::RegistryModel::new(&Config::default()));
+}
+
+#[test]
+fn token_state_round_trip_and_size() {
+    let env = Env::new();
+    let models = Models::new(&env.cfg);
+    let mut st = TokenState {
+        first_seen: T0,
+        ..Default::default()
+    };
+    for w in history(3, 3 * 1440) {
+        let ctx = env.ctx(w.start, st.windows);
+        models.learn(&mut st, &w, &ctx);
+    }
+    let mut w = Writer::default();
+    st.encode(&mut w);
+    assert_eq!(TokenState::decode(&w.buf).unwrap(), st);
+    assert!(w.buf.len() <= 1024, "encoded state {} B", w.buf.len());
+    assert!(std::mem::size_of::<TokenState>() <= 1024);
+    let mut bad = w.buf.clone();
+    bad[0] = 99;
+    assert!(matches!(TokenState::decode(&bad), Err(DecodeError::Version { .. })));
+    bad = w.buf.clone();
+    bad.push(0);
+    assert!(matches!(TokenState::decode(&bad), Err(DecodeError::Trailing(1))));
+}
+
+// ---- known answers ----
+
+#[test]
+fn rate_low_volume_is_calm_and_bursts_are_not() {
+    let env = Env::new();
+    let m = rate::RateModel::new(&env.cfg);
+    let hist: Vec<WindowAgg> = (0..200).map(|i| window(T0 + i * W, 1, &["/a"])).collect();
+    let st = train(&m, &env, &hist);
+    // 3 calls after a steady 1 is not an incident.
+    assert_eq!(min_p(&m, &st, &env, &window(T0 + 300 * W, 3, &["/a"]), 200), 1.0);
+    // 40 is.
+    assert!(min_p(&m, &st, &env, &window(T0 + 300 * W, 40, &["/a"]), 200) < 1e-10);
+}
+
+#[test]
+fn seasonal_flags_night_activity_of_a_day_token() {
+    let env = Env::new();
+    let m = seasonal::SeasonalModel::new(&env.cfg);
+    let hist = history(5, 14 * 1440);
+    let st = train(&m, &env, &hist);
+    let n = hist.len() as u32;
+    let day = T0 + 14 * 86_400_000;
+    let p_day = min_p(&m, &st, &env, &window(day + 11 * 3_600_000, 3, &["/a"]), n);
+    let p_night = min_p(&m, &st, &env, &window(day + 3 * 3_600_000, 3, &["/a"]), n);
+    assert!(p_day > 0.5, "{p_day}");
+    assert!(p_night < 0.01, "{p_night}");
+}
+
+#[test]
+fn network_novelty_depends_on_stability() {
+    let env = Env::new();
+    let m = network::NetworkModel::new(&env.cfg);
+    let hist: Vec<WindowAgg> = (0..3000).map(|i| window(T0 + i * W, 2, &["/a"])).collect();
+    let st = train(&m, &env, &hist);
+    let mut sc = Scratch::default();
+    let odd = outlier(T0 + 4000 * W);
+    m.score(&st, &odd, &env.ctx(odd.start, 3000), &mut sc);
+    let country = sc.signals.iter().find(|s| s.kind == SignalKind::NewCountry).unwrap();
+    assert!(country.p < 1e-3);
+    assert_eq!(crate::window::country_name(country.item), "BR");
+    assert_eq!(country.usual[0] as u64, country_key("DE"));
+    // A token that changes prefix every other window gets little from a new one.
+    let mut st2 = network::NetworkState::default();
+    for i in 0..3000 {
+        let mut w = window(T0 + i * W, 2, &["/a"]);
+        if i % 2 == 0 {
+            w.prefixes.items.clear();
+            w.prefixes.add((4u64 << 56) | i as u64);
+        }
+        m.learn(&mut st2, &w, &env.ctx(w.start, i as u32));
+    }
+    let mut sc2 = Scratch::default();
+    m.score(&st2, &odd, &env.ctx(odd.start, 3000), &mut sc2);
+    // (Its Bloom filter may be saturated, in which case nothing is new: p = 1.)
+    let pfx = |sc: &Scratch| {
+        sc.signals
+            .iter()
+            .find(|s| s.kind == SignalKind::NewPrefix)
+            .map_or(1.0, |s| s.p)
+    };
+    assert!(pfx(&sc2) > 0.3 && pfx(&sc) < 1e-3, "{} {}", pfx(&sc2), pfx(&sc));
+}
+
+#[test]
+fn endpoint_first_use_of_a_rare_endpoint() {
+    let env = Env::new();
+    let m = endpoints::EndpointModel::new(&env.cfg);
+    let hist: Vec<WindowAgg> = (0..1000).map(|i| window(T0 + i * W, 2, &["/v1/orders"])).collect();
+    let st = train(&m, &env, &hist);
+    let mut sc = Scratch::default();
+    let w = window(T0 + 2000 * W, 1, &["/v1/admin/keys"]);
+    m.score(&st, &w, &env.ctx(w.start, 1000), &mut sc);
+    let rare = sc.signals.iter().find(|s| s.kind == SignalKind::EndpointRarity).unwrap();
+    assert!((rare.p - 1.0 / 102.0).abs() < 1e-9);
+    let mut sc = Scratch::default();
+    m.score(&st, &window(T0 + 2000 * W, 3, &["/v1/orders"]), &env.ctx(w.start, 1000), &mut sc);
+    assert!(sc.signals.is_empty());
+}
+
+#[test]
+fn telemetry_auth_storm_and_bulk_bytes() {
+    let env = Env::new();
+    let m = telemetry::TelemetryModel::new(&env.cfg);
+    let hist: Vec<WindowAgg> = (0..500).map(|i| window(T0 + i * W, 5, &["/a"])).collect();
+    let st = train(&m, &env, &hist);
+    let mut sc = Scratch::default();
+    let odd = outlier(T0 + 600 * W);
+    m.score(&st, &odd, &env.ctx(odd.start, 500), &mut sc);
+    let kinds: Vec<SignalKind> = sc.signals.iter().filter(|s| s.p < 1e-6).map(|s| s.kind).collect();
+    assert!(kinds.contains(&SignalKind::AuthErrors), "{kinds:?}");
+    assert!(kinds.contains(&SignalKind::BytesOut), "{kinds:?}");
+    // One expired session (1 of 5 calls refused) is not a storm.
+    let mut w = window(T0 + 600 * W, 5, &["/a"]);
+    w.status = [4, 1, 0, 0, 0];
+    let mut sc = Scratch::default();
+    m.score(&st, &w, &env.ctx(w.start, 500), &mut sc);
+    assert!(sc.signals.iter().all(|s| s.p > 0.01), "{:?}", sc.signals);
+}
+
+#[test]
+fn registry_violations() {
+    let env = Env::new();
+    let m = registry::RegistryModel::new(&env.cfg);
+    let mut sc = Scratch::default();
+    let odd = outlier(T0);
+    m.score(&(), &odd, &env.ctx(odd.start, 0), &mut sc);
+    let kinds: Vec<SignalKind> = sc.signals.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds, vec![SignalKind::ScopeViolation, SignalKind::EnvMismatch]);
+    assert_eq!(sc.signals[0].observed, 400.0);
+    // Expired token.
+    let late = window(T0 + 61 * 86_400_000, 1, &["/a"]);
+    let mut sc = Scratch::default();
+    m.score(&(), &late, &env.ctx(late.start, 0), &mut sc);
+    assert_eq!(sc.signals[0].kind, SignalKind::TokenValidity);
+    // No registry row: no registry signal.
+    let mut ctx = env.ctx(odd.start, 0);
+    ctx.registry = None;
+    let mut sc = Scratch::default();
+    m.score(&(), &odd, &ctx, &mut sc);
+    assert!(sc.signals.is_empty());
+}
+
+#[test]
+fn peers_group_similar_tokens() {
+    use peers::*;
+    let mut pts: Vec<PeerPoint> = (0..40)
+        .map(|i| {
+            let mut u = [0f32; DIMS];
+            u[if i % 2 == 0 { 1 } else { 9 }] = 1.0;
+            PeerPoint {
+                token: std::sync::Arc::from(format!("t{i}").as_str()),
+                usage: u,
+                d_own: 0.1,
+                rate_mean: if i % 2 == 0 { 2.0 } else { 50.0 },
+                rate_var: 4.0,
+            }
+        })
+        .collect();
+    let g = PeerGroups::fit(&mut pts, 2, 7).unwrap();
+    let mut a = [0f32; DIMS];
+    a[1] = 1.0;
+    let mut b = [0f32; DIMS];
+    b[9] = 1.0;
+    let (ga, gb) = (g.nearest(&a), g.nearest(&b));
+    assert_ne!(ga, gb);
+    assert!((g.groups[ga].rate_mean - 2.0).abs() < 1e-9);
+    assert!((g.groups[gb].rate_mean - 50.0).abs() < 1e-9);
+    assert_eq!(distance(&a, &b), 1.0);
+    assert_eq!(distance(&a, &a), 0.0);
+}
