@@ -103,6 +103,8 @@ pub struct ScoreConfig {
     pub alert_risk: f64,
     /// Windows at or above this risk are not learned.
     pub learn_max_risk: f64,
+    /// A token younger than this learns every window (its first days are its baseline).
+    pub learn_all_for: Duration,
 }
 
 /// `[weights]`: one weight per signal, named as the signal.

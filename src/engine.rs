@@ -387,7 +387,8 @@ impl Shard {
         }
         let risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
         let alert = risk >= cfg.score.alert_risk;
-        let learned = risk < cfg.score.learn_max_risk;
+        let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
+        let learned = risk < cfg.score.learn_max_risk || young;
         if learned {
             self.models.learn(st, agg, &ctx);
             if st.windows > 30 {
@@ -574,6 +575,7 @@ impl Engine {
         let min_w = self.cfg.peers.min_windows;
         let mut points: Vec<PeerPoint> = Vec::new();
         let mut rarity = crate::model::endpoints::Rarity::default();
+        let mut novelty_obs: [Vec<(u32, u32)>; 5] = Default::default();
         for sh in &self.shards {
             for slot in &sh.slots {
                 let st = &slot.state;
@@ -585,6 +587,10 @@ impl Engine {
                     *rarity.users.entry(s.key).or_insert(0) += 1;
                 }
                 if st.windows as f64 >= min_w {
+                    for c in 0..4 {
+                        novelty_obs[c].push((st.network.novel[c], st.windows));
+                    }
+                    novelty_obs[4].push((st.endpoints.novel, st.windows));
                     points.push(PeerPoint {
                         token: slot.name.clone(),
                         usage: st.peers.usage(),
@@ -600,10 +606,16 @@ impl Engine {
         let sample = Reservoir::merged(&parts, iso.reservoir);
         let isolation = IsolationModel::fit(&sample, iso.trees, iso.sample_size, iso.seed);
         let peers = PeerGroups::fit(&mut points, self.cfg.peers.groups, iso.seed);
+        let priors: Vec<crate::model::BetaPrior> = novelty_obs
+            .iter()
+            .filter_map(|o| crate::model::BetaPrior::fit(o))
+            .collect();
+        let novelty = <[crate::model::BetaPrior; 5]>::try_from(priors).ok();
         let global = Arc::new(Global {
             peers,
             isolation,
             rarity,
+            novelty,
             fitted_at: at,
         });
         for sh in self.shards.iter_mut() {

@@ -7,7 +7,7 @@ use rustc_hash::FxHashMap;
 
 use super::codec::{Reader, Writer};
 use super::sketch::{Bloom, TopK};
-use super::{feature, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use super::{feature, BetaPrior, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::window::{fold, WindowAgg};
 
@@ -48,16 +48,20 @@ pub struct EndpointState {
 /// Endpoint parameters.
 #[derive(Debug, Clone)]
 pub struct EndpointModel {
-    prior_novel: f64,
-    prior_seen: f64,
+    prior: BetaPrior,
 }
+
+/// Index of endpoints in [`Global::novelty`](super::Global).
+pub const NOVELTY_INDEX: usize = 4;
 
 impl EndpointModel {
     /// From configuration.
     pub fn new(cfg: &Config) -> Self {
         EndpointModel {
-            prior_novel: cfg.novelty.prior_novel,
-            prior_seen: cfg.novelty.prior_seen,
+            prior: BetaPrior {
+                a: cfg.novelty.prior_novel,
+                b: cfg.novelty.prior_seen,
+            },
         }
     }
 }
@@ -86,8 +90,11 @@ impl Model for EndpointModel {
         if new_calls == 0 {
             return;
         }
-        let p = (st.novel as f64 + self.prior_novel)
-            / (ctx.windows as f64 + self.prior_novel + self.prior_seen);
+        let prior = ctx
+            .global
+            .novelty
+            .map_or(self.prior, |n| n[NOVELTY_INDEX]);
+        let p = prior.p_new(st.novel, ctx.windows);
         out.features[feature::NOVELTY] += (-p.ln()) as f32;
         let usual: Vec<u32> = st.top.top(2);
         let item = rarest.map_or(first_new, |r| r.2);

@@ -236,8 +236,57 @@ pub struct Global {
     pub isolation: Option<isolation::IsolationModel>,
     /// How many tokens use each endpoint.
     pub rarity: endpoints::Rarity,
+    /// Population priors of novelty (country, ASN, prefix, user agent, endpoint).
+    pub novelty: Option<[BetaPrior; 5]>,
     /// Event time of the fit (ms), 0 before the first.
     pub fitted_at: i64,
+}
+
+/// Beta prior on "a window of this token brings a never-seen item of this kind".
+///
+/// Fitted across tokens by the method of moments (empirical Bayes), so a token with a short
+/// history borrows the population's view of how rare novelty is, and a token's own record
+/// (novel windows out of windows) takes over as it grows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BetaPrior {
+    /// Pseudo-count of novel windows.
+    pub a: f64,
+    /// Pseudo-count of windows without novelty.
+    pub b: f64,
+}
+
+impl BetaPrior {
+    /// Posterior predictive probability that the next window brings a new item.
+    #[inline]
+    pub fn p_new(&self, novel: u32, windows: u32) -> f64 {
+        (novel as f64 + self.a) / (windows as f64 + self.a + self.b)
+    }
+
+    /// Method-of-moments fit to per-token (novel windows, windows); `None` with fewer than
+    /// 10 tokens.
+    pub fn fit(obs: &[(u32, u32)]) -> Option<BetaPrior> {
+        if obs.len() < 10 {
+            return None;
+        }
+        let rates: Vec<f64> = obs
+            .iter()
+            .filter(|o| o.1 > 0)
+            .map(|&(k, n)| k.min(n) as f64 / n as f64)
+            .collect();
+        let n = rates.len() as f64;
+        let m = rates.iter().sum::<f64>() / n;
+        let v = rates.iter().map(|r| (r - m).powi(2)).sum::<f64>() / n;
+        // Strength of the prior in windows: large when tokens agree, small when they differ.
+        let kappa = if v > 0.0 {
+            (m * (1.0 - m) / v - 1.0).clamp(2.0, 1e6)
+        } else {
+            1e6
+        };
+        Some(BetaPrior {
+            a: (m * kappa).max(1e-3),
+            b: ((1.0 - m) * kappa).max(1.0),
+        })
+    }
 }
 
 /// A snapshot could not be decoded.

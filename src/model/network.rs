@@ -9,7 +9,7 @@
 
 use super::codec::{Reader, Writer};
 use super::sketch::{Bloom, Ewma, TopK};
-use super::{feature, tail, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use super::{feature, tail, BetaPrior, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::window::{fold, Counts, WindowAgg};
 
@@ -77,22 +77,28 @@ pub struct NetworkState {
 /// Network parameters.
 #[derive(Debug, Clone)]
 pub struct NetworkModel {
-    prior_novel: f64,
-    prior_seen: f64,
+    prior: BetaPrior,
 }
 
 impl NetworkModel {
     /// From configuration.
     pub fn new(cfg: &Config) -> Self {
         NetworkModel {
-            prior_novel: cfg.novelty.prior_novel,
-            prior_seen: cfg.novelty.prior_seen,
+            prior: BetaPrior {
+                a: cfg.novelty.prior_novel,
+                b: cfg.novelty.prior_seen,
+            },
         }
     }
 
-    /// Posterior predictive probability that a window brings a new item.
-    pub fn p_new(&self, novel: u32, windows: u32) -> f64 {
-        (novel as f64 + self.prior_novel) / (windows as f64 + self.prior_novel + self.prior_seen)
+    /// Probability that a window of this token brings a new item of `cat`: the population
+    /// prior once fitted, the configured one before.
+    pub fn p_new(&self, cat: Category, novel: u32, ctx: &Ctx) -> f64 {
+        let prior = ctx
+            .global
+            .novelty
+            .map_or(self.prior, |n| n[cat as usize]);
+        prior.p_new(novel, ctx.windows)
     }
 }
 
@@ -116,7 +122,7 @@ impl Model for NetworkModel {
             if new_items == 0 {
                 continue;
             }
-            let p = self.p_new(st.novel[cat as usize], ctx.windows);
+            let p = self.p_new(cat, st.novel[cat as usize], ctx);
             novelty += (-p.ln()) as f32;
             let usual = match cat {
                 Category::Country => st.countries.top(2),
