@@ -187,6 +187,8 @@ pub struct NoveltyConfig {
     pub prior_novel: f64,
     /// Beta prior pseudo-count of windows without novelty.
     pub prior_seen: f64,
+    /// Windows of history before novelty speaks.
+    pub min_windows: f64,
 }
 
 /// `[seasonal]`

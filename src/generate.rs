@@ -663,8 +663,12 @@ impl Gen {
         kind: u8,
         bytes_mult: f64,
     ) {
+        if ts >= self.opts.start + self.opts.days as i64 * DAY {
+            return; // incidents never run past the period
+        }
         let r = &mut self.rng;
         let e = &CATALOGUE[ep];
+
         let bytes = if status >= 400 {
             r.gen_range(80..400)
         } else {
@@ -1208,6 +1212,8 @@ impl Gen {
             }
             _ => {}
         }
+        let end = self.opts.start + self.opts.days as i64 * DAY - 1;
+        let last = last.min(end);
         if first <= last {
             self.incidents.push((t, kind, first, last));
         }

@@ -25,9 +25,13 @@ pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> 
     let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
     for s in signals.iter_mut() {
         let surprise = -s.p.max(1e-300).ln();
-        s.evidence = weights.get(s.kind) * (surprise - quiet).clamp(0.0, cfg.max_evidence);
+        // Likelihood-ratio signals are evidence as they stand; tail probabilities must
+        // first clear the quiet level.
+        let floor = if s.kind.is_ratio() { 0.0 } else { quiet };
+        s.evidence = weights.get(s.kind) * (surprise - floor).clamp(0.0, cfg.max_evidence);
         logit += s.evidence;
     }
+
     signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
     100.0 / (1.0 + (-logit).exp())
 }

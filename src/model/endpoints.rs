@@ -49,6 +49,7 @@ pub struct EndpointState {
 #[derive(Debug, Clone)]
 pub struct EndpointModel {
     prior: BetaPrior,
+    min_windows: f64,
 }
 
 /// Index of endpoints in [`Global::novelty`](super::Global).
@@ -62,6 +63,7 @@ impl EndpointModel {
                 a: cfg.novelty.prior_novel,
                 b: cfg.novelty.prior_seen,
             },
+            min_windows: cfg.novelty.min_windows,
         }
     }
 }
@@ -70,6 +72,10 @@ impl Model for EndpointModel {
     type State = EndpointState;
 
     fn score(&self, st: &EndpointState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+        if (ctx.windows as f64) < self.min_windows {
+            return; // a young token is still discovering its endpoints
+        }
+
         let mut new_calls = 0u32;
         let mut first_new = 0u64;
         let mut rarest: Option<(f64, u32, u64)> = None;
@@ -90,10 +96,7 @@ impl Model for EndpointModel {
         if new_calls == 0 {
             return;
         }
-        let prior = ctx
-            .global
-            .novelty
-            .map_or(self.prior, |n| n[NOVELTY_INDEX]);
+        let prior = ctx.global.novelty.map_or(self.prior, |n| n[NOVELTY_INDEX]);
         let p = prior.p_new(st.novel, ctx.windows);
         out.features[feature::NOVELTY] += (-p.ln()) as f32;
         let usual: Vec<u32> = st.top.top(2);

@@ -103,7 +103,14 @@ impl SignalKind {
         }
     }
 
+    /// Signals whose `p` is a likelihood ratio (how much less likely this is for the token
+    /// than usual) rather than a tail probability: their evidence needs no quiet level.
+    pub fn is_ratio(self) -> bool {
+        matches!(self, SignalKind::Seasonal | SignalKind::EndpointRarity)
+    }
+
     /// Position in [`SignalKind::ALL`].
+
     pub fn index(self) -> usize {
         self as usize
     }

@@ -78,6 +78,7 @@ pub struct NetworkState {
 #[derive(Debug, Clone)]
 pub struct NetworkModel {
     prior: BetaPrior,
+    min_windows: f64,
 }
 
 impl NetworkModel {
@@ -88,16 +89,14 @@ impl NetworkModel {
                 a: cfg.novelty.prior_novel,
                 b: cfg.novelty.prior_seen,
             },
+            min_windows: cfg.novelty.min_windows,
         }
     }
 
     /// Probability that a window of this token brings a new item of `cat`: the population
     /// prior once fitted, the configured one before.
     pub fn p_new(&self, cat: Category, novel: u32, ctx: &Ctx) -> f64 {
-        let prior = ctx
-            .global
-            .novelty
-            .map_or(self.prior, |n| n[cat as usize]);
+        let prior = ctx.global.novelty.map_or(self.prior, |n| n[cat as usize]);
         prior.p_new(novel, ctx.windows)
     }
 }
@@ -107,7 +106,13 @@ impl Model for NetworkModel {
 
     fn score(&self, st: &NetworkState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
         let mut novelty = 0.0f32;
-        for cat in Category::ALL {
+        // A young token is still discovering where it is called from.
+        let cats: &[Category] = if (ctx.windows as f64) < self.min_windows {
+            &[]
+        } else {
+            &Category::ALL
+        };
+        for &cat in cats {
             let counts = cat.counts(w);
             let mut new_items = 0u32;
             let mut first_new = 0u64;

@@ -22,7 +22,10 @@ pub const EP_DIMS: usize = 24;
 pub const GEO_DIMS: usize = 8;
 /// Length of a usage vector.
 pub const DIMS: usize = EP_DIMS + GEO_DIMS;
+/// Calls a window needs before its endpoint / geo mix is compared.
+pub const MIX_MIN_CALLS: u32 = 10;
 /// No peer group assigned.
+
 pub const NO_GROUP: u8 = u8::MAX;
 const SCALE: f32 = 60_000.0;
 
@@ -76,6 +79,8 @@ pub struct PeerState {
     pub d_own: Ewma,
     /// Distance of its windows from its group's centroid.
     pub d_peer: Ewma,
+    /// Windows with enough calls to measure a mix.
+    pub mix_n: u32,
 }
 
 impl Default for PeerState {
@@ -85,6 +90,7 @@ impl Default for PeerState {
             group: NO_GROUP,
             d_own: Ewma::default(),
             d_peer: Ewma::default(),
+            mix_n: 0,
         }
     }
 }
@@ -248,8 +254,12 @@ impl Model for PeerModel {
     type State = PeerState;
 
     fn score(&self, st: &PeerState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+        if w.count < MIX_MIN_CALLS {
+            // A handful of calls says nothing about a mix: one call is "100% one endpoint".
+            return;
+        }
         let v = window_usage(w);
-        if ctx.windows >= 10 {
+        if st.mix_n >= 10 {
             let d = distance(&v, &st.usage());
             let sd = st.d_own.sd().max(0.05);
             let z = (d - st.d_own.mean as f64) / sd;
@@ -263,7 +273,7 @@ impl Model for PeerModel {
         }
         if let Some(g) = ctx.group {
             let d = distance(&v, &g.centroid);
-            let (mean, sd) = if (ctx.windows as f64) >= self.min_windows {
+            let (mean, sd) = if (st.mix_n as f64) >= self.min_windows {
                 (st.d_peer.mean as f64, st.d_peer.sd())
             } else {
                 (g.dist_mean, g.dist_sd)
@@ -281,12 +291,14 @@ impl Model for PeerModel {
     fn learn(&self, st: &mut PeerState, w: &WindowAgg, ctx: &Ctx) {
         let v = window_usage(w);
         let u = st.usage();
-        let d = distance(&v, &u);
-        st.d_own
-            .update(d, self.alpha, ctx.windows.saturating_sub(1));
-        if let Some(g) = ctx.group {
-            st.d_peer
-                .update(distance(&v, &g.centroid), self.alpha, ctx.windows);
+        if w.count >= MIX_MIN_CALLS && ctx.windows > 0 {
+            let d = distance(&v, &u);
+            st.d_own.update(d, self.alpha, st.mix_n);
+            if let Some(g) = ctx.group {
+                st.d_peer
+                    .update(distance(&v, &g.centroid), self.alpha, st.mix_n);
+            }
+            st.mix_n = st.mix_n.saturating_add(1);
         }
         let a = self.alpha.max(1.0 / (ctx.windows as f64 + 1.0)) as f32;
         for i in 0..DIMS {
@@ -302,6 +314,7 @@ impl Model for PeerModel {
         w.u8(st.group);
         st.d_own.encode(w);
         st.d_peer.encode(w);
+        w.u32(st.mix_n);
     }
 
     fn decode(r: &mut Reader) -> Result<PeerState, DecodeError> {
@@ -312,6 +325,7 @@ impl Model for PeerModel {
         st.group = r.u8()?;
         st.d_own = Ewma::decode(r)?;
         st.d_peer = Ewma::decode(r)?;
+        st.mix_n = r.u32()?;
         Ok(st)
     }
 }

@@ -28,7 +28,8 @@ fn window(start: i64, n: u32, eps: &[&str]) -> WindowAgg {
         w.bytes += 2_000;
         w.latency_sum += 40.0;
         w.latency_n += 1;
-        w.endpoints.add(endpoint_key("GET", eps[i as usize % eps.len()]));
+        w.endpoints
+            .add(endpoint_key("GET", eps[i as usize % eps.len()]));
         w.countries.add(country_key("DE"));
         w.asns.add(3320);
         w.prefixes.add(prefix_key(&ip));
@@ -51,8 +52,13 @@ fn history(seed: u64, minutes: i64) -> Vec<WindowAgg> {
         if !(8..18).contains(&hour) || rng.gen_bool(0.5) {
             continue;
         }
-        let n = rng.gen_range(2..8);
-        out.push(window(start, n, &["/v1/orders", "/v1/orders/{id}", "/v1/products"]));
+        let n = rng.gen_range(2..16);
+
+        out.push(window(
+            start,
+            n,
+            &["/v1/orders", "/v1/orders/{id}", "/v1/products"],
+        ));
     }
     out
 }
@@ -92,10 +98,10 @@ impl Env {
         let cfg = Config::default();
         let mut global = Global::default();
         global.rarity.tokens = 100;
-        global.rarity.users.insert(
-            crate::window::fold(endpoint_key("GET", "/v1/orders")),
-            60,
-        );
+        global
+            .rarity
+            .users
+            .insert(crate::window::fold(endpoint_key("GET", "/v1/orders")), 60);
         let reg = registry::RegistryEntry::new(
             "t1",
             "team",
@@ -161,7 +167,10 @@ fn contract<M: Model>(m: &M) {
     let odd = outlier(next + 3 * 3_600_000);
     let p_ord = min_p(m, &a, &env, &ordinary, n);
     let p_odd = min_p(m, &a, &env, &odd, n);
-    assert!(p_odd < p_ord, "outlier p {p_odd} not below ordinary p {p_ord}");
+    assert!(
+        p_odd < p_ord,
+        "outlier p {p_odd} not below ordinary p {p_ord}"
+    );
     assert!(
         p_odd < env.cfg.score.quiet_p,
         "outlier p {p_odd} is not surprising enough to speak"
@@ -222,10 +231,16 @@ fn token_state_round_trip_and_size() {
     assert!(std::mem::size_of::<TokenState>() <= 1024);
     let mut bad = w.buf.clone();
     bad[0] = 99;
-    assert!(matches!(TokenState::decode(&bad), Err(DecodeError::Version { .. })));
+    assert!(matches!(
+        TokenState::decode(&bad),
+        Err(DecodeError::Version { .. })
+    ));
     bad = w.buf.clone();
     bad.push(0);
-    assert!(matches!(TokenState::decode(&bad), Err(DecodeError::Trailing(1))));
+    assert!(matches!(
+        TokenState::decode(&bad),
+        Err(DecodeError::Trailing(1))
+    ));
 }
 
 // ---- known answers ----
@@ -237,7 +252,10 @@ fn rate_low_volume_is_calm_and_bursts_are_not() {
     let hist: Vec<WindowAgg> = (0..200).map(|i| window(T0 + i * W, 1, &["/a"])).collect();
     let st = train(&m, &env, &hist);
     // 3 calls after a steady 1 is not an incident.
-    assert_eq!(min_p(&m, &st, &env, &window(T0 + 300 * W, 3, &["/a"]), 200), 1.0);
+    assert_eq!(
+        min_p(&m, &st, &env, &window(T0 + 300 * W, 3, &["/a"]), 200),
+        1.0
+    );
     // 40 is.
     assert!(min_p(&m, &st, &env, &window(T0 + 300 * W, 40, &["/a"]), 200) < 1e-10);
 }
@@ -265,7 +283,11 @@ fn network_novelty_depends_on_stability() {
     let mut sc = Scratch::default();
     let odd = outlier(T0 + 4000 * W);
     m.score(&st, &odd, &env.ctx(odd.start, 3000), &mut sc);
-    let country = sc.signals.iter().find(|s| s.kind == SignalKind::NewCountry).unwrap();
+    let country = sc
+        .signals
+        .iter()
+        .find(|s| s.kind == SignalKind::NewCountry)
+        .unwrap();
     assert!(country.p < 1e-3);
     assert_eq!(crate::window::country_name(country.item), "BR");
     assert_eq!(country.usual[0] as u64, country_key("DE"));
@@ -288,22 +310,38 @@ fn network_novelty_depends_on_stability() {
             .find(|s| s.kind == SignalKind::NewPrefix)
             .map_or(1.0, |s| s.p)
     };
-    assert!(pfx(&sc2) > 0.3 && pfx(&sc) < 1e-3, "{} {}", pfx(&sc2), pfx(&sc));
+    assert!(
+        pfx(&sc2) > 0.3 && pfx(&sc) < 1e-3,
+        "{} {}",
+        pfx(&sc2),
+        pfx(&sc)
+    );
 }
 
 #[test]
 fn endpoint_first_use_of_a_rare_endpoint() {
     let env = Env::new();
     let m = endpoints::EndpointModel::new(&env.cfg);
-    let hist: Vec<WindowAgg> = (0..1000).map(|i| window(T0 + i * W, 2, &["/v1/orders"])).collect();
+    let hist: Vec<WindowAgg> = (0..1000)
+        .map(|i| window(T0 + i * W, 2, &["/v1/orders"]))
+        .collect();
     let st = train(&m, &env, &hist);
     let mut sc = Scratch::default();
     let w = window(T0 + 2000 * W, 1, &["/v1/admin/keys"]);
     m.score(&st, &w, &env.ctx(w.start, 1000), &mut sc);
-    let rare = sc.signals.iter().find(|s| s.kind == SignalKind::EndpointRarity).unwrap();
+    let rare = sc
+        .signals
+        .iter()
+        .find(|s| s.kind == SignalKind::EndpointRarity)
+        .unwrap();
     assert!((rare.p - 1.0 / 102.0).abs() < 1e-9);
     let mut sc = Scratch::default();
-    m.score(&st, &window(T0 + 2000 * W, 3, &["/v1/orders"]), &env.ctx(w.start, 1000), &mut sc);
+    m.score(
+        &st,
+        &window(T0 + 2000 * W, 3, &["/v1/orders"]),
+        &env.ctx(w.start, 1000),
+        &mut sc,
+    );
     assert!(sc.signals.is_empty());
 }
 
@@ -316,7 +354,12 @@ fn telemetry_auth_storm_and_bulk_bytes() {
     let mut sc = Scratch::default();
     let odd = outlier(T0 + 600 * W);
     m.score(&st, &odd, &env.ctx(odd.start, 500), &mut sc);
-    let kinds: Vec<SignalKind> = sc.signals.iter().filter(|s| s.p < 1e-6).map(|s| s.kind).collect();
+    let kinds: Vec<SignalKind> = sc
+        .signals
+        .iter()
+        .filter(|s| s.p < 1e-6)
+        .map(|s| s.kind)
+        .collect();
     assert!(kinds.contains(&SignalKind::AuthErrors), "{kinds:?}");
     assert!(kinds.contains(&SignalKind::BytesOut), "{kinds:?}");
     // One expired session (1 of 5 calls refused) is not a storm.
@@ -335,7 +378,10 @@ fn registry_violations() {
     let odd = outlier(T0);
     m.score(&(), &odd, &env.ctx(odd.start, 0), &mut sc);
     let kinds: Vec<SignalKind> = sc.signals.iter().map(|s| s.kind).collect();
-    assert_eq!(kinds, vec![SignalKind::ScopeViolation, SignalKind::EnvMismatch]);
+    assert_eq!(
+        kinds,
+        vec![SignalKind::ScopeViolation, SignalKind::EnvMismatch]
+    );
     assert_eq!(sc.signals[0].observed, 400.0);
     // Expired token.
     let late = window(T0 + 61 * 86_400_000, 1, &["/a"]);
