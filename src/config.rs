@@ -189,6 +189,8 @@ pub struct NoveltyConfig {
     pub prior_seen: f64,
     /// Windows of history before novelty speaks.
     pub min_windows: f64,
+    /// Half-life of the evidence of rare endpoints taken up (slow exploration).
+    pub explore_half_life: Duration,
 }
 
 /// `[seasonal]`

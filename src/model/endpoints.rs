@@ -43,6 +43,10 @@ pub struct EndpointState {
     pub top: TopK<16>,
     /// Learned windows that brought a new endpoint.
     pub novel: u32,
+    /// Rarity evidence (nats) of endpoints taken up recently, as of `explore_at`.
+    pub explore: f32,
+    /// Minute (since the epoch) of the last update of `explore`.
+    pub explore_at: u32,
 }
 
 /// Endpoint parameters.
@@ -50,6 +54,7 @@ pub struct EndpointState {
 pub struct EndpointModel {
     prior: BetaPrior,
     min_windows: f64,
+    explore_half_life_min: f64,
 }
 
 /// Index of endpoints in [`Global::novelty`](super::Global).
@@ -64,7 +69,17 @@ impl EndpointModel {
                 b: cfg.novelty.prior_seen,
             },
             min_windows: cfg.novelty.min_windows,
+            explore_half_life_min: (cfg.novelty.explore_half_life.ms as f64 / 60_000.0).max(1.0),
         }
+    }
+
+    /// Exploration evidence decayed to the window being scored.
+    fn explored(&self, st: &EndpointState, ctx: &Ctx) -> f64 {
+        if st.explore <= 0.0 {
+            return 0.0;
+        }
+        let age = (ctx.start / 60_000 - st.explore_at as i64).max(0) as f64;
+        st.explore as f64 * 0.5f64.powf(age / self.explore_half_life_min)
     }
 }
 
@@ -107,12 +122,15 @@ impl Model for EndpointModel {
                 .with_usual(&usual),
         );
         if let Some((p_r, users, k)) = rarest {
+            // Sequential evidence: this first use of a rare endpoint, plus the decayed
+            // evidence of the rare endpoints the token took up recently (slow exploration).
+            let acc = self.explored(st, ctx);
             out.push(
                 Signal::new(
                     SignalKind::EndpointRarity,
                     users as f64,
                     ctx.global.rarity.tokens as f64,
-                    p_r,
+                    p_r * (-acc).exp(),
                 )
                 .with_item(k),
             );
@@ -122,12 +140,22 @@ impl Model for EndpointModel {
     fn learn(&self, st: &mut EndpointState, w: &WindowAgg, ctx: &Ctx) {
         let day = ctx.day();
         let mut new = false;
+        let mut rare = 0.0;
         for &(k, c) in &w.endpoints.items {
             if !st.known.contains(k) {
                 new = true;
                 st.known.insert(k);
+                if (ctx.windows as f64) >= self.min_windows {
+                    if let Some((p, _)) = ctx.global.rarity.p_used(k) {
+                        rare += -p.ln();
+                    }
+                }
             }
             st.top.add(fold(k), c, day);
+        }
+        if rare > 0.0 {
+            st.explore = (self.explored(st, ctx) + rare).min(50.0) as f32;
+            st.explore_at = (ctx.start / 60_000).clamp(0, u32::MAX as i64) as u32;
         }
         if new && ctx.windows > 0 {
             st.novel += 1;
@@ -138,6 +166,8 @@ impl Model for EndpointModel {
         st.known.encode(w);
         st.top.encode(w);
         w.u32(st.novel);
+        w.f32(st.explore);
+        w.u32(st.explore_at);
     }
 
     fn decode(r: &mut Reader) -> Result<EndpointState, DecodeError> {
@@ -145,6 +175,8 @@ impl Model for EndpointModel {
             known: Bloom::decode(r)?,
             top: TopK::decode(r)?,
             novel: r.u32()?,
+            explore: r.f32()?,
+            explore_at: r.u32()?,
         })
     }
 }
