@@ -380,8 +380,9 @@ impl Shard {
         scratch.clear();
         self.models.score(st, agg, &ctx, scratch);
         if let Some(iso) = &global.isolation {
-            if st.windows >= 10 {
+            if st.windows >= 10 && !IsolationModel::is_ordinary(&scratch.features) {
                 let (s, p) = iso.score(&scratch.features);
+
                 scratch.push(Signal::new(SignalKind::Isolation, s, 0.5, p));
             }
         }

@@ -20,7 +20,16 @@ pub type Point = [f32; FEATURES];
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Node {
     Split { f: u8, t: f32, l: u32, r: u32 },
-    Leaf { n: u32 },
+    /// `adj` = c(n), the expected remaining depth of the n points left here,
+    /// precomputed so scoring does no logarithms.
+    Leaf { n: u32, adj: f32 },
+}
+
+fn leaf(n: usize) -> Node {
+    Node::Leaf {
+        n: n as u32,
+        adj: c(n as f64) as f32,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,9 +59,7 @@ impl Tree {
     ) -> u32 {
         let me = nodes.len() as u32;
         if depth >= max || idx.len() <= 1 {
-            nodes.push(Node::Leaf {
-                n: idx.len() as u32,
-            });
+            nodes.push(leaf(idx.len()));
             return me;
         }
         // Try features in random order until one has a range to split.
@@ -78,7 +85,7 @@ impl Tree {
             if m == 0 || m == idx.len() {
                 continue;
             }
-            nodes.push(Node::Leaf { n: 0 }); // placeholder, replaced below
+            nodes.push(leaf(0)); // placeholder, replaced below
             let (left, right) = idx.split_at_mut(m);
             let l = Tree::build(data, left, depth + 1, max, rng, nodes);
             let r = Tree::build(data, right, depth + 1, max, rng, nodes);
@@ -90,22 +97,20 @@ impl Tree {
             };
             return me;
         }
-        nodes.push(Node::Leaf {
-            n: idx.len() as u32,
-        });
+        nodes.push(leaf(idx.len()));
         me
     }
 
-    fn path(&self, x: &Point) -> f64 {
+    fn path(&self, x: &Point) -> f32 {
         let mut i = 0usize;
-        let mut depth = 0.0;
+        let mut depth = 0.0f32;
         loop {
             match self.nodes.get(i) {
                 Some(Node::Split { f, t, l, r }) => {
                     i = if x[*f as usize] < *t { *l } else { *r } as usize;
                     depth += 1.0;
                 }
-                Some(Node::Leaf { n }) => return depth + c(*n as f64),
+                Some(Node::Leaf { adj, .. }) => return depth + adj,
                 None => return depth,
             }
         }
@@ -154,11 +159,21 @@ impl IsolationModel {
     /// Raw anomaly score in (0, 1): 2^(-E[h] / c(psi)).
     pub fn raw(&self, x: &Point) -> f64 {
         let h: f64 =
-            self.trees.iter().map(|t| t.path(x)).sum::<f64>() / self.trees.len().max(1) as f64;
+            self.trees.iter().map(|t| t.path(x)).sum::<f32>() as f64 / self.trees.len().max(1) as f64;
         2f64.powf(-h / c(self.psi as f64).max(1e-9))
     }
 
+    /// A window whose standardised residuals are all within one unit sits in the bulk
+    /// of the training data: its isolation p is high whatever the trees say, so it is
+    /// not scored (the common case, kept cheap). Raw count is not a residual.
+    pub fn is_ordinary(x: &Point) -> bool {
+        x.iter()
+            .enumerate()
+            .all(|(i, v)| i == super::feature::LOG_COUNT || v.abs() <= 1.0)
+    }
+
     /// (raw score, tail probability among training windows).
+
     pub fn score(&self, x: &Point) -> (f64, f64) {
         let s = self.raw(x);
         let below = self.calib.partition_point(|&v| (v as f64) < s);
@@ -181,7 +196,7 @@ impl IsolationModel {
                         w.u32(*l);
                         w.u32(*r);
                     }
-                    Node::Leaf { n } => {
+                    Node::Leaf { n, .. } => {
                         w.u8(0);
                         w.u32(*n);
                     }
@@ -210,7 +225,7 @@ impl IsolationModel {
                         l: r.u32()?,
                         r: r.u32()?,
                     },
-                    _ => Node::Leaf { n: r.u32()? },
+                    _ => leaf(r.u32()? as usize),
                 });
             }
             trees.push(Tree { nodes });
