@@ -328,11 +328,37 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
             }
             Ok(())
         };
-    while let Some(batch) = reader.next_batch()? {
-        bar.inc(batch.num_rows() as u64);
-        let out = engine.apply(&batch)?;
-        handle(out, &mut writer)?;
-    }
+    // Decoding and validation run on their own thread, a few batches ahead of the engine
+    // (a bounded channel: memory stays flat whatever the file size).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<arrow::record_batch::RecordBatch>(4);
+    let read = std::thread::scope(|sc| -> Result<ingest::ReadReport, Error> {
+        let producer = sc.spawn(move || -> Result<ingest::ReadReport, ingest::Error> {
+            while let Some(batch) = reader.next_batch()? {
+                if tx.send(batch).is_err() {
+                    break; // the engine side stopped on an error
+                }
+            }
+            Ok(reader.report().clone())
+        });
+        let mut consumed: Result<(), Error> = Ok(());
+        for batch in rx.iter() {
+            bar.inc(batch.num_rows() as u64);
+            let step = engine
+                .apply(&batch)
+                .map_err(Error::from)
+                .and_then(|out| handle(out, &mut writer));
+            if let Err(e) = step {
+                consumed = Err(e);
+                break;
+            }
+        }
+        drop(rx);
+        let report = producer
+            .join()
+            .map_err(|_| Error::Other("the reader thread panicked".into()))??;
+        consumed?;
+        Ok(report)
+    })?;
     handle(engine.finish(), &mut writer)?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
@@ -356,7 +382,8 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
             .then_with(|| a.token.cmp(&b.token))
     });
     top.truncate(opts.top);
-    let rr = reader.report();
+    let rr = &read;
+
     Ok(Report {
         events: stats.events,
         bad_rows: rr.bad_rows,

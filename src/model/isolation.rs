@@ -163,13 +163,13 @@ impl IsolationModel {
         2f64.powf(-h / c(self.psi as f64).max(1e-9))
     }
 
-    /// A window whose standardised residuals are all within one unit sits in the bulk
+    /// A window whose standardised residuals are all within two units sits in the bulk
     /// of the training data: its isolation p is high whatever the trees say, so it is
     /// not scored (the common case, kept cheap). Raw count is not a residual.
     pub fn is_ordinary(x: &Point) -> bool {
         x.iter()
             .enumerate()
-            .all(|(i, v)| i == super::feature::LOG_COUNT || v.abs() <= 1.0)
+            .all(|(i, v)| i == super::feature::LOG_COUNT || v.abs() <= 2.0)
     }
 
     /// (raw score, tail probability among training windows).
