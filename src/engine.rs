@@ -117,6 +117,8 @@ pub struct Stats {
 struct Slot {
     name: Arc<str>,
     state: TokenState,
+    /// Registry row, looked up once when the token first appears.
+    reg: Option<Arc<crate::model::registry::RegistryEntry>>,
     /// Open windows: (start, index into the shard's aggregate arena).
     open: Vec<(i64, u32)>,
 }
@@ -238,6 +240,7 @@ impl Shard {
         self.slots.push(Slot {
             name: Arc::from(name),
             state,
+            reg: self.registry.get_shared(name),
             open: Vec::new(),
         });
         self.stats.tokens += 1;
@@ -362,7 +365,8 @@ impl Shard {
                 st.peers.group = p.nearest(&st.peers.usage()) as u8;
             }
         }
-        let reg = self.registry.get(&slot.name);
+        let reg = slot.reg.as_deref();
+
         let ctx = Ctx {
             cfg,
             window_ms: cfg.window.size.ms,

@@ -62,19 +62,25 @@ impl RegistryEntry {
 /// All registry rows by token id.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    entries: FxHashMap<String, RegistryEntry>,
+    entries: FxHashMap<String, std::sync::Arc<RegistryEntry>>,
 }
 
 impl Registry {
     /// Add or replace a row.
     pub fn insert(&mut self, e: RegistryEntry) {
-        self.entries.insert(e.token_id.clone(), e);
+        self.entries.insert(e.token_id.clone(), std::sync::Arc::new(e));
     }
 
     /// Row of a token.
     pub fn get(&self, token: &str) -> Option<&RegistryEntry> {
-        self.entries.get(token)
+        self.entries.get(token).map(|e| &**e)
     }
+
+    /// Row of a token, shared (held by the token's slot so scoring needs no lookup).
+    pub fn get_shared(&self, token: &str) -> Option<std::sync::Arc<RegistryEntry>> {
+        self.entries.get(token).cloned()
+    }
+
 
     /// Number of rows.
     pub fn len(&self) -> usize {

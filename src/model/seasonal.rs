@@ -36,7 +36,20 @@ pub struct SeasonalModel {
     min_days: f64,
 }
 
+/// Windows of bucket `b` elapsed between `first` and `now` (whole hours only).
+fn exposure_of(first: i64, now: i64, per_hour: f64, b: usize) -> f64 {
+    let h0 = first.div_euclid(HOUR_MS);
+    let total = (now.div_euclid(HOUR_MS) - h0).max(0);
+    let full = (total / HOURS as i64) as f64;
+    let rem = (total % HOURS as i64) as usize;
+    let start = hour_of_week(h0 * HOUR_MS);
+    let extra = if (b + HOURS - start) % HOURS < rem { 1.0 } else { 0.0 };
+    (full + extra) * per_hour
+}
+
 /// Windows of each bucket elapsed between `first` and `now` (whole hours only).
+#[cfg(test)]
+
 fn exposure(first: i64, now: i64, per_hour: f64) -> [f64; HOURS] {
     let h0 = first.div_euclid(HOUR_MS);
     let h1 = now.div_euclid(HOUR_MS);
@@ -71,9 +84,11 @@ impl SeasonalModel {
             return None;
         }
         let per_hour = (HOUR_MS as f64 / ctx.window_ms as f64).max(1.0);
-        let n = exposure(ctx.first_seen, ctx.start, per_hour);
-        let total_n: f64 = n.iter().sum();
-        let total_a: f64 = st.active.iter().map(|&a| a as f64).sum();
+        let n = |b: usize| exposure_of(ctx.first_seen, ctx.start, per_hour, b);
+        let total_n = ((ctx.start.div_euclid(HOUR_MS) - ctx.first_seen.div_euclid(HOUR_MS)).max(0)
+            as f64)
+            * per_hour;
+        let total_a: f64 = st.active.iter().map(|&a| a as u32).sum::<u32>() as f64;
         if total_n <= 0.0 || total_a <= 0.0 {
             return None;
         }
@@ -83,10 +98,10 @@ impl SeasonalModel {
         let (mut a_h, mut n_h) = (0.0, 0.0);
         for d in 0..7 {
             a_h += st.active[d * 24 + h] as f64;
-            n_h += n[d * 24 + h];
+            n_h += n(d * 24 + h);
         }
         let q_h = (a_h + self.shrink_day * overall) / (n_h + self.shrink_day);
-        let q_b = (st.active[b] as f64 + self.shrink_week * q_h) / (n[b] + self.shrink_week);
+        let q_b = (st.active[b] as f64 + self.shrink_week * q_h) / (n(b) + self.shrink_week);
         Some((q_b, overall))
     }
 }
@@ -143,5 +158,11 @@ mod tests {
         assert_eq!(e[0], 1.0);
         assert_eq!(e[24], 1.0);
         assert_eq!(e[25], 0.0);
+        let wed = monday + 2 * 86_400_000 + 5 * HOUR_MS;
+        let e = exposure(wed, wed + 200 * HOUR_MS, 60.0);
+        for (b, x) in e.iter().enumerate() {
+            assert_eq!(*x, exposure_of(wed, wed + 200 * HOUR_MS, 60.0, b));
+        }
+
     }
 }
