@@ -376,7 +376,7 @@ impl Config {
             })
         };
         let w = self.window.size.ms;
-        if w < 1_000 || w > 86_400_000 {
+        if !(1_000..=86_400_000).contains(&w) {
             return bad("window.size", "must be between 1s and 1d");
         }
         if 3_600_000 % w != 0 && w % 3_600_000 != 0 {

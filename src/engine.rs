@@ -592,8 +592,8 @@ impl Engine {
                     *rarity.users.entry(s.key).or_insert(0) += 1;
                 }
                 if st.windows as f64 >= min_w {
-                    for c in 0..4 {
-                        novelty_obs[c].push((st.network.novel[c], st.windows));
+                    for (obs, novel) in novelty_obs.iter_mut().zip(st.network.novel) {
+                        obs.push((novel, st.windows));
                     }
                     novelty_obs[4].push((st.endpoints.novel, st.windows));
                     points.push(PeerPoint {

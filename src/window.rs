@@ -284,7 +284,7 @@ mod tests {
         for i in 0..100 {
             c.add(i);
         }
-        assert!(c.add(1_000) == false);
+        assert!(!c.add(1_000));
         assert_eq!(c.distinct(), MAX_DISTINCT);
         assert_eq!(c.overflow, 37);
         assert_eq!(status_class(403), class::AUTH);

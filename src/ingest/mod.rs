@@ -140,7 +140,10 @@ impl EventReader {
             let before = self.report.bad_rows;
             let batch = normalize(&raw, self.raw.path(), first_row, &mut self.report)?;
             if self.policy == BadRowPolicy::Fail && self.report.bad_rows > before {
-                let e = self.report.first_errors.last().cloned();
+                // The first bad row of this batch (earlier batches had none, or we would
+                // have stopped there).
+                let e = self.report.first_errors.get(before as usize).cloned();
+
                 if let Some(e) = e {
                     return Err(Error::BadRow(e));
                 }

@@ -45,7 +45,7 @@ impl Format {
 }
 
 enum Inner {
-    Csv(arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>),
+    Csv(Box<arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>>),
     Jsonl {
         lines: Box<dyn BufRead + Send>,
         schema: SchemaRef,
@@ -118,7 +118,7 @@ impl RawReader {
                     .with_truncated_rows(true)
                     .build_buffered(open_text(path, gz)?)
                     .map_err(|e| fmt_err(e.to_string()))?;
-                Inner::Csv(r)
+                Inner::Csv(Box::new(r))
             }
             Format::Jsonl => {
                 let fields: Vec<Field> = wanted

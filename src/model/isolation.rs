@@ -19,10 +19,18 @@ pub type Point = [f32; FEATURES];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Node {
-    Split { f: u8, t: f32, l: u32, r: u32 },
+    Split {
+        f: u8,
+        t: f32,
+        l: u32,
+        r: u32,
+    },
     /// `adj` = c(n), the expected remaining depth of the n points left here,
     /// precomputed so scoring does no logarithms.
-    Leaf { n: u32, adj: f32 },
+    Leaf {
+        n: u32,
+        adj: f32,
+    },
 }
 
 fn leaf(n: usize) -> Node {
@@ -158,8 +166,8 @@ impl IsolationModel {
 
     /// Raw anomaly score in (0, 1): 2^(-E[h] / c(psi)).
     pub fn raw(&self, x: &Point) -> f64 {
-        let h: f64 =
-            self.trees.iter().map(|t| t.path(x)).sum::<f32>() as f64 / self.trees.len().max(1) as f64;
+        let h: f64 = self.trees.iter().map(|t| t.path(x)).sum::<f32>() as f64
+            / self.trees.len().max(1) as f64;
         2f64.powf(-h / c(self.psi as f64).max(1e-9))
     }
 
@@ -173,7 +181,6 @@ impl IsolationModel {
     }
 
     /// (raw score, tail probability among training windows).
-
     pub fn score(&self, x: &Point) -> (f64, f64) {
         let s = self.raw(x);
         let below = self.calib.partition_point(|&v| (v as f64) < s);

@@ -110,7 +110,6 @@ impl SignalKind {
     }
 
     /// Position in [`SignalKind::ALL`].
-
     pub fn index(self) -> usize {
         self as usize
     }
@@ -513,7 +512,7 @@ pub mod tail {
 
     /// Upper tail of a standard normal at `z`.
     pub fn normal_above(z: f64) -> f64 {
-        if !(z > 2.0) {
+        if z.is_nan() || z <= 2.0 {
             return 1.0;
         }
         Normal::new(0.0, 1.0).map(|d| d.sf(z)).unwrap_or(1.0)

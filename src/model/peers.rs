@@ -25,7 +25,6 @@ pub const DIMS: usize = EP_DIMS + GEO_DIMS;
 /// Calls a window needs before its endpoint / geo mix is compared.
 pub const MIX_MIN_CALLS: u32 = 10;
 /// No peer group assigned.
-
 pub const NO_GROUP: u8 = u8::MAX;
 const SCALE: f32 = 60_000.0;
 

@@ -68,7 +68,8 @@ pub struct Registry {
 impl Registry {
     /// Add or replace a row.
     pub fn insert(&mut self, e: RegistryEntry) {
-        self.entries.insert(e.token_id.clone(), std::sync::Arc::new(e));
+        self.entries
+            .insert(e.token_id.clone(), std::sync::Arc::new(e));
     }
 
     /// Row of a token.
@@ -80,7 +81,6 @@ impl Registry {
     pub fn get_shared(&self, token: &str) -> Option<std::sync::Arc<RegistryEntry>> {
         self.entries.get(token).cloned()
     }
-
 
     /// Number of rows.
     pub fn len(&self) -> usize {

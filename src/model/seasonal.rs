@@ -43,13 +43,16 @@ fn exposure_of(first: i64, now: i64, per_hour: f64, b: usize) -> f64 {
     let full = (total / HOURS as i64) as f64;
     let rem = (total % HOURS as i64) as usize;
     let start = hour_of_week(h0 * HOUR_MS);
-    let extra = if (b + HOURS - start) % HOURS < rem { 1.0 } else { 0.0 };
+    let extra = if (b + HOURS - start) % HOURS < rem {
+        1.0
+    } else {
+        0.0
+    };
     (full + extra) * per_hour
 }
 
 /// Windows of each bucket elapsed between `first` and `now` (whole hours only).
 #[cfg(test)]
-
 fn exposure(first: i64, now: i64, per_hour: f64) -> [f64; HOURS] {
     let h0 = first.div_euclid(HOUR_MS);
     let h1 = now.div_euclid(HOUR_MS);
@@ -163,6 +166,5 @@ mod tests {
         for (b, x) in e.iter().enumerate() {
             assert_eq!(*x, exposure_of(wed, wed + 200 * HOUR_MS, 60.0, b));
         }
-
     }
 }
