@@ -383,14 +383,21 @@ impl Shard {
         let scratch = &mut self.scratch;
         scratch.clear();
         self.models.score(st, agg, &ctx, scratch);
+        let mut risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
         if let Some(iso) = &global.isolation {
-            if st.windows >= 10 && !IsolationModel::is_ordinary(&scratch.features) {
+            // The forest is the costliest model; it is consulted only where the most it can
+            // add (its smallest tail probability) could lift the window past 1% risk.
+            let most =
+                score::evidence(SignalKind::Isolation, iso.min_p(), &cfg.score, &cfg.weights);
+            if st.windows >= 10
+                && !IsolationModel::is_ordinary(&scratch.features)
+                && score::logit(risk) + most >= score::logit(1.0)
+            {
                 let (s, p) = iso.score(&scratch.features);
-
                 scratch.push(Signal::new(SignalKind::Isolation, s, 0.5, p));
+                risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
             }
         }
-        let risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
         let alert = risk >= cfg.score.alert_risk;
         let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
         let learned = risk < cfg.score.learn_max_risk || young;

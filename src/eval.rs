@@ -332,14 +332,17 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
     // (a bounded channel: memory stays flat whatever the file size).
     let (tx, rx) = std::sync::mpsc::sync_channel::<arrow::record_batch::RecordBatch>(4);
     let read = std::thread::scope(|sc| -> Result<ingest::ReadReport, Error> {
-        let producer = sc.spawn(move || -> Result<ingest::ReadReport, ingest::Error> {
-            while let Some(batch) = reader.next_batch()? {
-                if tx.send(batch).is_err() {
-                    break; // the engine side stopped on an error
+        let producer = std::thread::Builder::new()
+            .name("tokenwatch-reader".into())
+            .spawn_scoped(sc, move || -> Result<ingest::ReadReport, ingest::Error> {
+                while let Some(batch) = reader.next_batch()? {
+                    if tx.send(batch).is_err() {
+                        break; // the engine side stopped on an error
+                    }
                 }
-            }
-            Ok(reader.report().clone())
-        });
+                Ok(reader.report().clone())
+            })
+            .map_err(|e| Error::Other(format!("cannot start the reader thread: {e}")))?;
         let mut consumed: Result<(), Error> = Ok(());
         for batch in rx.iter() {
             bar.inc(batch.num_rows() as u64);

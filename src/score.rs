@@ -21,19 +21,32 @@ use crate::window::{country_name, prefix_name, Names};
 /// Combine signals into a risk (0..=100); fills each signal's `evidence` and sorts the
 /// signals by evidence, largest first.
 pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> f64 {
-    let quiet = -cfg.quiet_p.ln();
     let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
     for s in signals.iter_mut() {
-        let surprise = -s.p.max(1e-300).ln();
-        // Likelihood-ratio signals are evidence as they stand; tail probabilities must
-        // first clear the quiet level.
-        let floor = if s.kind.is_ratio() { 0.0 } else { quiet };
-        s.evidence = weights.get(s.kind) * (surprise - floor).clamp(0.0, cfg.max_evidence);
+        s.evidence = evidence(s.kind, s.p, cfg, weights);
         logit += s.evidence;
     }
 
     signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
     100.0 / (1.0 + (-logit).exp())
+}
+
+/// Evidence (nats) of one signal with tail probability `p`. Likelihood-ratio signals are
+/// evidence as they stand; tail probabilities must first clear the quiet level.
+pub fn evidence(kind: SignalKind, p: f64, cfg: &ScoreConfig, weights: &Weights) -> f64 {
+    let surprise = -p.max(1e-300).ln();
+    let floor = if kind.is_ratio() {
+        0.0
+    } else {
+        -cfg.quiet_p.ln()
+    };
+    weights.get(kind) * (surprise - floor).clamp(0.0, cfg.max_evidence)
+}
+
+/// Log-odds of a risk given in percent.
+pub fn logit(risk: f64) -> f64 {
+    let r = (risk / 100.0).clamp(1e-12, 1.0 - 1e-12);
+    (r / (1.0 - r)).ln()
 }
 
 /// The name of the largest contributor, or `none`.

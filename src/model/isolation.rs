@@ -171,6 +171,11 @@ impl IsolationModel {
         2f64.powf(-h / c(self.psi as f64).max(1e-9))
     }
 
+    /// The smallest tail probability this model can give (1 / (training windows + 1)).
+    pub fn min_p(&self) -> f64 {
+        1.0 / (self.calib.len() as f64 + 1.0)
+    }
+
     /// A window whose standardised residuals are all within two units sits in the bulk
     /// of the training data: its isolation p is high whatever the trees say, so it is
     /// not scored (the common case, kept cheap). Raw count is not a residual.
