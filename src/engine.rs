@@ -587,7 +587,7 @@ impl Engine {
         let min_w = self.cfg.peers.min_windows;
         let mut points: Vec<PeerPoint> = Vec::new();
         let mut rarity = crate::model::endpoints::Rarity::default();
-        let mut novelty_obs: [Vec<(u32, u32)>; 5] = Default::default();
+        let mut novelty_obs: [Vec<(u32, u32)>; 6] = Default::default();
         for sh in &self.shards {
             for slot in &sh.slots {
                 let st = &slot.state;
@@ -602,7 +602,10 @@ impl Engine {
                     for (obs, novel) in novelty_obs.iter_mut().zip(st.network.novel) {
                         obs.push((novel, st.windows));
                     }
-                    novelty_obs[4].push((st.endpoints.novel, st.windows));
+                    novelty_obs[crate::model::endpoints::NOVELTY_INDEX]
+                        .push((st.endpoints.novel, st.windows));
+                    novelty_obs[crate::model::network::MULTI_INDEX]
+                        .push((st.network.multi, st.windows));
                     points.push(PeerPoint {
                         token: slot.name.clone(),
                         usage: st.peers.usage(),
@@ -622,7 +625,7 @@ impl Engine {
             .iter()
             .filter_map(|o| crate::model::BetaPrior::fit(o))
             .collect();
-        let novelty = <[crate::model::BetaPrior; 5]>::try_from(priors).ok();
+        let novelty = <[crate::model::BetaPrior; 6]>::try_from(priors).ok();
         let global = Arc::new(Global {
             peers,
             isolation,

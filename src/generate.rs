@@ -60,6 +60,8 @@ pub struct Options {
     pub clean_fraction: f64,
     /// First day (RFC 3339 date-time, should be a Monday 00:00 UTC).
     pub start: i64,
+    /// Show a progress bar.
+    pub progress: bool,
 }
 
 impl Options {
@@ -74,6 +76,7 @@ impl Options {
             scale: 1.0,
             clean_fraction: 0.7,
             start: 1_772_409_600_000, // 2026-03-02T00:00:00Z, a Monday
+            progress: false,
         }
     }
 }
@@ -741,7 +744,13 @@ impl Gen {
     fn normal_traffic(&mut self) {
         let days = self.opts.days as i64;
         let start = self.opts.start;
+        let bar = if self.opts.progress {
+            indicatif::ProgressBar::new(self.toks.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         for t in 0..self.toks.len() {
+            bar.inc(1);
             let mut agent_idx = 0usize;
             for d in 0..days {
                 let day0 = start + d * DAY;

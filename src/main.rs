@@ -73,6 +73,7 @@ fn run(cli: Cli) -> Result<()> {
             o.seed = seed;
             o.format = format;
             o.scale = scale;
+            o.progress = std::io::stderr().is_terminal();
             let s = generate::run(&o)?;
             println!(
                 "wrote {} events ({} labelled, {} incidents): {}",

@@ -129,8 +129,9 @@ pub fn explain(
             name_or(names, s.item, "agent")
         ),
         ConcurrentNetworks => format!(
-            "{:.0} networks in one window; usually {:.1}",
-            s.observed, s.expected
+            "called from {:.0} countries at once; this token shows that in {:.2}% of its windows",
+            s.observed,
+            100.0 * s.expected
         ),
         NewEndpoint => {
             let u = usual(&|k| names.get_folded(k).unwrap_or("?").to_string());

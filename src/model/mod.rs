@@ -242,8 +242,9 @@ pub struct Global {
     pub isolation: Option<isolation::IsolationModel>,
     /// How many tokens use each endpoint.
     pub rarity: endpoints::Rarity,
-    /// Population priors of novelty (country, ASN, prefix, user agent, endpoint).
-    pub novelty: Option<[BetaPrior; 5]>,
+    /// Population priors of novelty (country, ASN, prefix, user agent, endpoint) and of
+    /// several networks at once.
+    pub novelty: Option<[BetaPrior; 6]>,
     /// Event time of the fit (ms), 0 before the first.
     pub fitted_at: i64,
 }

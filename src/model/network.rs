@@ -8,8 +8,8 @@
 //! thousand windows gets a lot.
 
 use super::codec::{Reader, Writer};
-use super::sketch::{Bloom, Ewma, TopK};
-use super::{feature, tail, BetaPrior, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use super::sketch::{Bloom, TopK};
+use super::{feature, BetaPrior, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::window::{fold, Counts, WindowAgg};
 
@@ -70,8 +70,17 @@ pub struct NetworkState {
     pub asns: TopK<4>,
     /// Learned windows that brought a new item, per category.
     pub novel: [u32; 4],
-    /// Distinct prefixes per window, minus one.
-    pub spread: Ewma,
+    /// Learned windows with several countries at once.
+    pub multi: u32,
+}
+
+/// Index of "several networks at once" in [`Global::novelty`](super::Global).
+pub const MULTI_INDEX: usize = 5;
+
+/// Two countries in one window. (Two providers of one country at once is ordinary for a
+/// token used from an office and a home; two countries is not.)
+fn is_multi(w: &WindowAgg) -> bool {
+    w.countries.distinct() >= 2
 }
 
 /// Network parameters.
@@ -141,15 +150,17 @@ impl Model for NetworkModel {
             );
         }
         out.features[feature::NOVELTY] += novelty;
-        let spread = w.prefixes.distinct().saturating_sub(1) as f64;
-        out.features[feature::NETWORKS] = spread as f32;
-        if ctx.windows >= 10 && spread >= 1.0 {
-            let mean = (st.spread.mean as f64).max(0.05);
-            let p = tail::count_at_least(spread, mean, st.spread.var as f64);
+        out.features[feature::NETWORKS] = w.prefixes.distinct().saturating_sub(1) as f32;
+        // Two places at once: several countries in one window. How unusual that is
+        // for this token is a Beta-Bernoulli rate like novelty (travel moves a token, it
+        // does not put it in two places).
+        if is_multi(w) && (ctx.windows as f64) >= self.min_windows {
+            let prior = ctx.global.novelty.map_or(self.prior, |n| n[MULTI_INDEX]);
+            let p = prior.p_new(st.multi, ctx.windows);
             out.push(Signal::new(
                 SignalKind::ConcurrentNetworks,
-                spread + 1.0,
-                mean + 1.0,
+                w.countries.distinct() as f64,
+                p,
                 p,
             ));
         }
@@ -176,8 +187,9 @@ impl Model for NetworkModel {
                 st.novel[cat as usize] += 1;
             }
         }
-        let spread = w.prefixes.distinct().saturating_sub(1) as f64;
-        st.spread.update(spread, Ewma::alpha(500.0), ctx.windows);
+        if is_multi(w) && ctx.windows > 0 {
+            st.multi += 1;
+        }
     }
 
     fn encode(st: &NetworkState, w: &mut Writer) {
@@ -187,7 +199,7 @@ impl Model for NetworkModel {
         for n in &st.novel {
             w.u32(*n);
         }
-        st.spread.encode(w);
+        w.u32(st.multi);
     }
 
     fn decode(r: &mut Reader) -> Result<NetworkState, DecodeError> {
@@ -196,7 +208,7 @@ impl Model for NetworkModel {
             countries: TopK::decode(r)?,
             asns: TopK::decode(r)?,
             novel: [r.u32()?, r.u32()?, r.u32()?, r.u32()?],
-            spread: Ewma::decode(r)?,
+            multi: r.u32()?,
         })
     }
 }
