@@ -20,6 +20,18 @@ use crate::window::{country_name, prefix_name, Names};
 
 /// Combine signals into a risk (0..=100); fills each signal's `evidence` and sorts the
 /// signals by evidence, largest first.
+///
+/// ```
+/// use tokenwatch::config::Config;
+/// use tokenwatch::model::{Signal, SignalKind};
+///
+/// let cfg = Config::default();
+/// // Two calls needing a scope the token was never granted: a registry violation.
+/// let mut signals = vec![Signal::new(SignalKind::ScopeViolation, 2.0, 0.0, 1e-7)];
+/// let risk = tokenwatch::score::combine(&mut signals, &cfg.score, &cfg.weights);
+/// assert!(risk >= cfg.score.alert_risk);
+/// assert!(signals[0].evidence > 0.0);
+/// ```
 pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> f64 {
     let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
     for s in signals.iter_mut() {

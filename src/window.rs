@@ -36,32 +36,39 @@ pub fn status_class(s: u16) -> usize {
     }
 }
 
-/// Stable 64-bit hash of text (FNV-1a, then mixed): keys must not change between runs or
-/// versions because snapshots store them.
+/// Word-at-a-time multiply-rotate hash of bytes: fixed here (not a library's choice that
+/// may change) because snapshots store the keys it makes.
+#[inline]
+fn hash_bytes(b: &[u8], seed: u64) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = seed ^ (b.len() as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let v = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        h = (h ^ v).wrapping_mul(K).rotate_left(29);
+    }
+    let rem = chunks.remainder();
+    if !rem.is_empty() {
+        let mut buf = [0u8; 8];
+        buf[..rem.len()].copy_from_slice(rem);
+        h = (h ^ u64::from_le_bytes(buf))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    h
+}
+
+/// Stable 64-bit key of text (never 0).
 #[inline]
 pub fn text_key(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    crate::model::sketch::mix(h) | 1
+    crate::model::sketch::mix(hash_bytes(s.as_bytes(), 0x5EED)) | 1
 }
 
 /// Key of an endpoint: method and route template together.
 #[inline]
 pub fn endpoint_key(method: &str, endpoint: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in method
-        .as_bytes()
-        .iter()
-        .chain(b" ")
-        .chain(endpoint.as_bytes())
-    {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    crate::model::sketch::mix(h) | 1
+    let m = hash_bytes(method.as_bytes(), 0xE4D);
+    crate::model::sketch::mix(hash_bytes(endpoint.as_bytes(), m)) | 1
 }
 
 /// Key of a country code (`DE` -> 0x4445).

@@ -8,7 +8,7 @@
 //! thousand windows gets a lot.
 
 use super::codec::{Reader, Writer};
-use super::sketch::{Bloom, TopK};
+use super::sketch::{Bloom, Slot, TopK};
 use super::{feature, BetaPrior, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::window::{fold, Counts, WindowAgg};
@@ -62,8 +62,13 @@ impl Category {
 /// Per-token network state.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct NetworkState {
-    /// Every item ever learned (all categories, salted).
+    /// Every item trusted (all categories, salted).
     pub known: Bloom<16>,
+    /// Items on probation: seen in learned windows of one day only (key = folded salted
+    /// item, `last_day` = the day first seen). An item becomes trusted when it is seen again
+    /// on a later day; until then every window with it still shows it as new, so one
+    /// moderately odd window cannot teach the token a new place.
+    pub pending: [Slot; PENDING],
     /// Most used countries.
     pub countries: TopK<4>,
     /// Most used ASNs.
@@ -81,6 +86,50 @@ pub const MULTI_INDEX: usize = 5;
 /// token used from an office and a home; two countries is not.)
 fn is_multi(w: &WindowAgg) -> bool {
     w.countries.distinct() >= 2
+}
+
+/// Items a token can hold on probation at once.
+pub const PENDING: usize = 4;
+
+impl NetworkState {
+    /// Note a not-yet-trusted item seen in a learned window of `day`.
+    fn probation(&mut self, salted: u64, day: u16) -> Sighting {
+        let key = fold(salted);
+        if let Some(i) = self.pending.iter().position(|p| p.key == key) {
+            if self.pending[i].last_day != day {
+                self.pending[i] = Slot::default();
+                return Sighting::Trusted;
+            }
+            self.pending[i].count = self.pending[i].count.saturating_add(1);
+            return Sighting::Again;
+        }
+        // A free slot, else the oldest.
+        let i = self
+            .pending
+            .iter()
+            .position(|p| p.key == 0)
+            .unwrap_or_else(|| {
+                (0..PENDING)
+                    .min_by_key(|&i| self.pending[i].last_day)
+                    .unwrap_or(0)
+            });
+        self.pending[i] = Slot {
+            key,
+            count: 1,
+            last_day: day,
+        };
+        Sighting::First
+    }
+}
+
+/// What a sighting of a not-yet-trusted item means.
+enum Sighting {
+    /// Never seen before (counts as a novel window).
+    First,
+    /// On probation since earlier today.
+    Again,
+    /// On probation since an earlier day: now trusted.
+    Trusted,
 }
 
 /// Network parameters.
@@ -168,14 +217,23 @@ impl Model for NetworkModel {
 
     fn learn(&self, st: &mut NetworkState, w: &WindowAgg, ctx: &Ctx) {
         let day = ctx.day();
+        let young = ctx.start - ctx.first_seen < ctx.cfg.score.learn_all_for.ms;
         for cat in Category::ALL {
             let counts = cat.counts(w);
             let mut new = false;
             for &(k, c) in &counts.items {
                 let s = cat.salted(k);
                 if !st.known.contains(s) {
-                    new = true;
-                    st.known.insert(s);
+                    if young {
+                        new = true;
+                        st.known.insert(s);
+                    } else {
+                        match st.probation(s, day) {
+                            Sighting::First => new = true,
+                            Sighting::Again => {}
+                            Sighting::Trusted => st.known.insert(s),
+                        }
+                    }
                 }
                 match cat {
                     Category::Country => st.countries.add(fold(k), c, day),
@@ -194,6 +252,11 @@ impl Model for NetworkModel {
 
     fn encode(st: &NetworkState, w: &mut Writer) {
         st.known.encode(w);
+        for p in &st.pending {
+            w.u32(p.key);
+            w.u16(p.count);
+            w.u16(p.last_day);
+        }
         st.countries.encode(w);
         st.asns.encode(w);
         for n in &st.novel {
@@ -205,6 +268,17 @@ impl Model for NetworkModel {
     fn decode(r: &mut Reader) -> Result<NetworkState, DecodeError> {
         Ok(NetworkState {
             known: Bloom::decode(r)?,
+            pending: {
+                let mut p = [Slot::default(); PENDING];
+                for s in p.iter_mut() {
+                    *s = Slot {
+                        key: r.u32()?,
+                        count: r.u16()?,
+                        last_day: r.u16()?,
+                    };
+                }
+                p
+            },
             countries: TopK::decode(r)?,
             asns: TopK::decode(r)?,
             novel: [r.u32()?, r.u32()?, r.u32()?, r.u32()?],
