@@ -84,6 +84,19 @@ fn human_bytes(b: f64) -> String {
     }
 }
 
+/// A probability as a share people read: "1 in 2,400".
+fn share(p: f64) -> String {
+    if p.is_nan() || p <= 0.0 {
+        return "none".into();
+    }
+    let n = (1.0 / p).round();
+    if n <= 1.0 {
+        "all".into()
+    } else {
+        format!("1 in {n:.0}")
+    }
+}
+
 fn name_or(names: &Names, key: u64, what: &str) -> String {
     names
         .get(key)
@@ -141,9 +154,9 @@ pub fn explain(
             name_or(names, s.item, "agent")
         ),
         ConcurrentNetworks => format!(
-            "called from {:.0} countries at once; this token shows that in {:.2}% of its windows",
+            "called from {:.0} countries at once; expected in {} of this token's windows",
             s.observed,
-            100.0 * s.expected
+            share(s.expected)
         ),
         NewEndpoint => {
             let u = usual(&|k| names.get_folded(k).unwrap_or("?").to_string());

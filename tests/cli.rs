@@ -153,29 +153,26 @@ fn json_lines_with_a_broken_line_keep_the_others() {
     assert!(out.contains("row 4, column `status`"), "{out}");
 }
 
+/// Replay a file with this content; it must fail, and its stderr is returned.
+fn replay_fails(dir: &Path, name: &str, content: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    let o = bin()
+        .arg("replay")
+        .arg("--events")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{name} was accepted");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[test]
 fn unknown_extension_and_missing_column_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("e.txt");
-    std::fs::write(&p, "x").unwrap();
-    let o = bin()
-        .arg("replay")
-        .arg("--events")
-        .arg(&p)
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown file type"));
-    let p = dir.path().join("e.csv");
-    std::fs::write(&p, "ts,token_id\n1,t\n").unwrap();
-    let o = bin()
-        .arg("replay")
-        .arg("--events")
-        .arg(&p)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    let err = replay_fails(dir.path(), "e.txt", "x");
+    assert!(err.contains("unknown file type"), "{err}");
+    let err = replay_fails(dir.path(), "e.csv", "ts,token_id\n1,t\n");
     assert!(err.contains("required column `method` is missing"), "{err}");
 }
 
