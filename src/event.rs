@@ -112,9 +112,20 @@ pub fn parse_ts(s: &str) -> Result<i64, String> {
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    chrono::DateTime::parse_from_rfc3339(s)
-        .map(|t| t.timestamp_millis())
-        .map_err(|e| format!("{s:?} is neither RFC 3339 nor epoch milliseconds ({e})"))
+    match chrono::DateTime::parse_from_rfc3339(s) {
+        Ok(t) => Ok(t.timestamp_millis()),
+        Err(e) => {
+            // Tolerated beyond the contract: a date-time without offset is taken as UTC.
+            for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+                if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
+                    return Ok(t.and_utc().timestamp_millis());
+                }
+            }
+            Err(format!(
+                "{s:?} is neither RFC 3339 nor epoch milliseconds ({e})"
+            ))
+        }
+    }
 }
 
 /// Day of the week and hour, 0..168, Monday 00h = 0, in UTC.
@@ -134,6 +145,10 @@ mod tests {
         assert_eq!(fmt_ts(ms), "2026-03-01T09:15:02.123Z");
         assert_eq!(parse_ts("1772356502123").unwrap(), 1_772_356_502_123);
         assert!(parse_ts("yesterday").is_err());
+        assert_eq!(
+            parse_ts("2026-03-01 09:15:02.123").unwrap(),
+            parse_ts("2026-03-01T09:15:02.123Z").unwrap()
+        );
         assert_eq!(parse_ts("2026-03-01T10:15:02+01:00").unwrap() % 1000, 0);
     }
 

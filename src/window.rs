@@ -230,12 +230,28 @@ pub struct Names {
 }
 
 impl Names {
-    /// Remember `name` for `key` unless known.
+    /// Most names kept per shard: a flood of distinct user agents or routes must not grow
+    /// memory without bound. Past it, reasons show keys instead of names.
+    pub const MAX: usize = 200_000;
+
+    /// Remember `name` for `key` unless known (or the table is full).
     #[inline]
     pub fn note(&mut self, key: u64, name: impl FnOnce() -> String) {
-        self.map
-            .entry(key)
-            .or_insert_with(|| name().into_boxed_str());
+        if self.map.len() >= Self::MAX {
+            return;
+        }
+        self.map.entry(key).or_insert_with(|| {
+            let mut s = name();
+            if s.len() > 256 {
+                // Keep reasons readable and bounded: cut at a character boundary.
+                let mut cut = 256;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                s.truncate(cut);
+            }
+            s.into_boxed_str()
+        });
     }
 
     /// Name of `key`, if noted.

@@ -118,11 +118,20 @@ fn as_u64(c: Cell<'_>) -> Result<Option<u64>, String> {
     match c {
         Cell::Null => Ok(None),
         Cell::Str(s) if s.trim().is_empty() => Ok(None),
-        Cell::Str(s) => s
-            .trim()
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| format!("{s:?} is not an unsigned integer")),
+        Cell::Str(s) => {
+            let t = s.trim();
+            t.parse::<u64>()
+                .ok()
+                .or_else(|| {
+                    // "200.0" from tools that write every number as a float.
+                    t.parse::<f64>()
+                        .ok()
+                        .filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 1.8e19)
+                        .map(|f| f as u64)
+                })
+                .map(Some)
+                .ok_or_else(|| format!("{s:?} is not an unsigned integer"))
+        }
         Cell::UInt(v) => Ok(Some(v)),
         Cell::Int(v) if v >= 0 => Ok(Some(v as u64)),
         Cell::Int(v) => Err(format!("{v} is negative")),
