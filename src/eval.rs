@@ -67,6 +67,9 @@ pub struct Options {
     pub incident_gap_ms: i64,
     /// How many of the riskiest tokens to keep.
     pub top: usize,
+    /// Compute metrics (eval); false for a plain replay, where every window is scored
+    /// alike and the file's labels, if any, are ignored.
+    pub measure: bool,
 }
 
 impl Options {
@@ -83,6 +86,7 @@ impl Options {
             alert_gap_ms: 30 * 60_000,
             incident_gap_ms: 24 * 3_600_000,
             top: 10,
+            measure: true,
         }
     }
 }
@@ -252,7 +256,11 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         }
     };
     let window_ms = cfg.window.size.ms;
-    let split_at = crate::window::window_start(split_at, window_ms);
+    let split_at = match split_at {
+        i64::MIN | i64::MAX => split_at,
+        t => crate::window::window_start(t, window_ms),
+    };
+    let measure = opts.measure;
     let mut engine = Engine::new(cfg, registry);
     let mut reader = EventReader::open(&opts.events, opts.on_bad_row)?;
     let mut writer = match &opts.scores_out {
@@ -286,7 +294,12 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
             for s in scores {
                 let eval = s.start >= split_at;
                 if let Some(w) = writer.as_mut() {
-                    w.write(&s, eval)?;
+                    let phase = match (measure, eval) {
+                        (false, _) => "replay",
+                        (true, true) => "eval",
+                        (true, false) => "train",
+                    };
+                    w.write(&s, phase)?;
                 }
                 if !eval {
                     continue;
@@ -369,12 +382,14 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         w.finish()?;
     }
     let stats = engine.stats();
-    let metrics = if any_label {
+    let metrics = if any_label && measure {
         let incidents = match &opts.incidents {
             Some(p) => Some(read_incidents(p, &tokens, &mut kinds)?),
             None => None,
         };
-        Some(measure(&recs, &kinds, incidents, split_at, window_ms, opts))
+        Some(compute_metrics(
+            &recs, &kinds, incidents, split_at, window_ms, opts,
+        ))
     } else {
         None
     };
@@ -467,7 +482,7 @@ fn median(v: &mut [f64]) -> Option<f64> {
     })
 }
 
-fn measure(
+fn compute_metrics(
     recs: &[Rec],
     kinds: &[String],
     incidents: Option<Vec<Incident>>,
@@ -682,7 +697,15 @@ impl Report {
             let _ = writeln!(s, "{}", self.bad_row_summary);
         }
         if !self.riskiest.is_empty() {
-            let _ = writeln!(s, "\nriskiest tokens (evaluation period):");
+            let _ = writeln!(
+                s,
+                "\nriskiest tokens{}:",
+                if self.metrics.is_some() {
+                    " (evaluation period)"
+                } else {
+                    ""
+                }
+            );
             for w in &self.riskiest {
                 let _ = writeln!(
                     s,

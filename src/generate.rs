@@ -442,7 +442,7 @@ impl Gen {
             let ci = r.gen_range(0..COUNTRIES.len());
             let c = &COUNTRIES[ci];
             let mut tz = c.tz;
-            let (asns, mut country) = match arch {
+            let (asns, _region) = match arch {
                 Arch::Bot | Arch::Batch => {
                     let (asn, regions) = CLOUDS[r.gen_range(0..CLOUDS.len())];
                     (
@@ -466,7 +466,7 @@ impl Gen {
                     .iter()
                     .map(|&x| (x, prefix_for(x, r.gen_range(0..50))))
                     .collect();
-                self.push_token(i, id, arch, ci, tz, a, nets, &mut country, span);
+                self.push_token(i, id, arch, ci, tz, a, nets, span);
                 continue;
             }
             let nprefix = match arch {
@@ -480,7 +480,7 @@ impl Gen {
             if arch == Arch::Bot || arch == Arch::Batch {
                 tz = 0;
             }
-            self.push_token(i, id, arch, ci, tz, asns, nets, &mut country, span);
+            self.push_token(i, id, arch, ci, tz, asns, nets, span);
         }
     }
 
@@ -494,7 +494,6 @@ impl Gen {
         tz: i64,
         asns: Vec<u32>,
         nets: Vec<(u32, u32)>,
-        country: &mut String,
         span: i64,
     ) {
         let r = &mut self.rng;
@@ -612,7 +611,6 @@ impl Gen {
             owner,
             admin_user,
         });
-        let _ = country;
     }
 
     fn pick_ep(&mut self, t: usize) -> usize {
@@ -1242,7 +1240,18 @@ fn cloud_country(asn: u32, token: &str) -> &'static str {
         .find(|c| c.0 == asn)
         .map(|c| c.1)
         .unwrap_or(&["US"]);
-    regions[(crate::window::text_key(token) % regions.len() as u64) as usize]
+    regions[(stable_hash(token) % regions.len() as u64) as usize]
+}
+
+/// The generator's own stable string hash (FNV-1a, mixed), so generated data stays the same
+/// for a seed whatever the engine does with its keys.
+fn stable_hash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    crate::model::sketch::mix(h) | 1
 }
 
 /// Generate and write `events.*`, `tokens.csv` and `incidents.csv` into `opts.out`.

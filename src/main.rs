@@ -121,8 +121,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Replay { replay } => {
             let (cfg, registry) = load(&replay)?;
-            let mut o = replay_options(&replay, Split::Until(i64::MAX));
-            o.top = 10;
+            // Every window is scored alike; labels, if the file has any, are ignored.
+            let mut o = replay_options(&replay, Split::Until(i64::MIN));
+            o.measure = false;
             let report = eval::run(cfg.clone(), registry, &o)?;
             print!("{}", report.render(&cfg));
         }

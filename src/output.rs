@@ -52,7 +52,7 @@ pub struct ScoresWriter {
     path: PathBuf,
     sink: Sink,
     schema: SchemaRef,
-    pending: Vec<(WindowScore, bool)>,
+    pending: Vec<(WindowScore, &'static str)>,
     rows: u64,
 }
 
@@ -121,9 +121,9 @@ impl ScoresWriter {
         })
     }
 
-    /// Queue one score; `eval_phase` marks windows after the training split.
-    pub fn write(&mut self, s: &WindowScore, eval_phase: bool) -> Result<(), Error> {
-        self.pending.push((s.clone(), eval_phase));
+    /// Queue one score; `phase` is `train`, `eval` (after the training split) or `replay`.
+    pub fn write(&mut self, s: &WindowScore, phase: &'static str) -> Result<(), Error> {
+        self.pending.push((s.clone(), phase));
         if self.pending.len() >= CHUNK {
             self.flush()?;
         }
@@ -151,7 +151,7 @@ impl ScoresWriter {
             .iter()
             .map(|_| Float32Builder::with_capacity(n))
             .collect();
-        for (s, ev) in &self.pending {
+        for (s, ph) in &self.pending {
             token.append_value(&s.token);
             if parquet {
                 start_t.append_value(s.start);
@@ -165,7 +165,7 @@ impl ScoresWriter {
             learned.append_value(s.learned as u8);
             label.append_value((s.labelled > 0) as u8);
             kind.append_option(s.kind.as_deref());
-            phase.append_value(if *ev { "eval" } else { "train" });
+            phase.append_value(ph);
             let mut vals = [0f32; SignalKind::ALL.len()];
             for c in &s.contributions {
                 vals[c.signal.index()] = c.evidence as f32;

@@ -79,7 +79,7 @@ fn results_do_not_depend_on_shards() {
     let mut outs = Vec::new();
     for shards in ["1", "2", "3"] {
         let scores = dir.path().join(format!("s{shards}.csv"));
-        run_ok(
+        let text = run_ok(
             bin()
                 .arg("replay")
                 .arg("--events")
@@ -89,7 +89,13 @@ fn results_do_not_depend_on_shards() {
                 .args(["--shards", shards, "--scores-out"])
                 .arg(&scores),
         );
-        outs.push(std::fs::read_to_string(&scores).unwrap());
+        assert!(text.contains("riskiest tokens:"), "{text}");
+        let scored = std::fs::read_to_string(&scores).unwrap();
+        assert!(
+            scored.contains(",replay,"),
+            "replay windows are marked as such"
+        );
+        outs.push(scored);
     }
     assert!(outs[0].lines().count() > 1000);
     assert_eq!(outs[0], outs[1], "1 vs 2 shards differ");
