@@ -11,7 +11,8 @@ pub const MAX_DISTINCT: usize = 64;
 /// Start of the window holding `ts`.
 #[inline]
 pub fn window_start(ts: i64, size_ms: i64) -> i64 {
-    ts - ts.rem_euclid(size_ms)
+    // Never overflows, whatever the timestamp (the engine may be handed unvalidated data).
+    ts.div_euclid(size_ms).saturating_mul(size_ms)
 }
 
 /// Status classes counted separately.
@@ -287,6 +288,8 @@ mod tests {
     fn windows_align_to_epoch() {
         assert_eq!(window_start(125_000, 60_000), 120_000);
         assert_eq!(window_start(-1, 60_000), -60_000);
+        assert_eq!(window_start(i64::MIN, 60_000), i64::MIN);
+        assert_eq!(window_start(i64::MAX, 60_000) % 60_000, 0);
     }
 
     #[test]

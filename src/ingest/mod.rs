@@ -125,8 +125,7 @@ impl EventReader {
         })
     }
 
-    /// Like [`EventReader::open`], reading only the `ts` column where the format allows it
-    /// (a cheap first pass to find the time span).
+    /// Rows kept and dropped so far, with the first errors.
     pub fn report(&self) -> &ReadReport {
         &self.report
     }

@@ -8,7 +8,7 @@ use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Float32Array, StringArray, StringBuilder,
     TimestampMillisecondArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array,
 };
-use arrow::compute::{cast_with_options, filter_record_batch, CastOptions};
+use arrow::compute::{cast_with_options, CastOptions};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit, UInt64Type};
 use arrow::record_batch::RecordBatch;
 
@@ -436,11 +436,6 @@ fn filter(a: &ArrayRef, mask: &BooleanArray, kept: usize) -> Result<ArrayRef, Er
         path: Default::default(),
         reason: e.to_string(),
     })
-}
-
-/// Drop rows by a mask (helper for callers holding canonical batches).
-pub fn filter_batch(b: &RecordBatch, mask: &BooleanArray) -> RecordBatch {
-    filter_record_batch(b, mask).unwrap_or_else(|_| RecordBatch::new_empty(b.schema()))
 }
 
 #[cfg(test)]
