@@ -293,50 +293,50 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         |scores: Vec<WindowScore>, writer: &mut Option<ScoresWriter>| -> Result<(), Error> {
             for s in scores {
                 let eval = s.start >= split_at;
-                if let Some(w) = writer.as_mut() {
-                    let phase = match (measure, eval) {
-                        (false, _) => "replay",
-                        (true, true) => "eval",
-                        (true, false) => "train",
-                    };
-                    w.write(&s, phase)?;
-                }
-                if !eval {
-                    continue;
-                }
-                if s.labelled > 0 {
-                    any_label = true;
-                }
-                let t = match tokens.get(&s.token) {
-                    Some(&t) => t,
-                    None => {
-                        let t = token_names.len() as u32;
-                        tokens.insert(s.token.clone(), t);
-                        token_names.push(s.token.clone());
-                        t
+                let phase = match (measure, eval) {
+                    (false, _) => "replay",
+                    (true, true) => "eval",
+                    (true, false) => "train",
+                };
+                if eval {
+                    if s.labelled > 0 {
+                        any_label = true;
                     }
-                };
-                let kind = match &s.kind {
-                    None => 0,
-                    Some(k) => match kinds.iter().position(|x| x == k) {
-                        Some(i) => i as u16,
+                    let t = match tokens.get(&s.token) {
+                        Some(&t) => t,
                         None => {
-                            kinds.push(k.clone());
-                            (kinds.len() - 1) as u16
+                            let t = token_names.len() as u32;
+                            tokens.insert(s.token.clone(), t);
+                            token_names.push(s.token.clone());
+                            t
                         }
-                    },
-                };
-                recs.push(Rec {
-                    token: t,
-                    start: s.start,
-                    risk: s.risk,
-                    alert: s.alert,
-                    positive: s.labelled > 0,
-                    kind,
-                });
-                let better = riskiest.get(&s.token).is_none_or(|b| s.risk > b.risk);
-                if better && s.risk > 0.0 {
-                    riskiest.insert(s.token.clone(), s);
+                    };
+                    let kind = match &s.kind {
+                        None => 0,
+                        Some(k) => match kinds.iter().position(|x| x == k) {
+                            Some(i) => i as u16,
+                            None => {
+                                kinds.push(k.clone());
+                                (kinds.len() - 1) as u16
+                            }
+                        },
+                    };
+                    recs.push(Rec {
+                        token: t,
+                        start: s.start,
+                        risk: s.risk,
+                        alert: s.alert,
+                        positive: s.labelled > 0,
+                        kind,
+                    });
+                    // A copy only when a token's peak rises (a few times per token).
+                    let better = riskiest.get(&s.token).is_none_or(|b| s.risk > b.risk);
+                    if better && s.risk > 0.0 {
+                        riskiest.insert(s.token.clone(), s.clone());
+                    }
+                }
+                if let Some(w) = writer.as_mut() {
+                    w.write(s, phase)?;
                 }
             }
             Ok(())

@@ -122,8 +122,8 @@ impl ScoresWriter {
     }
 
     /// Queue one score; `phase` is `train`, `eval` (after the training split) or `replay`.
-    pub fn write(&mut self, s: &WindowScore, phase: &'static str) -> Result<(), Error> {
-        self.pending.push((s.clone(), phase));
+    pub fn write(&mut self, s: WindowScore, phase: &'static str) -> Result<(), Error> {
+        self.pending.push((s, phase));
         if self.pending.len() >= CHUNK {
             self.flush()?;
         }
