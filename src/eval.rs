@@ -283,7 +283,6 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         indicatif::ProgressBar::hidden()
     };
     let mut tokens: FxHashMap<Arc<str>, u32> = FxHashMap::default();
-    let mut token_names: Vec<Arc<str>> = Vec::new();
     let mut kinds: Vec<String> = vec![String::new()];
     let mut recs: Vec<Rec> = Vec::new();
     let mut any_label = false;
@@ -305,9 +304,8 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
                     let t = match tokens.get(&s.token) {
                         Some(&t) => t,
                         None => {
-                            let t = token_names.len() as u32;
+                            let t = tokens.len() as u32;
                             tokens.insert(s.token.clone(), t);
-                            token_names.push(s.token.clone());
                             t
                         }
                     };
