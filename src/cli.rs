@@ -65,6 +65,35 @@ pub enum Command {
         #[command(flatten)]
         replay: ReplayArgs,
     },
+    /// Run the gRPC service (proto/tokenwatch/v1/tokenwatch.proto).
+    Serve(ServeArgs),
+    /// Stream generated events into a running server and measure it.
+    Loadgen {
+        /// Server address (host:port or http://host:port).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        target: String,
+        /// Events to send in all.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Events per IngestRequest.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// Parallel Ingest streams.
+        #[arg(long, default_value_t = 2)]
+        streams: usize,
+        /// Distinct tokens.
+        #[arg(long, default_value_t = 1_000)]
+        tokens: usize,
+        /// Bearer key (needs the ingest and read roles, or admin).
+        #[arg(long, env = "TOKENWATCH_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// GetTokenRisk calls per second during the load (0 = none).
+        #[arg(long, default_value_t = 1_000)]
+        risk_rate: u32,
+        /// Random seed of the generated traffic.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// Train and score the bundled sample in data/, print the riskiest tokens and the
     /// evaluation summary.
     Demo {
@@ -75,6 +104,50 @@ pub enum Command {
         #[arg(long)]
         scores_out: Option<PathBuf>,
     },
+}
+
+/// Log line format of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Directory of the server's durable state (created if missing).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Token registry file (scopes, environments, validity).
+    #[arg(long)]
+    pub tokens: Option<PathBuf>,
+    /// Model parameters and server limits overriding models/default.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// API keys: one `ROLE KEY` per line, roles ingest, read, admin; `#` comments.
+    #[arg(long, env = "TOKENWATCH_KEYS_FILE")]
+    pub keys: Option<PathBuf>,
+    /// Serve without authentication (anyone may do anything). For local experiments only.
+    #[arg(long, conflicts_with = "keys")]
+    pub insecure_no_auth: bool,
+    /// TLS certificate chain (PEM); with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Log line format (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// On shutdown, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "30s")]
+    pub shutdown_grace: Duration,
 }
 
 /// Flags shared by `eval` and `replay`.

@@ -65,6 +65,29 @@ pub struct Config {
     pub isolation: IsolationConfig,
     /// Registry checks.
     pub registry: RegistryConfig,
+    /// The gRPC service's limits.
+    pub server: ServerConfig,
+}
+
+/// `[server]`: limits and clocks of `tokenwatch serve`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServerConfig {
+    /// An event stamped more than this ahead of the wall clock is rejected.
+    pub max_future_skew: Duration,
+    /// With no event arriving for this long (processing time), event time is taken to go
+    /// on with the wall clock so that the open windows of idle tokens close.
+    pub idle_close: Duration,
+    /// Batches queued towards the engine before ingest streams wait (backpressure).
+    pub queue_batches: usize,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Ingest streams open at once; more get RESOURCE_EXHAUSTED.
+    pub max_ingest_streams: usize,
+    /// Alerts buffered per WatchAlerts subscriber before it is told it lagged.
+    pub alert_buffer: usize,
+    /// Event errors listed in one IngestResponse (the rest are only counted).
+    pub max_listed_errors: usize,
 }
 
 /// `[window]`
@@ -417,6 +440,24 @@ impl Config {
         }
         if self.peers.groups == 0 {
             return bad("peers.groups", "must be at least 1");
+        }
+        if self.server.queue_batches == 0 || self.server.alert_buffer == 0 {
+            return bad(
+                "server",
+                "queue-batches and alert-buffer must be at least 1",
+            );
+        }
+        if self.server.max_ingest_streams == 0 || self.server.max_message_bytes < 1024 {
+            return bad(
+                "server",
+                "max-ingest-streams must be at least 1 and max-message-bytes at least 1024",
+            );
+        }
+        if self.server.max_future_skew.ms < 0 || self.server.idle_close.ms <= 0 {
+            return bad(
+                "server",
+                "max-future-skew must not be negative and idle-close must be positive",
+            );
         }
         if self.engine.refit_every.ms <= 0 {
             return bad("engine.refit-every", "must be positive");

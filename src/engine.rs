@@ -529,6 +529,24 @@ impl Engine {
         Ok(self.advance(wm))
     }
 
+    /// Newest event time seen, if any event was applied.
+    pub fn newest(&self) -> Option<i64> {
+        (self.max_ts != i64::MIN).then_some(self.max_ts)
+    }
+
+    /// Event time goes on without events: take `now` as the newest event time and close
+    /// what the watermark passes. The server calls this when no event has arrived for a
+    /// while, so that the last window of a token whose traffic stopped is still scored.
+    /// Does nothing before the first event or when `now` is not ahead of the newest event.
+    pub fn advance_to(&mut self, now: i64) -> Vec<WindowScore> {
+        if self.max_ts == i64::MIN || now <= self.max_ts {
+            return Vec::new();
+        }
+        self.max_ts = now;
+        let wm = now.saturating_sub(self.cfg.window.lateness.ms);
+        self.advance(wm)
+    }
+
     /// Close every open window (end of input).
     pub fn finish(&mut self) -> Vec<WindowScore> {
         self.advance(i64::MAX)

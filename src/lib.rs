@@ -15,6 +15,8 @@
 //! - [`eval`]: labelled replay and detection metrics; [`replay`] without labels.
 //! - [`generate`]: synthetic labelled traffic with token archetypes and incidents.
 //! - [`output`]: window-score files.
+//! - [`server`]: the gRPC service (`tokenwatch serve`) over the same engine.
+//! - [`loadgen`]: a gRPC load generator measuring ingest rate and read latency.
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -24,9 +26,11 @@ pub mod eval;
 pub mod event;
 pub mod generate;
 pub mod ingest;
+pub mod loadgen;
 pub mod model;
 pub mod output;
 pub mod score;
+pub mod server;
 pub mod window;
 
 pub use config::Config;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use tokenwatch::cli::{Cli, Command, ReplayArgs};
+use tokenwatch::cli::{Cli, Command, LogFormat, ReplayArgs, ServeArgs};
 use tokenwatch::config::Config;
 use tokenwatch::eval::{self, Split};
 use tokenwatch::generate;
@@ -127,6 +127,31 @@ fn run(cli: Cli) -> Result<()> {
             let report = eval::run(cfg.clone(), registry, &o)?;
             print!("{}", report.render(&cfg));
         }
+        Command::Serve(args) => serve(args)?,
+        Command::Loadgen {
+            target,
+            events,
+            batch,
+            streams,
+            tokens,
+            key,
+            risk_rate,
+            seed,
+        } => {
+            let o = tokenwatch::loadgen::Options {
+                target,
+                events,
+                batch,
+                streams,
+                tokens,
+                key,
+                risk_rate,
+                seed,
+            };
+            let rt = runtime()?;
+            let report = rt.block_on(tokenwatch::loadgen::run(&o))?;
+            print!("{}", report.render());
+        }
         Command::Demo { data, scores_out } => {
             let dir = find_data(&data)?;
             let cfg = Config::load(None)?;
@@ -158,4 +183,83 @@ fn find_data(dir: &Path) -> Result<PathBuf> {
         "{}: no events.parquet here (run from the project root, or pass --data DIR)",
         dir.display()
     )
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // A second initialisation (never in the binary) is harmless: keep the first.
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use tokenwatch::server;
+    init_logs(args.log_format);
+    let cfg = Config::load(args.config.as_deref())?;
+    let registry = load_registry(args.tokens.as_deref(), BadRowPolicy::Skip)?;
+    let keys = match (&args.keys, args.insecure_no_auth) {
+        (Some(p), _) => Some(server::auth::Keys::load(p)?),
+        (None, true) => {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF (--insecure-no-auth): anyone who reaches this port may \
+                 ingest, read every token's risk and retrain. Never do this outside a lab."
+            );
+            None
+        }
+        (None, false) => bail!(
+            "no API keys: pass --keys FILE (or TOKENWATCH_KEYS_FILE), lines `ROLE KEY` with \
+             roles ingest, read, admin; or --insecure-no-auth to serve without authentication"
+        ),
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((
+            std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+            std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+        )),
+        _ => None,
+    };
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            %addr,
+            auth = if keys.is_some() { "bearer keys" } else { "OFF" },
+            tls = tls.is_some(),
+            "tokenwatch serving"
+        );
+        // The one line scripts and tests wait for.
+        println!("listening on {addr}");
+        let opts = server::Options {
+            config: cfg,
+            registry,
+            keys,
+            tls,
+            shutdown_grace: std::time::Duration::from_millis(args.shutdown_grace.ms.max(0) as u64),
+        };
+        let summary = server::run(listener, opts, server::shutdown_signal()).await?;
+        println!(
+            "stopped: {} events, {} windows scored, {} alerts",
+            summary.stats.events, summary.windows, summary.alerts
+        );
+        Ok(())
+    })
 }

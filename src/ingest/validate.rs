@@ -176,6 +176,99 @@ struct Row {
     asn: Option<u32>,
 }
 
+/// Field checks shared by every door (files here, gRPC in `server::convert`), so that a
+/// value is accepted or rejected alike whatever way it came in.
+pub mod field {
+    use super::*;
+
+    /// Event time in epoch ms: years 1970..=9999 keep every later time computation far
+    /// from overflow.
+    pub fn ts(ts: i64) -> Result<i64, String> {
+        if (0..=253_402_300_799_999).contains(&ts) {
+            Ok(ts)
+        } else {
+            Err(format!("{ts} is outside 1970..=9999"))
+        }
+    }
+
+    /// A token id: 1..=256 bytes.
+    pub fn token_id(token: &str) -> Result<(), String> {
+        if token.is_empty() {
+            return Err("token_id is empty".into());
+        }
+        if token.len() > MAX_TOKEN_ID_BYTES {
+            return Err(format!(
+                "token_id is {} bytes, more than {MAX_TOKEN_ID_BYTES}",
+                token.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// An HTTP method, upper-cased into a fixed buffer (no allocation).
+    pub fn method(m: &str) -> Result<([u8; 16], usize), String> {
+        if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(format!("{m:?} is not an HTTP method"));
+        }
+        let mut method = [0u8; 16];
+        for (d, s) in method.iter_mut().zip(m.bytes()) {
+            *d = s.to_ascii_uppercase();
+        }
+        Ok((method, m.len()))
+    }
+
+    /// A route template.
+    pub fn endpoint(ep: &str) -> Result<(), String> {
+        if ep.is_empty() {
+            Err("endpoint is empty".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// An HTTP status, 100..=599.
+    pub fn status(s: u64) -> Result<u16, String> {
+        if (100..=599).contains(&s) {
+            Ok(s as u16)
+        } else {
+            Err(format!("{s} is not an HTTP status (100..=599)"))
+        }
+    }
+
+    /// A latency in ms: finite and not negative.
+    pub fn latency(l: f64) -> Result<f32, String> {
+        if l >= 0.0 && l.is_finite() {
+            Ok(l as f32)
+        } else {
+            Err(format!("{l} is not a latency (finite, >= 0)"))
+        }
+    }
+
+    /// An IPv4 or IPv6 address in text.
+    pub fn src_ip(ip: &str) -> Result<IpAddr, String> {
+        ip.trim()
+            .parse::<IpAddr>()
+            .map_err(|_| format!("{ip:?} is not an IPv4 or IPv6 address"))
+    }
+
+    /// An ISO 3166-1 alpha-2 code, upper-cased; empty text is "unknown".
+    pub fn country(s: &str) -> Result<Option<[u8; 2]>, String> {
+        let b = s.trim().as_bytes();
+        if b.is_empty() {
+            return Ok(None);
+        }
+        if b.len() != 2 || !b.iter().all(|c| c.is_ascii_alphabetic()) {
+            return Err(format!("{s:?} is not an ISO 3166-1 alpha-2 code"));
+        }
+        Ok(Some([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
+    }
+
+    /// An autonomous system number (32 bits).
+    pub fn asn(a: u64) -> Result<u32, String> {
+        u32::try_from(a).map_err(|_| format!("{a} is larger than a 32-bit ASN"))
+    }
+}
+
 fn check_row(cols: &[ColView], i: usize) -> Result<Row, (usize, String)> {
     let ts = match cols[col::TS].get(i) {
         Cell::Null => return Err((col::TS, "timestamp is missing".into())),
@@ -185,43 +278,15 @@ fn check_row(cols: &[ColView], i: usize) -> Result<Row, (usize, String)> {
         Cell::Float(f) => return Err((col::TS, format!("{f} is not epoch milliseconds"))),
         Cell::Str(s) => crate::event::parse_ts(s).map_err(|e| (col::TS, e))?,
     };
-    // Years 1970..=9999 keep every later time computation far from overflow.
-    if !(0..=253_402_300_799_999).contains(&ts) {
-        return Err((col::TS, format!("{ts} is outside 1970..=9999")));
-    }
+    let ts = field::ts(ts).map_err(|e| (col::TS, e))?;
     let token = str_of(cols[col::TOKEN_ID].get(i), "token_id").map_err(|e| (col::TOKEN_ID, e))?;
-    if token.is_empty() {
-        return Err((col::TOKEN_ID, "token_id is empty".into()));
-    }
-    if token.len() > MAX_TOKEN_ID_BYTES {
-        return Err((
-            col::TOKEN_ID,
-            format!(
-                "token_id is {} bytes, more than {MAX_TOKEN_ID_BYTES}",
-                token.len()
-            ),
-        ));
-    }
+    field::token_id(token).map_err(|e| (col::TOKEN_ID, e))?;
     let m = str_of(cols[col::METHOD].get(i), "method").map_err(|e| (col::METHOD, e))?;
-    if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-        return Err((col::METHOD, format!("{m:?} is not an HTTP method")));
-    }
-    let mut method = [0u8; 16];
-    for (d, s) in method.iter_mut().zip(m.bytes()) {
-        *d = s.to_ascii_uppercase();
-    }
+    let (method, method_len) = field::method(m).map_err(|e| (col::METHOD, e))?;
     let ep = str_of(cols[col::ENDPOINT].get(i), "endpoint").map_err(|e| (col::ENDPOINT, e))?;
-    if ep.is_empty() {
-        return Err((col::ENDPOINT, "endpoint is empty".into()));
-    }
+    field::endpoint(ep).map_err(|e| (col::ENDPOINT, e))?;
     let status = match as_u64(cols[col::STATUS].get(i)) {
-        Ok(Some(s)) if (100..=599).contains(&s) => s as u16,
-        Ok(Some(s)) => {
-            return Err((
-                col::STATUS,
-                format!("{s} is not an HTTP status (100..=599)"),
-            ))
-        }
+        Ok(Some(s)) => field::status(s).map_err(|e| (col::STATUS, e))?,
         Ok(None) => return Err((col::STATUS, "status is missing".into())),
         Err(e) => return Err((col::STATUS, e)),
     };
@@ -231,41 +296,20 @@ fn check_row(cols: &[ColView], i: usize) -> Result<Row, (usize, String)> {
         Err(e) => return Err((col::BYTES_OUT, e)),
     };
     let latency = match as_f64(cols[col::LATENCY_MS].get(i)) {
-        Ok(Some(l)) if !(l >= 0.0 && l.is_finite()) => {
-            return Err((
-                col::LATENCY_MS,
-                format!("{l} is not a latency (finite, >= 0)"),
-            ))
-        }
-        Ok(l) => l.map(|l| l as f32),
+        Ok(Some(l)) => Some(field::latency(l).map_err(|e| (col::LATENCY_MS, e))?),
+        Ok(None) => None,
         Err(e) => return Err((col::LATENCY_MS, e)),
     };
     let ip = str_of(cols[col::SRC_IP].get(i), "src_ip").map_err(|e| (col::SRC_IP, e))?;
-    if ip.trim().parse::<IpAddr>().is_err() {
-        return Err((
-            col::SRC_IP,
-            format!("{ip:?} is not an IPv4 or IPv6 address"),
-        ));
-    }
+    field::src_ip(ip).map_err(|e| (col::SRC_IP, e))?;
     let country = match cols[col::COUNTRY].get(i) {
         c if is_empty(c) => None,
-        Cell::Str(s) => {
-            let b = s.trim().as_bytes();
-            if b.len() != 2 || !b.iter().all(|c| c.is_ascii_alphabetic()) {
-                return Err((
-                    col::COUNTRY,
-                    format!("{s:?} is not an ISO 3166-1 alpha-2 code"),
-                ));
-            }
-            Some([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()])
-        }
+        Cell::Str(s) => field::country(s).map_err(|e| (col::COUNTRY, e))?,
         _ => return Err((col::COUNTRY, "country must be text".into())),
     };
     let asn = match as_u64(cols[col::ASN].get(i)) {
-        Ok(Some(a)) if a > u32::MAX as u64 => {
-            return Err((col::ASN, format!("{a} is larger than a 32-bit ASN")))
-        }
-        Ok(a) => a.map(|a| a as u32),
+        Ok(Some(a)) => Some(field::asn(a).map_err(|e| (col::ASN, e))?),
+        Ok(None) => None,
         Err(e) => return Err((col::ASN, e)),
     };
     for c in [col::USER_AGENT, col::SCOPE, col::ENV, col::KIND] {
@@ -282,7 +326,7 @@ fn check_row(cols: &[ColView], i: usize) -> Result<Row, (usize, String)> {
     Ok(Row {
         ts,
         method,
-        method_len: m.len(),
+        method_len,
         country,
         label,
         status,

@@ -1,0 +1,390 @@
+//! `tokenwatch loadgen`: a gRPC client that streams generated events into a running server
+//! over several streams while it calls GetTokenRisk at a steady rate, and reports accepted
+//! events per second and GetTokenRisk latency percentiles. Events are built before the
+//! clock starts, so the measurement is the server (and the wire), not the generator.
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::server::pb;
+
+/// Load to generate.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `host:port` or a full `http://` URL.
+    pub target: String,
+    /// Events in all.
+    pub events: u64,
+    /// Events per IngestRequest.
+    pub batch: usize,
+    /// Parallel Ingest streams (one connection each).
+    pub streams: usize,
+    /// Distinct tokens.
+    pub tokens: usize,
+    /// Bearer key (role ingest and read, or admin).
+    pub key: Option<String>,
+    /// GetTokenRisk calls per second while ingesting.
+    pub risk_rate: u32,
+    /// Seed of the generated traffic.
+    pub seed: u64,
+}
+
+/// What a load run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Events sent.
+    pub sent: u64,
+    /// Events the server accepted.
+    pub accepted: u64,
+    /// Events the server rejected.
+    pub rejected: u64,
+    /// Accepted events that were behind the server's watermark (not scored).
+    pub late: u64,
+    /// Wall time from the first send to the last Ingest response (all applied).
+    pub elapsed: Duration,
+    /// GetTokenRisk calls answered (OK or NOT_FOUND).
+    pub risk_calls: u64,
+    /// GetTokenRisk calls that failed otherwise.
+    pub risk_errors: u64,
+    /// GetTokenRisk latency percentiles p50, p99, p99.9, max.
+    pub latency: [Duration; 4],
+}
+
+impl Report {
+    /// Accepted and scored (not late) events per second.
+    pub fn rate(&self) -> f64 {
+        (self.accepted - self.late.min(self.accepted)) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Human-readable summary.
+    pub fn render(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        format!(
+            "sent {} events: {} accepted ({} late), {} rejected in {:.2} s = {:.0} events/s accepted and scored\n\
+             GetTokenRisk: {} calls ({} errors), latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms\n",
+            self.sent,
+            self.accepted,
+            self.late,
+            self.rejected,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            self.risk_calls,
+            self.risk_errors,
+            ms(self.latency[0]),
+            ms(self.latency[1]),
+            ms(self.latency[2]),
+            ms(self.latency[3]),
+        )
+    }
+}
+
+/// Errors of the load generator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad target address or key.
+    #[error("{0}")]
+    Invalid(String),
+    /// Could not connect.
+    #[error("connecting to {target}: {source}")]
+    Connect {
+        /// Address.
+        target: String,
+        /// Cause.
+        source: tonic::transport::Error,
+    },
+    /// An RPC failed.
+    #[error("{rpc}: {status}")]
+    Rpc {
+        /// Which call.
+        rpc: &'static str,
+        /// Status.
+        status: tonic::Status,
+    },
+}
+
+struct Profile {
+    id: String,
+    country: &'static str,
+    asn: u32,
+    net: [u8; 3],
+    agent: String,
+    endpoints: [usize; 4],
+}
+
+const COUNTRIES: [&str; 8] = ["US", "DE", "FR", "GB", "JP", "BR", "IN", "CA"];
+const ENDPOINTS: [(&str, &str); 12] = [
+    ("GET", "/v1/orders"),
+    ("GET", "/v1/orders/{id}"),
+    ("POST", "/v1/orders"),
+    ("GET", "/v1/customers/{id}"),
+    ("GET", "/v1/invoices"),
+    ("GET", "/v1/products"),
+    ("PUT", "/v1/products/{id}"),
+    ("GET", "/v1/reports/daily"),
+    ("POST", "/v1/payments"),
+    ("GET", "/v1/payments/{id}"),
+    ("DELETE", "/v1/sessions/{id}"),
+    ("GET", "/v1/health"),
+];
+
+/// Build the request pool: `streams` lists of IngestRequests, event times evenly spread
+/// over the recent past (one event per token per second of event time on average) and
+/// ending a second before now, so that none is in the future.
+fn build(opts: &Options, now_ms: i64) -> (Vec<Vec<pb::IngestRequest>>, Vec<String>) {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
+    let tokens: Vec<Profile> = (0..opts.tokens.max(1))
+        .map(|i| Profile {
+            id: format!("lg-{i:06}"),
+            country: COUNTRIES[rng.gen_range(0..COUNTRIES.len())],
+            asn: rng.gen_range(1_000..65_000),
+            net: [rng.gen_range(1..224), rng.gen(), rng.gen()],
+            agent: format!("client/{}.{}", rng.gen_range(1..5), rng.gen_range(0..20)),
+            endpoints: std::array::from_fn(|_| rng.gen_range(0..ENDPOINTS.len())),
+        })
+        .collect();
+    let n = opts.events;
+    let span_ms = (n as f64 * 1000.0 / tokens.len() as f64).max(1.0);
+    let start = now_ms - 1_000 - span_ms as i64;
+    let streams = opts.streams.max(1);
+    let batch = opts.batch.max(1);
+    let mut out: Vec<Vec<pb::IngestRequest>> = (0..streams).map(|_| Vec::new()).collect();
+    let mut current: Vec<Vec<pb::Event>> =
+        (0..streams).map(|_| Vec::with_capacity(batch)).collect();
+    for i in 0..n {
+        let t = &tokens[rng.gen_range(0..tokens.len())];
+        let (method, endpoint) = ENDPOINTS[t.endpoints[rng.gen_range(0..4)]];
+        let s = (i % streams as u64) as usize;
+        current[s].push(pb::Event {
+            ts_ms: start + (i as f64 * span_ms / n as f64) as i64,
+            token_id: t.id.clone(),
+            method: method.into(),
+            endpoint: endpoint.into(),
+            status: if rng.gen_bool(0.97) { 200 } else { 404 },
+            bytes_out: rng.gen_range(200..20_000),
+            latency_ms: Some(rng.gen_range(5.0..120.0)),
+            src_ip: format!(
+                "{}.{}.{}.{}",
+                t.net[0],
+                t.net[1],
+                t.net[2],
+                rng.gen_range(1..255)
+            ),
+            country: t.country.into(),
+            asn: Some(t.asn),
+            user_agent: t.agent.clone(),
+            scope: String::new(),
+            env: "prod".into(),
+        });
+        if current[s].len() == batch {
+            let events = std::mem::replace(&mut current[s], Vec::with_capacity(batch));
+            out[s].push(pb::IngestRequest { events });
+        }
+    }
+    for (s, rest) in current.into_iter().enumerate() {
+        if !rest.is_empty() {
+            out[s].push(pb::IngestRequest { events: rest });
+        }
+    }
+    (out, tokens.into_iter().map(|t| t.id).collect())
+}
+
+fn endpoint(target: &str) -> Result<Endpoint, Error> {
+    let url = if target.contains("://") {
+        target.to_string()
+    } else {
+        format!("http://{target}")
+    };
+    Endpoint::from_shared(url).map_err(|e| Error::Invalid(format!("--target {target}: {e}")))
+}
+
+type Client = pb::token_watch_client::TokenWatchClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
+
+/// Adds `authorization: Bearer KEY` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// From a key (none: calls go without).
+    pub fn new(key: Option<&str>) -> Result<Self, String> {
+        key.map(|k| {
+            format!("Bearer {k}")
+                .parse()
+                .map_err(|_| "the key must be printable ASCII".to_string())
+        })
+        .transpose()
+        .map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+async fn connect(opts: &Options) -> Result<Client, Error> {
+    let ch = endpoint(&opts.target)?
+        .connect()
+        .await
+        .map_err(|source| Error::Connect {
+            target: opts.target.clone(),
+            source,
+        })?;
+    let bearer = Bearer::new(opts.key.as_deref()).map_err(Error::Invalid)?;
+    Ok(
+        pb::token_watch_client::TokenWatchClient::with_interceptor(ch, bearer)
+            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(64 << 20),
+    )
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Run the load and measure.
+pub async fn run(opts: &Options) -> Result<Report, Error> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let (pool, tokens) = build(opts, now_ms);
+    let mut clients = Vec::with_capacity(pool.len());
+    for _ in 0..pool.len() {
+        clients.push(connect(opts).await?);
+    }
+    let mut reader = connect(opts).await?;
+    let sent: u64 = pool.iter().flatten().map(|r| r.events.len() as u64).sum();
+    let done = std::sync::Arc::new(tokio::sync::Notify::new());
+    let rate = opts.risk_rate;
+    let reader_done = done.clone();
+    let seed = opts.seed;
+    let readers = tokio::spawn(async move {
+        let mut lat = Vec::new();
+        let mut errors = 0u64;
+        if rate == 0 {
+            return (lat, errors);
+        }
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed);
+        let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop = reader_done.notified();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = every.tick() => {}
+            }
+            let token_id = tokens[rng.gen_range(0..tokens.len())].clone();
+            let t0 = Instant::now();
+            let r = reader
+                .get_token_risk(pb::GetTokenRiskRequest { token_id })
+                .await;
+            let dt = t0.elapsed();
+            match r {
+                Ok(_) => lat.push(dt),
+                Err(s) if s.code() == tonic::Code::NotFound => lat.push(dt),
+                Err(_) => errors += 1,
+            }
+        }
+        (lat, errors)
+    });
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut client, requests) in clients.into_iter().zip(pool) {
+        tasks.push(tokio::spawn(async move {
+            client
+                .ingest(tokio_stream::iter(requests))
+                .await
+                .map(|r| r.into_inner())
+        }));
+    }
+    let mut report = Report {
+        sent,
+        ..Default::default()
+    };
+    let mut first_err = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(r)) => {
+                report.accepted += r.accepted;
+                report.rejected += r.rejected;
+                report.late += r.late;
+            }
+            Ok(Err(status)) => {
+                first_err.get_or_insert(Error::Rpc {
+                    rpc: "Ingest",
+                    status,
+                });
+            }
+            Err(e) => {
+                first_err.get_or_insert(Error::Invalid(format!("ingest task: {e}")));
+            }
+        }
+    }
+    report.elapsed = t0.elapsed();
+    done.notify_one();
+    let (mut lat, errors) = readers.await.unwrap_or_default();
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    lat.sort_unstable();
+    report.risk_calls = lat.len() as u64;
+    report.risk_errors = errors;
+    report.latency = [
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99),
+        percentile(&lat, 0.999),
+        lat.last().copied().unwrap_or_default(),
+    ];
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_is_complete_in_order_and_never_in_the_future() {
+        let o = Options {
+            target: "127.0.0.1:1".into(),
+            events: 1_003,
+            batch: 100,
+            streams: 3,
+            tokens: 20,
+            key: None,
+            risk_rate: 0,
+            seed: 1,
+        };
+        let now = 1_800_000_000_000;
+        let (pool, tokens) = build(&o, now);
+        assert_eq!(tokens.len(), 20);
+        assert_eq!(pool.len(), 3);
+        let all: Vec<&pb::Event> = pool.iter().flatten().flat_map(|r| &r.events).collect();
+        assert_eq!(all.len(), 1_003);
+        assert!(all.iter().all(|e| e.ts_ms < now));
+        for s in &pool {
+            let ts: Vec<i64> = s.iter().flat_map(|r| &r.events).map(|e| e.ts_ms).collect();
+            assert!(ts.windows(2).all(|w| w[0] <= w[1]));
+        }
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=1000).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_micros(500));
+        assert_eq!(percentile(&v, 0.99), Duration::from_micros(990));
+        assert_eq!(percentile(&v, 0.999), Duration::from_micros(999));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+}

@@ -1,0 +1,273 @@
+//! The engine's home inside the server: one OS thread owns the [`Engine`] (which runs its
+//! shards on their own threads), fed by a bounded queue; what it scores is published on the
+//! [`Board`] that the RPC handlers read. Async handlers never touch the engine.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use rustc_hash::FxHashMap;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::pb;
+use crate::engine::{Engine, Stats, WindowScore};
+
+/// Work for the engine thread.
+pub enum Cmd {
+    /// Validated events, and the counter of the stream's events that arrived behind the
+    /// watermark (accepted, but too late for their window to be scored).
+    Batch(RecordBatch, Arc<AtomicU64>),
+    /// Answer once everything queued before this is applied.
+    Flush(oneshot::Sender<()>),
+    /// Processing time passed (idle close).
+    Tick,
+    /// Close every window, publish, and stop.
+    Stop(oneshot::Sender<Stats>),
+}
+
+/// What the engine published: the latest window of every token, and the alert feed.
+pub struct Board {
+    // A read-mostly map: readers (GetTokenRisk) take the read lock for one lookup; the
+    // engine thread takes the write lock in short chunks, so a reader never waits long.
+    latest: RwLock<FxHashMap<Arc<str>, Arc<pb::TokenRisk>>>,
+    /// Alert feed; each subscriber has its own bounded buffer (lagging is reported).
+    pub alerts: broadcast::Sender<Arc<pb::Alert>>,
+    /// Windows scored.
+    pub windows: AtomicU64,
+    /// Alerts published.
+    pub alerted: AtomicU64,
+}
+
+/// Entries written per write-lock acquisition.
+const PUBLISH_CHUNK: usize = 256;
+
+impl Board {
+    fn new(alert_buffer: usize) -> Self {
+        Board {
+            latest: RwLock::new(FxHashMap::default()),
+            alerts: broadcast::channel(alert_buffer).0,
+            windows: AtomicU64::new(0),
+            alerted: AtomicU64::new(0),
+        }
+    }
+
+    /// The latest scored window of a token.
+    pub fn get(&self, token: &str) -> Option<Arc<pb::TokenRisk>> {
+        let map = self.latest.read().unwrap_or_else(|p| p.into_inner());
+        map.get(token).cloned()
+    }
+
+    /// The riskiest tokens (latest window each), highest first.
+    pub fn riskiest(&self, limit: usize, min_risk: f64) -> Vec<Arc<pb::TokenRisk>> {
+        let mut all: Vec<Arc<pb::TokenRisk>> = {
+            let map = self.latest.read().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .filter(|r| r.risk >= min_risk)
+                .cloned()
+                .collect()
+        };
+        let by_risk = |a: &Arc<pb::TokenRisk>, b: &Arc<pb::TokenRisk>| {
+            b.risk
+                .total_cmp(&a.risk)
+                .then_with(|| a.token_id.cmp(&b.token_id))
+        };
+        if all.len() > limit {
+            all.select_nth_unstable_by(limit, by_risk);
+            all.truncate(limit);
+        }
+        all.sort_by(by_risk);
+        all
+    }
+
+    fn publish(&self, scores: Vec<WindowScore>) {
+        if scores.is_empty() {
+            return;
+        }
+        // Build outside the lock; readers only wait for the map inserts.
+        let built: Vec<(Arc<str>, Arc<pb::TokenRisk>)> = scores
+            .iter()
+            .map(|s| (s.token.clone(), Arc::new(pb::TokenRisk::from(s))))
+            .collect();
+        self.windows
+            .fetch_add(scores.len() as u64, Ordering::Relaxed);
+        for chunk in built.chunks(PUBLISH_CHUNK) {
+            let mut map = self.latest.write().unwrap_or_else(|p| p.into_inner());
+            for (token, risk) in chunk {
+                map.insert(token.clone(), risk.clone());
+            }
+        }
+        for (s, (_, risk)) in scores.iter().zip(&built) {
+            if s.alert {
+                self.alerted.fetch_add(1, Ordering::Relaxed);
+                // No subscriber is not an error: the alert is still on the board.
+                let _ = self.alerts.send(Arc::new(pb::Alert::from(risk.as_ref())));
+            }
+        }
+    }
+}
+
+/// Handle on the engine thread.
+pub struct Host {
+    /// Queue into the engine (bounded: senders wait when it is full).
+    pub tx: mpsc::Sender<Cmd>,
+    /// What the engine published.
+    pub board: Arc<Board>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Rows merged into one engine batch: fewer, larger batches amortise the per-batch cost
+/// (shard split, thread hand-off) when many small client batches queue up.
+const COALESCE_ROWS: usize = 65_536;
+
+impl Host {
+    /// Start the engine thread.
+    pub fn start(engine: Engine, queue: usize, alert_buffer: usize, idle_close: Duration) -> Host {
+        let (tx, rx) = mpsc::channel(queue);
+        let board = Arc::new(Board::new(alert_buffer));
+        let b = board.clone();
+        let thread = std::thread::Builder::new()
+            .name("tokenwatch-engine".into())
+            .spawn(move || Worker::new(engine, b, idle_close).run(rx))
+            .ok();
+        Host { tx, board, thread }
+    }
+
+    /// Close every open window, publish, stop the thread; the engine's counters.
+    pub async fn stop(mut self) -> Stats {
+        let (tx, rx) = oneshot::channel();
+        let stats = if self.tx.send(Cmd::Stop(tx)).await.is_ok() {
+            rx.await.unwrap_or_default()
+        } else {
+            Stats::default()
+        };
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        stats
+    }
+}
+
+struct Worker {
+    engine: Engine,
+    board: Arc<Board>,
+    idle_close: Duration,
+    last_arrival: Instant,
+    newest_at_arrival: Option<i64>,
+}
+
+impl Worker {
+    fn new(engine: Engine, board: Arc<Board>, idle_close: Duration) -> Self {
+        Worker {
+            engine,
+            board,
+            idle_close,
+            last_arrival: Instant::now(),
+            newest_at_arrival: None,
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut next: Option<Cmd> = None;
+        loop {
+            let cmd = match next.take() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match cmd {
+                Cmd::Batch(b, late) => {
+                    let mut rows = b.num_rows();
+                    self.count_late(&b, &late);
+                    let mut batches = vec![b];
+                    while rows < COALESCE_ROWS {
+                        match rx.try_recv() {
+                            Ok(Cmd::Batch(b, late)) => {
+                                rows += b.num_rows();
+                                self.count_late(&b, &late);
+                                batches.push(b);
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply(batches);
+                }
+                Cmd::Flush(tx) => {
+                    let _ = tx.send(());
+                }
+                Cmd::Tick => self.tick(),
+                Cmd::Stop(tx) => {
+                    let scores = self.engine.finish();
+                    self.board.publish(scores);
+                    let _ = tx.send(self.engine.stats());
+                    return;
+                }
+            }
+        }
+        // Every sender is gone without a Stop: still close and publish what is open.
+        let scores = self.engine.finish();
+        self.board.publish(scores);
+    }
+
+    /// Events whose window closed before this batch: the engine counts and skips them.
+    fn count_late(&self, b: &RecordBatch, late: &AtomicU64) {
+        let wm = self.engine.watermark();
+        if wm == i64::MIN {
+            return;
+        }
+        let w = self.engine.config().window.size.ms;
+        let Some(ts) = b
+            .column(crate::event::col::TS)
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+        else {
+            return;
+        };
+        let n = ts
+            .values()
+            .iter()
+            .filter(|&&t| crate::window::window_start(t, w).saturating_add(w) <= wm)
+            .count();
+        if n > 0 {
+            late.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn apply(&mut self, batches: Vec<RecordBatch>) {
+        let batch = if batches.len() == 1 {
+            batches.into_iter().next()
+        } else {
+            let schema = batches[0].schema();
+            arrow::compute::concat_batches(&schema, &batches).ok()
+        };
+        let Some(batch) = batch else { return };
+        match self.engine.apply(&batch) {
+            Ok(scores) => self.board.publish(scores),
+            // Batches come from `convert::to_batch` in the canonical schema; a mismatch
+            // is a bug, logged rather than taking the server down.
+            Err(e) => tracing::error!(error = %e, "engine refused a batch"),
+        }
+        self.last_arrival = Instant::now();
+        self.newest_at_arrival = self.engine.newest();
+    }
+
+    fn tick(&mut self) {
+        let idle = self.last_arrival.elapsed();
+        let Some(newest) = self.newest_at_arrival else {
+            return;
+        };
+        if idle < self.idle_close {
+            return;
+        }
+        // Event time is taken to go on with the wall clock from the last arrival.
+        let now = newest.saturating_add(idle.as_millis().min(i64::MAX as u128) as i64);
+        let scores = self.engine.advance_to(now);
+        self.board.publish(scores);
+    }
+}

@@ -1,0 +1,233 @@
+//! The gRPC door (`tokenwatch serve`): the tonic service over the one [`Engine`], with
+//! bearer-key authentication per role, standard health and reflection, optional TLS,
+//! bounded queues and graceful shutdown. Proto types live here and nowhere else.
+//!
+//! - [`auth`]: keys file, constant-time key check, roles.
+//! - [`convert`]: proto events -> validated Arrow batch; scores -> `TokenRisk` / `Alert`.
+//! - `host`: the engine thread and the board of published scores.
+//! - `service`: the RPC handlers.
+
+pub mod auth;
+pub mod convert;
+mod host;
+mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::config::Config;
+use crate::engine::{Engine, Stats};
+use crate::model::registry::Registry;
+
+/// Generated gRPC types and stubs of `proto/tokenwatch/v1/tokenwatch.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("tokenwatch.v1");
+
+    /// Encoded descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/tokenwatch_descriptor.bin"));
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The transport failed (bind, TLS setup, serving).
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be built from the descriptors (a build defect).
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The server task panicked or was cancelled.
+    #[error("server task: {0}")]
+    Task(String),
+}
+
+/// How to serve.
+pub struct Options {
+    /// Models and server limits.
+    pub config: Config,
+    /// Token registry (scopes, environments).
+    pub registry: Registry,
+    /// Accepted keys; `None` only with `--insecure-no-auth`.
+    pub keys: Option<auth::Keys>,
+    /// PEM certificate chain and private key, for TLS.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// How long a shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+/// What a server did, returned after a clean shutdown.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Engine counters at the end.
+    pub stats: Stats,
+    /// Windows published (scored) over the run.
+    pub windows: u64,
+    /// Alerts published.
+    pub alerts: u64,
+}
+
+/// Serve on `listener` until `shutdown` resolves; then stop accepting, let in-flight
+/// requests finish (at most `shutdown_grace`), close every open window and return.
+pub async fn run(
+    listener: TcpListener,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Summary, Error> {
+    let scfg = opts.config.server.clone();
+    let engine = Engine::new(opts.config, opts.registry);
+    let host = host::Host::start(
+        engine,
+        scfg.queue_batches,
+        scfg.alert_buffer,
+        Duration::from_millis(scfg.idle_close.ms as u64),
+    );
+    let (close_tx, close_rx) = watch::channel(false);
+    let (finished_tx, finished_rx) = watch::channel(false);
+    let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));
+    let svc = service::Service {
+        engine: host.tx.clone(),
+        board: host.board.clone(),
+        cfg: scfg.clone(),
+        streams: streams.clone(),
+        closing: close_rx,
+        finished: finished_rx,
+    };
+    let authn = auth::Authenticate {
+        keys: opts.keys.map(Arc::new),
+    };
+    let api = pb::token_watch_server::TokenWatchServer::new(svc)
+        .max_decoding_message_size(scfg.max_message_bytes)
+        .max_encoding_message_size(scfg.max_message_bytes);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::token_watch_server::TokenWatchServer<service::Service>>()
+        .await;
+
+    let mut builder = Server::builder()
+        .max_concurrent_streams(Some(256))
+        .concurrency_limit_per_connection(256)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some((cert, key)) = opts.tls {
+        builder =
+            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    // Idle close runs on processing time; a full queue means the engine is busy anyway.
+    let ticker = {
+        let tx = host.tx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                every.tick().await;
+                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                    tx.try_send(host::Cmd::Tick)
+                {
+                    break;
+                }
+            }
+        })
+    };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut server = tokio::spawn(
+        builder
+            .add_service(health_svc)
+            .add_service(InterceptedService::new(reflection, authn.clone()))
+            .add_service(InterceptedService::new(api, authn))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+    let early = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown => None,
+    };
+    if let Some(r) = early {
+        ticker.abort();
+        let _ = host.stop().await;
+        return match r {
+            Ok(Ok(())) => Err(Error::Task("server stopped by itself".into())),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(Error::Task(e.to_string())),
+        };
+    }
+    tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
+    health
+        .set_not_serving::<pb::token_watch_server::TokenWatchServer<service::Service>>()
+        .await;
+    // Order matters: ingest streams stop reading and finish their last message; then the
+    // engine closes every window and publishes the last alerts; only then do alert streams
+    // end, so a subscriber sees the alerts of the final windows.
+    let _ = close_tx.send(true);
+    let _ = stop_tx.send(());
+    let all = u32::try_from(scfg.max_ingest_streams).unwrap_or(u32::MAX);
+    let deadline = tokio::time::Instant::now() + opts.shutdown_grace;
+    if tokio::time::timeout_at(deadline, streams.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?opts.shutdown_grace, "ingest streams still open after the grace period");
+    }
+    ticker.abort();
+    let board = host.board.clone();
+    let stats = host.stop().await;
+    let _ = finished_tx.send(true);
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "transport error while draining"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed while draining"),
+        Err(_) => {
+            tracing::warn!(grace = ?opts.shutdown_grace, "requests still open after the grace period; cut");
+            server.abort();
+        }
+    }
+    let summary = Summary {
+        stats,
+        windows: board.windows.load(std::sync::atomic::Ordering::Relaxed),
+        alerts: board.alerted.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    tracing::info!(
+        events = summary.stats.events,
+        windows = summary.windows,
+        alerts = summary.alerts,
+        "stopped: every open window closed and scored"
+    );
+    Ok(summary)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,225 @@
+//! The `TokenWatch` RPCs: authorization per call, proto conversion, and hand-off to the
+//! engine thread through the bounded queue.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::{require, Role};
+use super::convert::{to_batch, Clock, Rejections};
+use super::host::{Board, Cmd};
+use super::pb;
+use crate::config::ServerConfig;
+
+/// Default and largest `limit` of ListRiskyTokens.
+const DEFAULT_LIMIT: usize = 20;
+const MAX_LIMIT: usize = 10_000;
+
+/// The service state shared by every call.
+pub struct Service {
+    pub(super) engine: mpsc::Sender<Cmd>,
+    pub(super) board: Arc<Board>,
+    pub(super) cfg: ServerConfig,
+    /// Bounds the Ingest streams open at once (each holds buffers while it runs).
+    pub(super) streams: Arc<Semaphore>,
+    /// Becomes true when the server starts shutting down: ingest stops reading.
+    pub(super) closing: watch::Receiver<bool>,
+    /// Becomes true once the last windows are published: alert streams drain and end.
+    pub(super) finished: watch::Receiver<bool>,
+}
+
+fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+fn engine_gone() -> Status {
+    Status::unavailable("the engine has stopped (server shutting down)")
+}
+
+type AlertStream = Pin<Box<dyn Stream<Item = Result<pb::Alert, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::token_watch_server::TokenWatch for Service {
+    async fn ingest(
+        &self,
+        req: Request<Streaming<pb::IngestRequest>>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        require(&req, Role::Ingest)?;
+        let mut closing = self.closing.clone();
+        if *closing.borrow() {
+            return Err(Status::unavailable("server shutting down"));
+        }
+        let _permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "more than {} ingest streams open; retry later",
+                self.cfg.max_ingest_streams
+            ))
+        })?;
+        let mut stream = req.into_inner();
+        let mut index = 0u64;
+        let mut accepted = 0u64;
+        let late = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut rejected = Rejections {
+            limit: self.cfg.max_listed_errors,
+            ..Default::default()
+        };
+        loop {
+            let msg = tokio::select! {
+                // A shutdown stops reading between messages: what was read is applied.
+                _ = closing.changed() => break,
+                m = stream.message() => m,
+            };
+            let msg = match msg {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(status) => {
+                    // The client went away or sent garbage: what was accepted stays.
+                    tracing::debug!(%status, accepted, "ingest stream ended with an error");
+                    return Err(status);
+                }
+            };
+            let clock = Clock {
+                now_ms: now_ms(),
+                max_future_skew_ms: self.cfg.max_future_skew.ms,
+            };
+            let batch = to_batch(&msg.events, index, clock, &mut rejected);
+            index += msg.events.len() as u64;
+            let rows = batch.num_rows() as u64;
+            if rows > 0 {
+                // Bounded queue: when the engine is behind, this waits, the stream is not
+                // read, and HTTP/2 flow control pushes back on the client.
+                self.engine
+                    .send(Cmd::Batch(batch, late.clone()))
+                    .await
+                    .map_err(|_| engine_gone())?;
+                accepted += rows;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Cmd::Flush(tx))
+            .await
+            .map_err(|_| engine_gone())?;
+        rx.await.map_err(|_| engine_gone())?;
+        if rejected.count > 0 {
+            tracing::info!(
+                accepted,
+                rejected = rejected.count,
+                "ingest stream had invalid events"
+            );
+        }
+        Ok(Response::new(pb::IngestResponse {
+            accepted,
+            rejected: rejected.count,
+            errors: rejected.listed,
+            late: late.load(std::sync::atomic::Ordering::Relaxed),
+        }))
+    }
+
+    async fn get_token_risk(
+        &self,
+        req: Request<pb::GetTokenRiskRequest>,
+    ) -> Result<Response<pb::TokenRisk>, Status> {
+        require(&req, Role::Read)?;
+        let token = &req.get_ref().token_id;
+        match self.board.get(token) {
+            Some(r) => Ok(Response::new(r.as_ref().clone())),
+            None => Err(Status::not_found(
+                "no scored window for this token (unknown, or its first window is still open)",
+            )),
+        }
+    }
+
+    async fn list_risky_tokens(
+        &self,
+        req: Request<pb::ListRiskyTokensRequest>,
+    ) -> Result<Response<pb::ListRiskyTokensResponse>, Status> {
+        require(&req, Role::Read)?;
+        let r = req.get_ref();
+        if !r.min_risk.is_finite() {
+            return Err(Status::invalid_argument("min_risk must be a number"));
+        }
+        let limit = match r.limit as usize {
+            0 => DEFAULT_LIMIT,
+            n => n.min(MAX_LIMIT),
+        };
+        let tokens = self
+            .board
+            .riskiest(limit, r.min_risk)
+            .iter()
+            .map(|t| t.as_ref().clone())
+            .collect();
+        Ok(Response::new(pb::ListRiskyTokensResponse { tokens }))
+    }
+
+    type WatchAlertsStream = AlertStream;
+
+    async fn watch_alerts(
+        &self,
+        req: Request<pb::WatchAlertsRequest>,
+    ) -> Result<Response<AlertStream>, Status> {
+        require(&req, Role::Read)?;
+        let min_risk = req.get_ref().min_risk;
+        if !min_risk.is_finite() {
+            return Err(Status::invalid_argument("min_risk must be a number"));
+        }
+        let mut feed = self.board.alerts.subscribe();
+        let mut finished = self.finished.clone();
+        // A small hand-off buffer; the subscriber's real buffer is its broadcast slot, so
+        // a slow client never holds the engine back, it only misses alerts (and is told).
+        let (tx, rx) = mpsc::channel::<Result<pb::Alert, Status>>(16);
+        tokio::spawn(async move {
+            let mut missed = 0u64;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    a = feed.recv() => a,
+                    _ = tx.closed() => break,
+                    // Only reached with nothing left in the feed (biased order).
+                    _ = finished.changed() => break,
+                };
+                match next {
+                    Ok(a) if a.risk >= min_risk => {
+                        let mut a = a.as_ref().clone();
+                        a.missed = std::mem::take(&mut missed);
+                        if tx.send(Ok(a)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => missed += n,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn retrain(
+        &self,
+        req: Request<pb::RetrainRequest>,
+    ) -> Result<Response<pb::RetrainResponse>, Status> {
+        require(&req, Role::Admin)?;
+        Err(Status::unimplemented(
+            "Retrain needs the persistence layer (Parquet history), not built yet",
+        ))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        require(&req, Role::Admin)?;
+        Err(Status::unimplemented(
+            "Snapshot needs the persistence layer, not built yet",
+        ))
+    }
+}

@@ -1,0 +1,473 @@
+//! Black-box tests of the gRPC service: a server on 127.0.0.1:0 (in process, or the binary
+//! for shutdown), driven by the generated client only.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokenwatch::loadgen::Bearer;
+use tokenwatch::server::{self, auth::Keys, pb};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const INGEST: &str = "ingest-key-000000000001";
+const READ: &str = "read-key-0000000000000002";
+const ADMIN: &str = "admin-key-00000000000003";
+
+fn keys() -> Keys {
+    Keys::parse(
+        &format!("# test keys\ningest {INGEST}\nread {READ}\nadmin {ADMIN}\n"),
+        std::path::Path::new("test-keys"),
+    )
+    .unwrap()
+}
+
+type Client = pb::token_watch_client::TokenWatchClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<server::Summary, server::Error>>,
+}
+
+impl TestServer {
+    async fn start() -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut config = tokenwatch::Config::default();
+        config.engine.shards = 2;
+        let opts = server::Options {
+            config,
+            registry: Default::default(),
+            keys: Some(keys()),
+            tls: None,
+            shutdown_grace: Duration::from_secs(10),
+        };
+        let task = tokio::spawn(server::run(listener, opts, async {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn client(&self, key: Option<&str>) -> Client {
+        let ch = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        pb::token_watch_client::TokenWatchClient::with_interceptor(ch, Bearer::new(key).unwrap())
+    }
+
+    async fn stop(mut self) -> server::Summary {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap()
+    }
+}
+
+const MINUTE: i64 = 60_000;
+/// 2026-03-02T00:00:00Z, a Monday.
+const T0: i64 = 1_772_409_600_000;
+
+fn event(ts: i64, token: &str, ip: &str, country: &str, asn: u32, status: u32) -> pb::Event {
+    pb::Event {
+        ts_ms: ts,
+        token_id: token.into(),
+        method: "GET".into(),
+        endpoint: "/v1/orders/{id}".into(),
+        status,
+        bytes_out: 900 + (ts / 1000 % 200) as u64,
+        latency_ms: Some(20.0),
+        src_ip: ip.into(),
+        country: country.into(),
+        asn: Some(asn),
+        user_agent: "billing-sync/2.1".into(),
+        scope: String::new(),
+        env: "prod".into(),
+    }
+}
+
+/// `days` of steady traffic for `tokens` tokens (4 calls a minute each, from their own
+/// network), in requests of one minute each.
+fn steady(tokens: usize, from: i64, minutes: i64) -> Vec<pb::IngestRequest> {
+    (0..minutes)
+        .map(|m| {
+            let mut events = Vec::new();
+            for t in 0..tokens {
+                for k in 0..4 {
+                    let ts = from + m * MINUTE + k * 15_000 + t as i64 * 100;
+                    let ip = format!("10.{t}.0.{}", 1 + k);
+                    events.push(event(ts, &format!("svc-{t:02}"), &ip, "DE", 3320, 200));
+                }
+            }
+            pb::IngestRequest { events }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_shows_in_risk_list_and_alert_feed() {
+    let srv = TestServer::start().await;
+    let mut reader = srv.client(Some(READ)).await;
+    let mut ingest = srv.client(Some(INGEST)).await;
+    let mut alerts = reader
+        .watch_alerts(pb::WatchAlertsRequest { min_risk: 50.0 })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Three days of routine, then svc-03 is used from a new country and network in a burst
+    // of failed logins, while the others go on as usual (their traffic closes the window).
+    let days = 3 * 24 * 60;
+    let mut reqs = steady(8, T0, days);
+    let at = T0 + days * MINUTE;
+    let mut burst = Vec::new();
+    for k in 0..200 {
+        let status = if k % 4 == 0 { 200 } else { 401 };
+        burst.push(event(
+            at + k * 250,
+            "svc-03",
+            "203.0.113.9",
+            "KP",
+            64_512,
+            status,
+        ));
+    }
+    reqs.push(pb::IngestRequest { events: burst });
+    let mut after = steady(8, at + MINUTE, 10);
+    for r in after.iter_mut() {
+        r.events.retain(|e| e.token_id != "svc-03");
+    }
+    reqs.extend(after);
+    let sent: u64 = reqs.iter().map(|r| r.events.len() as u64).sum();
+    let resp = ingest
+        .ingest(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((resp.accepted, resp.rejected), (sent, 0));
+
+    let risk = reader
+        .get_token_risk(pb::GetTokenRiskRequest {
+            token_id: "svc-03".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(risk.window_start_ms, at, "{risk:?}");
+    assert!(risk.alert && risk.risk >= 50.0, "{risk:?}");
+    let signals: Vec<&str> = risk
+        .contributions
+        .iter()
+        .map(|c| c.signal.as_str())
+        .collect();
+    assert!(
+        signals.contains(&"new_country") && signals.contains(&"auth_errors"),
+        "{signals:?}"
+    );
+    assert!(risk.contributions.iter().all(|c| !c.reason.is_empty()));
+
+    let calm = reader
+        .get_token_risk(pb::GetTokenRiskRequest {
+            token_id: "svc-05".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(calm.risk < 50.0 && !calm.alert, "{calm:?}");
+
+    let list = reader
+        .list_risky_tokens(pb::ListRiskyTokensRequest {
+            limit: 3,
+            min_risk: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.tokens.len(), 3);
+    assert_eq!(list.tokens[0].token_id, "svc-03");
+    assert!(list.tokens.windows(2).all(|w| w[0].risk >= w[1].risk));
+
+    let alert = tokio::time::timeout(Duration::from_secs(10), alerts.message())
+        .await
+        .expect("an alert within 10 s")
+        .unwrap()
+        .expect("the alert stream is open");
+    assert_eq!(alert.token_id, "svc-03");
+    assert_eq!(alert.window_start_ms, at);
+    assert!(!alert.contributions.is_empty());
+
+    let missing = reader
+        .get_token_risk(pb::GetTokenRiskRequest {
+            token_id: "never-seen".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let summary = srv.stop().await;
+    assert_eq!(summary.stats.events, sent);
+    // The alert stream ends cleanly at shutdown.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = alerts.message().await {}
+    })
+    .await;
+    assert!(end.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_are_rejected_one_by_one_with_index_field_and_reason() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client(Some(INGEST)).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let good = |k: i64| event(now - 3_600_000 + k, "tok-a", "10.0.0.1", "FR", 1, 200);
+    let mut bad_ip = good(1);
+    bad_ip.src_ip = "10.0.0.999".into();
+    let mut bad_status = good(2);
+    bad_status.status = 999;
+    let mut empty_token = good(3);
+    empty_token.token_id.clear();
+    let mut future = good(4);
+    future.ts_ms = now + 86_400_000;
+    let old = event(T0 - 365 * 86_400_000, "tok-old", "10.0.0.2", "FR", 1, 200);
+    // Request 1: 3 events (indices 0..3); request 2: 5 (indices 3..8).
+    let reqs = vec![
+        pb::IngestRequest {
+            events: vec![good(0), bad_ip, good(5)],
+        },
+        pb::IngestRequest {
+            events: vec![bad_status, empty_token, old, future, good(6)],
+        },
+    ];
+    let r = c
+        .ingest(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.rejected), (4, 4), "{r:?}");
+    let got: Vec<(u64, &str)> = r
+        .errors
+        .iter()
+        .map(|e| (e.index, e.field.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [(1, "src_ip"), (3, "status"), (4, "token_id"), (6, "ts_ms")]
+    );
+    assert!(
+        r.errors[0].reason.contains("10.0.0.999"),
+        "{:?}",
+        r.errors[0]
+    );
+    assert!(r.errors[1].reason.contains("999"), "{:?}", r.errors[1]);
+    assert!(r.errors[3].reason.contains("ahead"), "{:?}", r.errors[3]);
+    let summary = srv.stop().await;
+    assert_eq!(summary.stats.events + summary.stats.late, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_and_roles_give_the_right_codes() {
+    let srv = TestServer::start().await;
+    let req = || pb::GetTokenRiskRequest {
+        token_id: "x".into(),
+    };
+    let code = |r: Result<tonic::Response<pb::TokenRisk>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(srv.client(None).await.get_token_risk(req()).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(
+            srv.client(Some("not-a-key-000000000000"))
+                .await
+                .get_token_risk(req())
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(srv.client(Some(INGEST)).await.get_token_risk(req()).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(srv.client(Some(READ)).await.get_token_risk(req()).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(srv.client(Some(ADMIN)).await.get_token_risk(req()).await),
+        Code::NotFound
+    );
+    let ingest = srv
+        .client(Some(READ))
+        .await
+        .ingest(tokio_stream::iter(Vec::<pb::IngestRequest>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(ingest.code(), Code::PermissionDenied);
+    let retrain = srv
+        .client(Some(READ))
+        .await
+        .retrain(pb::RetrainRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(retrain.code(), Code::PermissionDenied);
+
+    // Health answers without a key (load balancers and probes carry none).
+    let ch = Channel::from_shared(format!("http://{}", srv.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tokenwatch.v1.TokenWatch".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    srv.stop().await;
+}
+
+/// The binary: SIGTERM closes every open window, the server says so and exits 0.
+#[cfg(unix)]
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("ingest {INGEST}\nread {READ}\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--keys"])
+        .arg(&keys)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reqs = steady(3, T0, 5);
+    let r = rt.block_on(async {
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = pb::token_watch_client::TokenWatchClient::with_interceptor(
+            ch,
+            Bearer::new(Some(INGEST)).unwrap(),
+        );
+        c.ingest(tokio_stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(r.accepted, 60);
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}\n{rest}\n{err}");
+    // 3 tokens x 5 minutes: every window, open ones included, was scored at shutdown.
+    assert!(
+        rest.contains("stopped: 60 events, 15 windows scored"),
+        "{rest}\n{err}"
+    );
+    assert!(
+        !err.contains(INGEST) && !err.contains(READ),
+        "a key reached the log"
+    );
+}
+
+/// A client in another language: examples/python_client.py against the binary. Needs
+/// python3 with grpcio and grpcio-tools (`.ci/run` installs them); says so and passes
+/// without them.
+#[test]
+fn python_client_ingests_a_file_and_lists_the_riskiest() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let probe = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: python3 with grpcio and grpcio-tools is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("admin {ADMIN}\n")).unwrap();
+    let events = dir.path().join("events.csv");
+    let mut csv = String::from("ts,token_id,method,endpoint,status,bytes_out,src_ip,country\n");
+    for m in 0..30 {
+        for t in 0..3 {
+            csv += &format!(
+                "{},py-{t},GET,/v1/a,200,100,10.0.0.{t},DE\n",
+                tokenwatch::event::fmt_ts(T0 + m * MINUTE + t * 1000)
+            );
+        }
+    }
+    csv += "2026-03-02T00:31:00Z,py-0,GET,/v1/a,999,100,10.0.0.1,DE\n";
+    std::fs::write(&events, csv).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--keys"])
+        .arg(&keys)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .to_string();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([
+            "--target", &addr, "--key", ADMIN, "--limit", "3", "--events",
+        ])
+        .arg(&events)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("90 accepted, 1 rejected"), "{text}");
+    assert!(text.contains("event 90: status"), "{text}");
+    assert!(text.contains("riskiest 3 tokens"), "{text}");
+}
