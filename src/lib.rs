@@ -17,6 +17,7 @@
 //! - [`output`]: window-score files.
 //! - [`server`]: the gRPC service (`tokenwatch serve`) over the same engine.
 //! - [`loadgen`]: a gRPC load generator measuring ingest rate and read latency.
+//! - [`sys`]: thread priority, the one direct call to the operating system.
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -31,6 +32,7 @@ pub mod model;
 pub mod output;
 pub mod score;
 pub mod server;
+pub mod sys;
 pub mod window;
 
 pub use config::Config;

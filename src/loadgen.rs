@@ -3,6 +3,8 @@
 //! events per second and GetTokenRisk latency percentiles. Events are built before the
 //! clock starts, so the measurement is the server (and the wire), not the generator.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -247,6 +249,38 @@ async fn connect(opts: &Options) -> Result<Client, Error> {
     )
 }
 
+/// GetTokenRisk at `risk_rate` per second until `stop`; latencies of answered calls.
+async fn read_loop(
+    opts: &Options,
+    tokens: Vec<String>,
+    stop: &AtomicBool,
+) -> Result<(Vec<Duration>, u64), Error> {
+    let mut lat = Vec::new();
+    let mut errors = 0u64;
+    if opts.risk_rate == 0 {
+        return Ok((lat, errors));
+    }
+    let mut reader = connect(opts).await?;
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed ^ 0x5eed);
+    let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.risk_rate as f64));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.load(Ordering::Relaxed) {
+        every.tick().await;
+        let token_id = tokens[rng.gen_range(0..tokens.len())].clone();
+        let t0 = Instant::now();
+        let r = reader
+            .get_token_risk(pb::GetTokenRiskRequest { token_id })
+            .await;
+        let dt = t0.elapsed();
+        match r {
+            Ok(_) => lat.push(dt),
+            Err(s) if s.code() == tonic::Code::NotFound => lat.push(dt),
+            Err(_) => errors += 1,
+        }
+    }
+    Ok((lat, errors))
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -255,7 +289,19 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[i]
 }
 
-/// Run the load and measure.
+/// The runtime that sends the load: its workers run at a lower priority than the reader
+/// thread, so that measured read latency is the server's and the wire's, not the time the
+/// reader waited behind this process's own encoding.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| crate::sys::lower_thread_priority(SENDER_NICE))
+        .build()
+}
+
+const SENDER_NICE: i32 = 10;
+
+/// Run the load and measure (on [`runtime`]).
 pub async fn run(opts: &Options) -> Result<Report, Error> {
     let now_ms = chrono::Utc::now().timestamp_millis();
     let (pool, tokens) = build(opts, now_ms);
@@ -263,42 +309,20 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
     for _ in 0..pool.len() {
         clients.push(connect(opts).await?);
     }
-    let mut reader = connect(opts).await?;
     let sent: u64 = pool.iter().flatten().map(|r| r.events.len() as u64).sum();
-    let done = std::sync::Arc::new(tokio::sync::Notify::new());
-    let rate = opts.risk_rate;
-    let reader_done = done.clone();
-    let seed = opts.seed;
-    let readers = tokio::spawn(async move {
-        let mut lat = Vec::new();
-        let mut errors = 0u64;
-        if rate == 0 {
-            return (lat, errors);
-        }
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed);
-        let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stop = reader_done.notified();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = every.tick() => {}
-            }
-            let token_id = tokens[rng.gen_range(0..tokens.len())].clone();
-            let t0 = Instant::now();
-            let r = reader
-                .get_token_risk(pb::GetTokenRiskRequest { token_id })
-                .await;
-            let dt = t0.elapsed();
-            match r {
-                Ok(_) => lat.push(dt),
-                Err(s) if s.code() == tonic::Code::NotFound => lat.push(dt),
-                Err(_) => errors += 1,
-            }
-        }
-        (lat, errors)
-    });
+    // The reader runs on its own thread and runtime: its latencies must not include
+    // waiting behind this process's own ingest encoding.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (opts, stop) = (opts.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<(Vec<Duration>, u64), Error> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Invalid(format!("reader runtime: {e}")))?;
+            rt.block_on(read_loop(&opts, tokens, &stop))
+        })
+    };
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for (mut client, requests) in clients.into_iter().zip(pool) {
@@ -333,11 +357,14 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
         }
     }
     report.elapsed = t0.elapsed();
-    done.notify_one();
-    let (mut lat, errors) = readers.await.unwrap_or_default();
+    stop.store(true, Ordering::Relaxed);
+    let read = reader
+        .join()
+        .map_err(|_| Error::Invalid("reader thread panicked".into()))?;
     if let Some(e) = first_err {
         return Err(e);
     }
+    let (mut lat, errors) = read?;
     lat.sort_unstable();
     report.risk_calls = lat.len() as u64;
     report.risk_errors = errors;

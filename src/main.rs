@@ -148,7 +148,7 @@ fn run(cli: Cli) -> Result<()> {
                 risk_rate,
                 seed,
             };
-            let rt = runtime()?;
+            let rt = tokenwatch::loadgen::runtime().context("starting the async runtime")?;
             let report = rt.block_on(tokenwatch::loadgen::run(&o))?;
             print!("{}", report.render());
         }

@@ -128,7 +128,10 @@ impl Host {
         let b = board.clone();
         let thread = std::thread::Builder::new()
             .name("tokenwatch-engine".into())
-            .spawn(move || Worker::new(engine, b, idle_close).run(rx))
+            .spawn(move || {
+                lower_priority();
+                Worker::new(engine, b, idle_close).run(rx)
+            })
             .ok();
         Host { tx, board, thread }
     }
@@ -270,4 +273,13 @@ impl Worker {
         let scores = self.engine.advance_to(now);
         self.board.publish(scores);
     }
+}
+
+/// Nice value of the engine thread (0 = normal, 19 = lowest). Under full load the engine
+/// thread (and the shard threads it starts, which inherit its priority) yields the CPU to
+/// the RPC workers, so that reads stay fast while ingest is throttled by backpressure.
+const ENGINE_NICE: i32 = 5;
+
+fn lower_priority() {
+    crate::sys::lower_thread_priority(ENGINE_NICE);
 }

@@ -100,6 +100,9 @@ impl pb::token_watch_server::TokenWatch for Service {
                     .map_err(|_| engine_gone())?;
                 accepted += rows;
             }
+            // Decoding and validating a message is CPU work on a shared worker; give the
+            // short read calls queued behind it their turn between messages.
+            tokio::task::yield_now().await;
         }
         let (tx, rx) = oneshot::channel();
         self.engine
