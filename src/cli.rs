@@ -65,6 +65,24 @@ pub enum Command {
         #[command(flatten)]
         replay: ReplayArgs,
     },
+    /// Rebuild every model from a data directory's Parquet history and write a snapshot.
+    Retrain {
+        /// The server's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only events at or after this time (RFC 3339 or epoch ms).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only events before this time.
+        #[arg(long)]
+        to: Option<String>,
+        /// Token registry file.
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Model parameters overriding models/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Run the gRPC service (proto/tokenwatch/v1/tokenwatch.proto).
     Serve(ServeArgs),
     /// Stream generated events into a running server and measure it.
@@ -174,4 +192,8 @@ pub struct ReplayArgs {
     /// Number of shards (threads); 0 = one per core. Overrides the config.
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Start from this model snapshot (DATA_DIR/snapshots/*.parquet) instead of untrained
+    /// models.
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
 }

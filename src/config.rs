@@ -67,6 +67,23 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The gRPC service's limits.
     pub server: ServerConfig,
+    /// Durability and history.
+    pub store: StoreConfig,
+}
+
+/// `[store]`: the data directory of `tokenwatch serve`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StoreConfig {
+    /// fsync the write-ahead log before acknowledging (off: faster, a machine crash may
+    /// lose acknowledged events; a process crash still does not).
+    pub fsync: bool,
+    /// A log segment is sealed and compacted into Parquet history past this size.
+    pub segment_bytes: u64,
+    /// Model snapshot interval (processing time).
+    pub snapshot_every: Duration,
+    /// History kept, in event time behind the newest event; "0" keeps everything.
+    pub retention: Duration,
 }
 
 /// `[server]`: limits and clocks of `tokenwatch serve`.

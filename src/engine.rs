@@ -547,6 +547,24 @@ impl Engine {
         self.advance(wm)
     }
 
+    /// Close every open window but stay resumable (graceful shutdown): windows up to the
+    /// one holding the newest event count as closed, so an event for them after a restart is
+    /// late, and later event times go on as usual.
+    pub fn close_open(&mut self) -> Vec<WindowScore> {
+        let out = self.advance(i64::MAX);
+        let w = self.cfg.window.size.ms;
+        let end = if self.max_ts == i64::MIN {
+            i64::MIN
+        } else {
+            window_start(self.max_ts, w).saturating_add(w)
+        };
+        self.watermark = end;
+        for sh in self.shards.iter_mut() {
+            sh.closed_wm = end;
+        }
+        out
+    }
+
     /// Close every open window (end of input).
     pub fn finish(&mut self) -> Vec<WindowScore> {
         self.advance(i64::MAX)
@@ -707,5 +725,194 @@ impl Engine {
             .next()
             .unwrap_or(0);
         (mem, enc)
+    }
+}
+
+/// Version of [`EngineSnapshot::header`]; a snapshot of another version is refused.
+pub const SNAPSHOT_VERSION: u8 = 1;
+
+/// A consistent copy of the whole engine: restoring it and applying the same later batches
+/// gives the same scores as if the engine had never stopped.
+#[derive(Debug, Clone, Default)]
+pub struct EngineSnapshot {
+    /// Engine-wide state: clocks, counters, cross-token models, isolation sample, names.
+    pub header: Vec<u8>,
+    /// Every token, in shard and arrival order.
+    pub tokens: Vec<TokenSnapshot>,
+}
+
+/// One token's part of a snapshot.
+#[derive(Debug, Clone)]
+pub struct TokenSnapshot {
+    /// Token id.
+    pub token: Arc<str>,
+    /// Model state ([`TokenState::encode`]).
+    pub state: Vec<u8>,
+    /// Open windows ([`WindowAgg::encode`] each, count first).
+    pub open: Vec<u8>,
+    /// Opaque bytes a door keeps beside the token (the server: its latest published
+    /// score); the engine neither writes nor reads them.
+    pub extra: Vec<u8>,
+    /// First window seen (epoch ms).
+    pub first_seen: i64,
+    /// Last window seen.
+    pub last_seen: i64,
+    /// Windows learned or quarantined.
+    pub windows: u32,
+}
+
+impl Engine {
+    /// Copy out the whole state.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        use crate::model::codec::Writer;
+        let mut w = Writer::default();
+        w.u8(SNAPSHOT_VERSION);
+        w.i64(self.max_ts);
+        w.i64(self.watermark);
+        w.u8(self.next_refit.is_some() as u8);
+        w.i64(self.next_refit.unwrap_or(0));
+        w.u64(self.refits);
+        let closed = self
+            .shards
+            .iter()
+            .map(|s| s.closed_wm)
+            .max()
+            .unwrap_or(i64::MIN);
+        w.i64(closed);
+        let st = self.stats();
+        for v in [st.events, st.late, st.windows, st.alerts, st.quarantined] {
+            w.u64(v);
+        }
+        self.global.encode(&mut w);
+        w.u32(self.shards.len() as u32);
+        for sh in &self.shards {
+            sh.reservoir.encode(&mut w);
+        }
+        let mut names: Vec<(u64, &str)> = Vec::new();
+        for sh in &self.shards {
+            names.extend(sh.names.iter().map(|(k, v)| (*k, v.as_ref())));
+        }
+        names.sort_unstable();
+        names.dedup_by_key(|n| n.0);
+        w.u32(names.len() as u32);
+        for (k, v) in names {
+            w.u64(k);
+            w.bytes(v.as_bytes());
+        }
+        let mut tokens = Vec::new();
+        for sh in &self.shards {
+            for slot in &sh.slots {
+                let mut s = Writer::default();
+                slot.state.encode(&mut s);
+                let mut o = Writer::default();
+                o.u32(slot.open.len() as u32);
+                for &(_, a) in &slot.open {
+                    sh.aggs[a as usize].encode(&mut o);
+                }
+                tokens.push(TokenSnapshot {
+                    token: slot.name.clone(),
+                    state: s.buf,
+                    open: o.buf,
+                    extra: Vec::new(),
+                    first_seen: slot.state.first_seen,
+                    last_seen: slot.state.last_seen,
+                    windows: slot.state.windows,
+                });
+            }
+        }
+        EngineSnapshot {
+            header: w.buf,
+            tokens,
+        }
+    }
+
+    /// An engine in the state `snap` describes (any shard count; the same count restores
+    /// the same layout).
+    pub fn restore(
+        cfg: Config,
+        registry: Registry,
+        snap: &EngineSnapshot,
+    ) -> Result<Engine, crate::model::DecodeError> {
+        use crate::model::codec::Reader;
+        use crate::model::DecodeError;
+        let mut e = Engine::new(cfg, registry);
+        let mut r = Reader::new(&snap.header);
+        let v = r.u8()?;
+        if v != SNAPSHOT_VERSION {
+            return Err(DecodeError::Version {
+                found: v,
+                expected: SNAPSHOT_VERSION,
+            });
+        }
+        e.max_ts = r.i64()?;
+        e.watermark = r.i64()?;
+        let has_refit = r.u8()? != 0;
+        let next = r.i64()?;
+        e.next_refit = has_refit.then_some(next);
+        e.refits = r.u64()?;
+        let closed = r.i64()?;
+        let mut counters = [0u64; 5];
+        for c in counters.iter_mut() {
+            *c = r.u64()?;
+        }
+        let global = Arc::new(Global::decode(&mut r)?);
+        e.global = global.clone();
+        let parts = r.count(4)?;
+        // Bottom-k of the union is what refits use: any placement of the points keeps it.
+        for _ in 0..parts {
+            e.shards[0].reservoir.absorb(&mut r)?;
+        }
+        let n = r.count(12)?;
+        let mut names = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k = r.u64()?;
+            let v = std::str::from_utf8(r.bytes()?).map_err(|_| DecodeError::Truncated)?;
+            names.push((k, v.to_string()));
+        }
+        if r.remaining() != 0 {
+            return Err(DecodeError::Trailing(r.remaining()));
+        }
+        let nshards = e.shards.len() as u64;
+        for sh in e.shards.iter_mut() {
+            sh.global = global.clone();
+            sh.closed_wm = closed;
+            for (k, v) in &names {
+                sh.names.note(*k, || v.clone());
+            }
+        }
+        let s0 = &mut e.shards[0].stats;
+        s0.events = counters[0];
+        s0.late = counters[1];
+        s0.windows = counters[2];
+        s0.alerts = counters[3];
+        s0.quarantined = counters[4];
+        for t in &snap.tokens {
+            let sh = &mut e.shards[(text_key(&t.token) % nshards) as usize];
+            let state = TokenState::decode(&t.state)?;
+            let idx = sh.slots.len() as u32;
+            let mut open = Vec::new();
+            let mut o = Reader::new(&t.open);
+            for _ in 0..o.count(8)? {
+                let agg = WindowAgg::decode(&mut o)?;
+                let a = sh.aggs.len() as u32;
+                open.push((agg.start, a));
+                sh.queue.entry(agg.start).or_default().push(idx);
+                sh.aggs.push(agg);
+            }
+            if o.remaining() != 0 {
+                return Err(DecodeError::Trailing(o.remaining()));
+            }
+            if sh.tokens.insert(t.token.as_ref().into(), idx).is_some() {
+                return Err(DecodeError::Duplicate(t.token.to_string()));
+            }
+            sh.slots.push(Slot {
+                name: t.token.clone(),
+                state,
+                reg: sh.registry.get_shared(&t.token),
+                open,
+            });
+            sh.stats.tokens += 1;
+        }
+        Ok(e)
     }
 }

@@ -70,6 +70,8 @@ pub struct Options {
     /// Compute metrics (eval); false for a plain replay, where every window is scored
     /// alike and the file's labels, if any, are ignored.
     pub measure: bool,
+    /// Start from this model snapshot instead of an untrained engine.
+    pub snapshot: Option<PathBuf>,
 }
 
 impl Options {
@@ -87,6 +89,7 @@ impl Options {
             incident_gap_ms: 24 * 3_600_000,
             top: 10,
             measure: true,
+            snapshot: None,
         }
     }
 }
@@ -261,7 +264,15 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         t => crate::window::window_start(t, window_ms),
     };
     let measure = opts.measure;
-    let mut engine = Engine::new(cfg, registry);
+    let mut engine = match &opts.snapshot {
+        None => Engine::new(cfg, registry),
+        Some(p) => {
+            let (snap, _) =
+                crate::store::snapshot::read(p).map_err(|e| Error::Other(e.to_string()))?;
+            Engine::restore(cfg, registry, &snap)
+                .map_err(|e| Error::Other(format!("{}: {e}", p.display())))?
+        }
+    };
     let mut reader = EventReader::open(&opts.events, opts.on_bad_row)?;
     let mut writer = match &opts.scores_out {
         Some(p) => Some(ScoresWriter::create(p)?),

@@ -17,6 +17,7 @@
 //! - [`output`]: window-score files.
 //! - [`server`]: the gRPC service (`tokenwatch serve`) over the same engine.
 //! - [`loadgen`]: a gRPC load generator measuring ingest rate and read latency.
+//! - [`store`]: write-ahead log, Parquet event history, model snapshots.
 //! - [`sys`]: thread priority, the one direct call to the operating system.
 #![warn(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod model;
 pub mod output;
 pub mod score;
 pub mod server;
+pub mod store;
 pub mod sys;
 pub mod window;
 

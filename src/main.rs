@@ -53,6 +53,7 @@ fn replay_options(args: &ReplayArgs, split: Split) -> eval::Options {
     o.on_bad_row = args.on_bad_row;
     o.split = split;
     o.progress = std::io::stderr().is_terminal();
+    o.snapshot = args.snapshot.clone();
     o
 }
 
@@ -128,6 +129,50 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", report.render(&cfg));
         }
         Command::Serve(args) => serve(args)?,
+        Command::Retrain {
+            data_dir,
+            from,
+            to,
+            tokens,
+            config,
+        } => {
+            let ts = |s: Option<String>, flag: &str| -> Result<Option<i64>> {
+                s.map(|s| {
+                    tokenwatch::event::parse_ts(&s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+                })
+                .transpose()
+            };
+            let (from, to) = (ts(from, "--from")?, ts(to, "--to")?);
+            let cfg = Config::load(config.as_deref())?;
+            let registry = load_registry(tokens.as_deref(), BadRowPolicy::Skip)?;
+            let bar = if std::io::stderr().is_terminal() {
+                indicatif::ProgressBar::new_spinner()
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let t0 = std::time::Instant::now();
+            let (engine, pos) =
+                tokenwatch::store::rebuild(&data_dir, &cfg, registry, (from, to), None, |n| {
+                    if n % 65_536 < 1024 {
+                        bar.set_message(format!("{n} events"));
+                    }
+                })?;
+            bar.finish_and_clear();
+            let path = tokenwatch::store::snapshot::write(
+                &tokenwatch::store::snapshots_dir(&data_dir),
+                &engine.snapshot(),
+                pos,
+            )?;
+            let st = engine.stats();
+            println!(
+                "retrained on {} events ({} tokens, {} windows) in {:.1} s; snapshot {}",
+                st.events + st.late,
+                st.tokens,
+                st.windows,
+                t0.elapsed().as_secs_f64(),
+                path.display()
+            );
+        }
         Command::Loadgen {
             target,
             events,
@@ -254,11 +299,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             keys,
             tls,
             shutdown_grace: std::time::Duration::from_millis(args.shutdown_grace.ms.max(0) as u64),
+            data_dir: Some(args.data_dir.clone()),
         };
         let summary = server::run(listener, opts, server::shutdown_signal()).await?;
-        println!(
+        // Whoever started us may have stopped reading stdout: not worth failing the stop.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stdout(),
             "stopped: {} events, {} windows scored, {} alerts",
-            summary.stats.events, summary.windows, summary.alerts
+            summary.stats.events,
+            summary.windows,
+            summary.alerts
         );
         Ok(())
     })

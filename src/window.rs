@@ -218,6 +218,77 @@ impl WindowAgg {
         self.last_ts = i64::MIN;
     }
 
+    /// Write the aggregate (snapshot of an open window).
+    pub fn encode(&self, w: &mut crate::model::codec::Writer) {
+        w.i64(self.start);
+        w.u32(self.count);
+        for s in self.status {
+            w.u32(s);
+        }
+        w.u64(self.bytes);
+        w.f64(self.latency_sum);
+        w.u32(self.latency_n);
+        for c in [
+            &self.endpoints,
+            &self.countries,
+            &self.asns,
+            &self.prefixes,
+            &self.agents,
+            &self.scopes,
+            &self.envs,
+        ] {
+            w.u32(c.items.len() as u32);
+            for &(k, n) in &c.items {
+                w.u64(k);
+                w.u32(n);
+            }
+            w.u32(c.overflow);
+        }
+        w.u32(self.labelled);
+        w.u64(self.kind);
+        w.i64(self.first_ts);
+        w.i64(self.last_ts);
+    }
+
+    /// Read what [`WindowAgg::encode`] wrote.
+    pub fn decode(
+        r: &mut crate::model::codec::Reader,
+    ) -> Result<WindowAgg, crate::model::DecodeError> {
+        let mut a = WindowAgg {
+            start: r.i64()?,
+            count: r.u32()?,
+            ..Default::default()
+        };
+        for s in a.status.iter_mut() {
+            *s = r.u32()?;
+        }
+        a.bytes = r.u64()?;
+        a.latency_sum = r.f64()?;
+        a.latency_n = r.u32()?;
+        for c in [
+            &mut a.endpoints,
+            &mut a.countries,
+            &mut a.asns,
+            &mut a.prefixes,
+            &mut a.agents,
+            &mut a.scopes,
+            &mut a.envs,
+        ] {
+            let n = r.count(12)?;
+            c.items.reserve(n);
+            for _ in 0..n {
+                let k = r.u64()?;
+                c.items.push((k, r.u32()?));
+            }
+            c.overflow = r.u32()?;
+        }
+        a.labelled = r.u32()?;
+        a.kind = r.u64()?;
+        a.first_ts = r.i64()?;
+        a.last_ts = r.i64()?;
+        Ok(a)
+    }
+
     /// Mean latency in ms, if any event had one.
     pub fn mean_latency(&self) -> Option<f64> {
         (self.latency_n > 0).then(|| self.latency_sum / self.latency_n as f64)

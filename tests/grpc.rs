@@ -44,6 +44,7 @@ impl TestServer {
             keys: Some(keys()),
             tls: None,
             shutdown_grace: Duration::from_secs(10),
+            data_dir: None,
         };
         let task = tokio::spawn(server::run(listener, opts, async {
             let _ = rx.await;

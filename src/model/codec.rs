@@ -29,6 +29,13 @@ impl Writer {
     pub fn f32(&mut self, v: f32) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
+    pub fn f64(&mut self, v: f64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn bytes(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.buf.extend_from_slice(v);
+    }
 }
 
 /// Reads what [`Writer`] wrote; running out of bytes is an error, never a panic.
@@ -63,6 +70,28 @@ impl<'a> Reader<'a> {
     get!(u64, u64, 8);
     get!(i64, i64, 8);
     get!(f32, f32, 4);
+    get!(f64, f64, 8);
+
+    /// Length-prefixed bytes, as [`Writer::bytes`] wrote them.
+    pub fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    /// A count of items that each take at least `min_bytes`: larger than what is left
+    /// means corrupt input, refused before anything is allocated for it.
+    pub fn count(&mut self, min_bytes: usize) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_bytes.max(1)) > self.buf.len() {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(n)
+    }
 
     /// Bytes left.
     pub fn remaining(&self) -> usize {

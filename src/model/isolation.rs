@@ -317,6 +317,31 @@ impl Reservoir {
         self.heap.len()
     }
 
+    /// Write the held points with their hashes.
+    pub fn encode(&self, w: &mut Writer) {
+        w.u32(self.heap.len() as u32);
+        for e in self.heap.iter() {
+            w.u64(e.0);
+            for &f in &e.1 {
+                w.f32(f);
+            }
+        }
+    }
+
+    /// Offer every point [`Reservoir::encode`] wrote (bottom-k is order independent).
+    pub fn absorb(&mut self, r: &mut Reader) -> Result<(), DecodeError> {
+        let n = r.count(8 + 4 * FEATURES)?;
+        for _ in 0..n {
+            let h = r.u64()?;
+            let mut p: Point = [0.0; FEATURES];
+            for f in p.iter_mut() {
+                *f = r.f32()?;
+            }
+            self.offer(h, &p);
+        }
+        Ok(())
+    }
+
     /// Nothing held.
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()

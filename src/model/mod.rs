@@ -249,6 +249,110 @@ pub struct Global {
     pub fitted_at: i64,
 }
 
+impl Global {
+    /// Write every cross-token model (snapshot).
+    pub fn encode(&self, w: &mut Writer) {
+        w.i64(self.fitted_at);
+        match &self.peers {
+            None => w.u8(0),
+            Some(p) => {
+                w.u8(1);
+                w.u32(p.groups.len() as u32);
+                for g in &p.groups {
+                    for &c in &g.centroid {
+                        w.f32(c);
+                    }
+                    w.u32(g.members);
+                    for v in [g.dist_mean, g.dist_sd, g.rate_mean, g.rate_var] {
+                        w.f64(v);
+                    }
+                }
+            }
+        }
+        match &self.isolation {
+            None => w.u8(0),
+            Some(m) => {
+                w.u8(1);
+                m.encode(w);
+            }
+        }
+        w.u32(self.rarity.tokens);
+        let mut users: Vec<(u32, u32)> = self.rarity.users.iter().map(|(&k, &v)| (k, v)).collect();
+        users.sort_unstable();
+        w.u32(users.len() as u32);
+        for (k, v) in users {
+            w.u32(k);
+            w.u32(v);
+        }
+        match &self.novelty {
+            None => w.u8(0),
+            Some(n) => {
+                w.u8(1);
+                for b in n {
+                    w.f64(b.a);
+                    w.f64(b.b);
+                }
+            }
+        }
+    }
+
+    /// Read what [`Global::encode`] wrote.
+    pub fn decode(r: &mut Reader) -> Result<Global, DecodeError> {
+        let fitted_at = r.i64()?;
+        let peers = match r.u8()? {
+            0 => None,
+            _ => {
+                let n = r.count(4 * peers::DIMS + 36)?;
+                let mut groups = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mut centroid = [0f32; peers::DIMS];
+                    for c in centroid.iter_mut() {
+                        *c = r.f32()?;
+                    }
+                    groups.push(peers::GroupStats {
+                        centroid,
+                        members: r.u32()?,
+                        dist_mean: r.f64()?,
+                        dist_sd: r.f64()?,
+                        rate_mean: r.f64()?,
+                        rate_var: r.f64()?,
+                    });
+                }
+                Some(peers::PeerGroups { groups })
+            }
+        };
+        let isolation = match r.u8()? {
+            0 => None,
+            _ => Some(isolation::IsolationModel::decode(r)?),
+        };
+        let tokens = r.u32()?;
+        let n = r.count(8)?;
+        let mut users = rustc_hash::FxHashMap::default();
+        for _ in 0..n {
+            let k = r.u32()?;
+            users.insert(k, r.u32()?);
+        }
+        let novelty = match r.u8()? {
+            0 => None,
+            _ => {
+                let mut n = [BetaPrior { a: 0.0, b: 0.0 }; 6];
+                for b in n.iter_mut() {
+                    b.a = r.f64()?;
+                    b.b = r.f64()?;
+                }
+                Some(n)
+            }
+        };
+        Ok(Global {
+            peers,
+            isolation,
+            rarity: endpoints::Rarity { users, tokens },
+            novelty,
+            fitted_at,
+        })
+    }
+}
+
 /// Beta prior on "a window of this token brings a never-seen item of this kind".
 ///
 /// Fitted across tokens by the method of moments (empirical Bayes), so a token with a short
@@ -313,6 +417,9 @@ pub enum DecodeError {
     /// Bytes left over.
     #[error("model state has {0} trailing bytes")]
     Trailing(usize),
+    /// A token twice in one snapshot.
+    #[error("token {0:?} appears twice")]
+    Duplicate(String),
 }
 
 /// The contract every per-token model follows (see the contract suite in the tests).

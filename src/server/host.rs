@@ -11,18 +11,31 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::pb;
+use crate::config::Config;
 use crate::engine::{Engine, Stats, WindowScore};
+use crate::model::registry::Registry;
+use crate::store::{LogPos, Store};
+
+/// A reply carrying a path or a reason.
+pub type PathReply = oneshot::Sender<Result<std::path::PathBuf, String>>;
 
 /// Work for the engine thread.
 pub enum Cmd {
     /// Validated events, and the counter of the stream's events that arrived behind the
     /// watermark (accepted, but too late for their window to be scored).
     Batch(RecordBatch, Arc<AtomicU64>),
-    /// Answer once everything queued before this is applied.
-    Flush(oneshot::Sender<()>),
-    /// Processing time passed (idle close).
+    /// Answer once everything queued before this is applied and durable (Err: the log
+    /// could not be written since the last flush).
+    Flush(oneshot::Sender<Result<(), String>>),
+    /// Processing time passed (idle close, periodic snapshot).
     Tick,
-    /// Close every window, publish, and stop.
+    /// Write a snapshot now.
+    Snapshot(PathReply),
+    /// Rebuild the models from history in the background, then swap them in.
+    Retrain(Option<i64>, Option<i64>, PathReply),
+    /// A background rebuild finished: catch it up with the log and swap it in.
+    Swap(Box<Result<(Engine, LogPos), String>>, PathReply),
+    /// Close every window, publish, snapshot, and stop.
     Stop(oneshot::Sender<Stats>),
 }
 
@@ -43,7 +56,8 @@ pub struct Board {
 const PUBLISH_CHUNK: usize = 256;
 
 impl Board {
-    fn new(alert_buffer: usize) -> Self {
+    /// An empty board.
+    pub fn new(alert_buffer: usize) -> Self {
         Board {
             latest: RwLock::new(FxHashMap::default()),
             alerts: broadcast::channel(alert_buffer).0,
@@ -78,6 +92,22 @@ impl Board {
         }
         all.sort_by(by_risk);
         all
+    }
+
+    /// Put restored latest scores on the board (start after a restart); no alert is sent.
+    pub fn restore(&self, latest: impl IntoIterator<Item = (Arc<str>, pb::TokenRisk)>) {
+        let mut map = self.latest.write().unwrap_or_else(|p| p.into_inner());
+        for (t, r) in latest {
+            map.insert(t, Arc::new(r));
+        }
+    }
+
+    /// Publish windows without alerting (replayed after a restart: alerted before it).
+    pub fn publish_quietly(&self, scores: &[WindowScore]) {
+        let mut map = self.latest.write().unwrap_or_else(|p| p.into_inner());
+        for s in scores {
+            map.insert(s.token.clone(), Arc::new(pb::TokenRisk::from(s)));
+        }
     }
 
     fn publish(&self, scores: Vec<WindowScore>) {
@@ -117,26 +147,42 @@ pub struct Host {
 }
 
 /// Rows merged into one engine batch: fewer, larger batches amortise the per-batch cost
-/// (shard split, thread hand-off) when many small client batches queue up.
+/// (shard split, thread hand-off, log fsync) when many small client batches queue up.
 const COALESCE_ROWS: usize = 65_536;
 
+/// What the engine thread needs besides the engine.
+pub struct Setup {
+    /// Batches queued towards the engine.
+    pub queue: usize,
+    /// Idle close after this much processing time without events.
+    pub idle_close: Duration,
+    /// Durable store (None: in memory only).
+    pub store: Option<Store>,
+    /// Snapshot interval.
+    pub snapshot_every: Duration,
+    /// For rebuilding engines (retrain).
+    pub config: Config,
+    /// For rebuilding engines (retrain).
+    pub registry: Registry,
+}
+
 impl Host {
-    /// Start the engine thread.
-    pub fn start(engine: Engine, queue: usize, alert_buffer: usize, idle_close: Duration) -> Host {
-        let (tx, rx) = mpsc::channel(queue);
-        let board = Arc::new(Board::new(alert_buffer));
+    /// Start the engine thread; `board` may already hold restored scores.
+    pub fn start(engine: Engine, board: Arc<Board>, setup: Setup) -> Host {
+        let (tx, rx) = mpsc::channel(setup.queue);
         let b = board.clone();
+        let me = tx.clone();
         let thread = std::thread::Builder::new()
             .name("tokenwatch-engine".into())
             .spawn(move || {
                 lower_priority();
-                Worker::new(engine, b, idle_close).run(rx)
+                Worker::new(engine, b, setup, me).run(rx)
             })
             .ok();
         Host { tx, board, thread }
     }
 
-    /// Close every open window, publish, stop the thread; the engine's counters.
+    /// Close every open window, publish, snapshot, stop the thread; the engine's counters.
     pub async fn stop(mut self) -> Stats {
         let (tx, rx) = oneshot::channel();
         let stats = if self.tx.send(Cmd::Stop(tx)).await.is_ok() {
@@ -157,16 +203,33 @@ struct Worker {
     idle_close: Duration,
     last_arrival: Instant,
     newest_at_arrival: Option<i64>,
+    store: Option<Store>,
+    /// The log could not be written since the last flush: the next flush says so.
+    log_failed: Option<String>,
+    snapshot_every: Duration,
+    last_snapshot: Instant,
+    config: Config,
+    registry: Registry,
+    retraining: bool,
+    me: mpsc::Sender<Cmd>,
 }
 
 impl Worker {
-    fn new(engine: Engine, board: Arc<Board>, idle_close: Duration) -> Self {
+    fn new(engine: Engine, board: Arc<Board>, setup: Setup, me: mpsc::Sender<Cmd>) -> Self {
         Worker {
             engine,
             board,
-            idle_close,
+            idle_close: setup.idle_close,
             last_arrival: Instant::now(),
             newest_at_arrival: None,
+            store: setup.store,
+            log_failed: None,
+            snapshot_every: setup.snapshot_every,
+            last_snapshot: Instant::now(),
+            config: setup.config,
+            registry: setup.registry,
+            retraining: false,
+            me,
         }
     }
 
@@ -202,19 +265,40 @@ impl Worker {
                     self.apply(batches);
                 }
                 Cmd::Flush(tx) => {
-                    let _ = tx.send(());
+                    let _ = tx.send(self.log_failed.take().map_or(Ok(()), Err));
                 }
                 Cmd::Tick => self.tick(),
+                Cmd::Snapshot(tx) => {
+                    let _ = tx.send(self.checkpoint());
+                }
+                Cmd::Retrain(from, to, tx) => self.start_retrain(from, to, tx),
+                Cmd::Swap(built, tx) => {
+                    self.retraining = false;
+                    let _ = tx.send(self.swap(*built));
+                }
                 Cmd::Stop(tx) => {
-                    let scores = self.engine.finish();
+                    let scores = self.engine.close_open();
                     self.board.publish(scores);
+                    if self.store.is_some() {
+                        match self.checkpoint() {
+                            Ok(p) => {
+                                tracing::info!(snapshot = %p.display(), "final snapshot written")
+                            }
+                            Err(e) => tracing::error!(error = %e, "final snapshot failed"),
+                        }
+                        if let Some(store) = self.store.take() {
+                            if let Err(e) = store.close() {
+                                tracing::error!(error = %e, "compacting the log at shutdown failed");
+                            }
+                        }
+                    }
                     let _ = tx.send(self.engine.stats());
                     return;
                 }
             }
         }
         // Every sender is gone without a Stop: still close and publish what is open.
-        let scores = self.engine.finish();
+        let scores = self.engine.close_open();
         self.board.publish(scores);
     }
 
@@ -250,6 +334,15 @@ impl Worker {
             arrow::compute::concat_batches(&schema, &batches).ok()
         };
         let Some(batch) = batch else { return };
+        // Log first (one fsync for the whole coalesced batch), then apply: an
+        // acknowledged event is on disk, and a replay sees the batches the engine saw.
+        if let Some(store) = self.store.as_mut() {
+            if let Err(e) = store.append(&batch).and_then(|_| store.commit()) {
+                tracing::error!(error = %e, "write-ahead log failed; ingest is refused until it works");
+                self.log_failed = Some(format!("events could not be made durable: {e}"));
+                return;
+            }
+        }
         match self.engine.apply(&batch) {
             Ok(scores) => self.board.publish(scores),
             // Batches come from `convert::to_batch` in the canonical schema; a mismatch
@@ -261,6 +354,12 @@ impl Worker {
     }
 
     fn tick(&mut self) {
+        if self.store.is_some() && self.last_snapshot.elapsed() >= self.snapshot_every {
+            match self.checkpoint() {
+                Ok(p) => tracing::debug!(snapshot = %p.display(), "periodic snapshot"),
+                Err(e) => tracing::error!(error = %e, "periodic snapshot failed"),
+            }
+        }
         let idle = self.last_arrival.elapsed();
         let Some(newest) = self.newest_at_arrival else {
             return;
@@ -272,6 +371,87 @@ impl Worker {
         let now = newest.saturating_add(idle.as_millis().min(i64::MAX as u128) as i64);
         let scores = self.engine.advance_to(now);
         self.board.publish(scores);
+    }
+
+    /// Snapshot the engine (with each token's latest published score) and seal the log.
+    fn checkpoint(&mut self) -> Result<std::path::PathBuf, String> {
+        let Some(store) = self.store.as_mut() else {
+            return Err("the server runs without a data directory".into());
+        };
+        let mut snap = self.engine.snapshot();
+        for t in snap.tokens.iter_mut() {
+            if let Some(r) = self.board.get(&t.token) {
+                t.extra = prost::Message::encode_to_vec(r.as_ref());
+            }
+        }
+        self.last_snapshot = Instant::now();
+        store
+            .checkpoint(&snap, self.engine.newest())
+            .map_err(|e| e.to_string())
+    }
+
+    fn start_retrain(&mut self, from: Option<i64>, to: Option<i64>, tx: PathReply) {
+        if self.retraining {
+            let _ = tx.send(Err("a retrain is already running".into()));
+            return;
+        }
+        let Some(store) = self.store.as_mut() else {
+            let _ = tx.send(Err("the server runs without a data directory".into()));
+            return;
+        };
+        // Everything before `pos` is now in the history; later batches are caught up from
+        // the log when the rebuilt engine comes back.
+        let pos = match store.seal() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        self.retraining = true;
+        let (dir, cfg, reg, me) = (
+            store.dir().to_path_buf(),
+            self.config.clone(),
+            self.registry.clone(),
+            self.me.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("tokenwatch-retrain".into())
+            .spawn(move || {
+                lower_priority();
+                let t0 = Instant::now();
+                let built =
+                    crate::store::rebuild(&dir, &cfg, reg, (from, to), Some(pos.segment), |_| {})
+                        .map_err(|e| e.to_string());
+                tracing::info!(
+                    seconds = t0.elapsed().as_secs_f64(),
+                    ok = built.is_ok(),
+                    "retrain built"
+                );
+                let _ = me.blocking_send(Cmd::Swap(Box::new(built), tx));
+            });
+        if let Err(e) = spawned {
+            self.retraining = false;
+            tracing::error!(error = %e, "cannot start the retrain thread");
+        }
+    }
+
+    fn swap(
+        &mut self,
+        built: Result<(Engine, LogPos), String>,
+    ) -> Result<std::path::PathBuf, String> {
+        let (mut engine, pos) = built?;
+        let Some(store) = self.store.as_ref() else {
+            return Err("the server runs without a data directory".into());
+        };
+        // Catch up with what arrived while the rebuild ran (already durable in the log).
+        for b in store.read_since(pos).map_err(|e| e.to_string())? {
+            engine.apply(&b).map_err(|e| e.to_string())?;
+        }
+        self.engine = engine;
+        self.newest_at_arrival = self.engine.newest();
+        tracing::info!("retrained models swapped in");
+        self.checkpoint()
     }
 }
 

@@ -44,6 +44,9 @@ pub enum Error {
     /// Reflection could not be built from the descriptors (a build defect).
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The data directory could not be opened or recovered.
+    #[error("data directory: {0}")]
+    Store(#[from] crate::store::Error),
     /// The server task panicked or was cancelled.
     #[error("server task: {0}")]
     Task(String),
@@ -61,6 +64,9 @@ pub struct Options {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// How long a shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Durable state (write-ahead log, history, snapshots); `None` keeps everything in
+    /// memory (tests, experiments).
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// What a server did, returned after a clean shutdown.
@@ -82,13 +88,61 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Summary, Error> {
     let scfg = opts.config.server.clone();
-    let engine = Engine::new(opts.config, opts.registry);
+    let board = Arc::new(host::Board::new(scfg.alert_buffer));
+    let (engine, store, replayed) = match opts.data_dir.clone() {
+        None => (
+            Engine::new(opts.config.clone(), opts.registry.clone()),
+            None,
+            0,
+        ),
+        Some(dir) => {
+            let (cfg, reg) = (opts.config.clone(), opts.registry.clone());
+            let t0 = std::time::Instant::now();
+            let (store, rec) =
+                tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, &cfg, reg))
+                    .await
+                    .map_err(|e| Error::Task(e.to_string()))??;
+            for w in &rec.warnings {
+                tracing::warn!("{w}");
+            }
+            board.restore(rec.extras.iter().filter_map(|(t, b)| {
+                let r: pb::TokenRisk = prost::Message::decode(b.as_slice()).ok()?;
+                Some((t.clone(), r))
+            }));
+            board.publish_quietly(&rec.scores);
+            tracing::info!(
+                snapshot = ?rec.snapshot,
+                batches = rec.replayed_batches,
+                events = rec.replayed_events,
+                seconds = t0.elapsed().as_secs_f64(),
+                "state recovered"
+            );
+            (rec.engine, Some(store), rec.replayed_batches)
+        }
+    };
     let host = host::Host::start(
         engine,
-        scfg.queue_batches,
-        scfg.alert_buffer,
-        Duration::from_millis(scfg.idle_close.ms as u64),
+        board,
+        host::Setup {
+            queue: scfg.queue_batches,
+            idle_close: Duration::from_millis(scfg.idle_close.ms as u64),
+            snapshot_every: Duration::from_millis(
+                opts.config.store.snapshot_every.ms.max(1000) as u64
+            ),
+            store,
+            config: opts.config.clone(),
+            registry: opts.registry.clone(),
+        },
     );
+    if replayed > 0 {
+        // Start from a fresh snapshot, so the next restart replays nothing twice over.
+        let (tx, rx) = oneshot::channel();
+        if host.tx.send(host::Cmd::Snapshot(tx)).await.is_ok() {
+            if let Ok(Err(e)) = rx.await {
+                tracing::warn!(error = %e, "snapshot after recovery failed");
+            }
+        }
+    }
     let (close_tx, close_rx) = watch::channel(false);
     let (finished_tx, finished_rx) = watch::channel(false);
     let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));

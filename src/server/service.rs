@@ -109,7 +109,9 @@ impl pb::token_watch_server::TokenWatch for Service {
             .send(Cmd::Flush(tx))
             .await
             .map_err(|_| engine_gone())?;
-        rx.await.map_err(|_| engine_gone())?;
+        rx.await
+            .map_err(|_| engine_gone())?
+            .map_err(Status::unavailable)?;
         if rejected.count > 0 {
             tracing::info!(
                 accepted,
@@ -211,9 +213,19 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::RetrainRequest>,
     ) -> Result<Response<pb::RetrainResponse>, Status> {
         require(&req, Role::Admin)?;
-        Err(Status::unimplemented(
-            "Retrain needs the persistence layer (Parquet history), not built yet",
-        ))
+        let r = req.get_ref();
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Cmd::Retrain(r.from_ms, r.to_ms, tx))
+            .await
+            .map_err(|_| engine_gone())?;
+        let path = rx
+            .await
+            .map_err(|_| engine_gone())?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::RetrainResponse {
+            snapshot_path: path.display().to_string(),
+        }))
     }
 
     async fn snapshot(
@@ -221,8 +233,17 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         require(&req, Role::Admin)?;
-        Err(Status::unimplemented(
-            "Snapshot needs the persistence layer, not built yet",
-        ))
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Cmd::Snapshot(tx))
+            .await
+            .map_err(|_| engine_gone())?;
+        let path = rx
+            .await
+            .map_err(|_| engine_gone())?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::SnapshotResponse {
+            path: path.display().to_string(),
+        }))
     }
 }

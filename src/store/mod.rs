@@ -1,0 +1,386 @@
+//! Durable state under the data directory: the write-ahead log of accepted batches, the
+//! Parquet event history it is compacted into, and model snapshots.
+//!
+//! ```text
+//! DATA_DIR/wal/SEQ.arrows                      Arrow IPC stream, one message per batch, fsync'd
+//! DATA_DIR/wal/SEQ.compacted                   marker: SEQ is in the history exactly once
+//! DATA_DIR/events/date=YYYY-MM-DD/part-SEQ.parquet   event history (zstd), by UTC event date
+//! DATA_DIR/snapshots/snap-SEQ.parquet          model state, schema-versioned
+//! ```
+//!
+//! Nothing here knows about tonic; the server and the `retrain` command drive it.
+
+pub mod history;
+pub mod snapshot;
+pub mod wal;
+
+use std::path::PathBuf;
+
+/// Errors of the store, each naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Arrow IPC or Parquet could not encode or decode.
+    #[error("{path}: {reason}")]
+    Format {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
+
+pub(crate) fn format(path: impl Into<PathBuf>) -> impl FnOnce(String) -> Error {
+    let path = path.into();
+    move |reason| Error::Format { path, reason }
+}
+
+/// fsync a directory so that a rename or a new file in it survives a crash.
+pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Position in the log: every batch before it (segments `< segment`, and the first
+/// `batches` of `segment`) is reflected in whatever carries the position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogPos {
+    /// Segment sequence number.
+    pub segment: u64,
+    /// Batches of that segment.
+    pub batches: u64,
+}
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+
+use crate::config::{Config, StoreConfig};
+use crate::engine::{Engine, EngineSnapshot, WindowScore};
+use crate::model::registry::Registry;
+
+/// What a start found and rebuilt.
+pub struct Recovered {
+    /// The engine, in the state of the last acknowledged batch.
+    pub engine: Engine,
+    /// Snapshot loaded, if any.
+    pub snapshot: Option<PathBuf>,
+    /// Log batches replayed after it.
+    pub replayed_batches: u64,
+    /// Events in them.
+    pub replayed_events: u64,
+    /// Per token, the bytes a door kept beside it in the snapshot.
+    pub extras: Vec<(Arc<str>, Vec<u8>)>,
+    /// Windows the replay closed (already alerted before the restart, if at all).
+    pub scores: Vec<WindowScore>,
+    /// Problems that did not stop the start (a corrupt snapshot skipped, a torn log tail).
+    pub warnings: Vec<String>,
+}
+
+/// The data directory of a running server.
+pub struct Store {
+    dir: PathBuf,
+    wal: wal::Wal,
+    cfg: StoreConfig,
+}
+
+/// Paths inside a data directory.
+pub fn wal_dir(dir: &Path) -> PathBuf {
+    dir.join("wal")
+}
+/// Event history.
+pub fn events_dir(dir: &Path) -> PathBuf {
+    dir.join("events")
+}
+/// Model snapshots.
+pub fn snapshots_dir(dir: &Path) -> PathBuf {
+    dir.join("snapshots")
+}
+
+fn apply_all(
+    engine: &mut Engine,
+    batch: &RecordBatch,
+    path: &Path,
+    out: &mut Vec<WindowScore>,
+) -> Result<(), Error> {
+    let s = engine
+        .apply(batch)
+        .map_err(|e| format(path)(e.to_string()))?;
+    out.extend(s);
+    Ok(())
+}
+
+impl Store {
+    /// Open `dir`: load the newest valid snapshot, replay the log after it (or, with no
+    /// snapshot, the history and the log not yet in it), and open a new log segment.
+    pub fn open(dir: &Path, cfg: &Config, registry: Registry) -> Result<(Store, Recovered), Error> {
+        let (wal_d, events_d, snaps_d) = (wal_dir(dir), events_dir(dir), snapshots_dir(dir));
+        for d in [&wal_d, &events_d, &snaps_d] {
+            std::fs::create_dir_all(d).map_err(io(d))?;
+        }
+        let mut warnings = Vec::new();
+        let mut loaded = None;
+        for (_, path) in snapshot::list(&snaps_d)? {
+            let attempt = snapshot::read(&path).and_then(|(snap, pos)| {
+                Engine::restore(cfg.clone(), registry.clone(), &snap)
+                    .map(|e| (e, snap, pos))
+                    .map_err(|e| format(&path)(format!("model state: {e}")))
+            });
+            match attempt {
+                Ok(x) => {
+                    loaded = Some((path, x));
+                    break;
+                }
+                Err(e) => warnings.push(format!("{e}; falling back to the previous snapshot")),
+            }
+        }
+        let mut scores = Vec::new();
+        let (mut replayed_batches, mut replayed_events) = (0u64, 0u64);
+        let segments = wal::segments(&wal_d)?;
+        let (mut engine, snapshot, extras, from) = match loaded {
+            Some((path, (engine, snap, pos))) => {
+                let extras = snap
+                    .tokens
+                    .into_iter()
+                    .filter(|t| !t.extra.is_empty())
+                    .map(|t| (t.token, t.extra))
+                    .collect();
+                (engine, Some(path), extras, Some(pos))
+            }
+            None => {
+                // No snapshot: the history holds the compacted part of the log.
+                let mut engine = Engine::new(cfg.clone(), registry);
+                for f in history::files(&events_d, None, None)? {
+                    for b in history::read_file(&f, None, None)? {
+                        let b = b?;
+                        replayed_events += b.num_rows() as u64;
+                        replayed_batches += 1;
+                        apply_all(&mut engine, &b, &f, &mut scores)?;
+                    }
+                }
+                (engine, None, Vec::new(), None)
+            }
+        };
+        for seg in segments {
+            let skip = match from {
+                Some(p) if seg < p.segment => continue,
+                Some(p) if seg == p.segment => p.batches,
+                Some(_) => 0,
+                None if wal::compacted_marker(&wal_d, seg).exists() => continue,
+                None => 0,
+            };
+            let path = wal::segment_path(&wal_d, seg);
+            let (batches, torn) = wal::read_segment(&path)?;
+            if let Some(t) = torn {
+                warnings.push(format!(
+                    "{}: torn tail after {} whole batches ({t}); nothing after them was acknowledged",
+                    path.display(),
+                    batches.len()
+                ));
+            }
+            for b in batches.iter().skip(skip as usize) {
+                replayed_events += b.num_rows() as u64;
+                replayed_batches += 1;
+                apply_all(&mut engine, b, &path, &mut scores)?;
+            }
+        }
+        let wal = wal::Wal::open(&wal_d, cfg.store.segment_bytes, cfg.store.fsync)?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            wal,
+            cfg: cfg.store.clone(),
+        };
+        // Segments of earlier runs are whole (torn tails end at the last whole batch).
+        store.compact_sealed()?;
+        Ok((
+            store,
+            Recovered {
+                engine,
+                snapshot,
+                replayed_batches,
+                replayed_events,
+                extras,
+                scores,
+                warnings,
+            },
+        ))
+    }
+
+    /// Append a batch to the log (durable at the next [`Store::commit`]).
+    pub fn append(&mut self, batch: &RecordBatch) -> Result<(), Error> {
+        self.wal.append(batch)
+    }
+
+    /// Make every appended batch durable; a segment past its size is sealed and compacted.
+    pub fn commit(&mut self) -> Result<(), Error> {
+        if self.wal.commit()?.is_some() {
+            self.compact_sealed()?;
+        }
+        Ok(())
+    }
+
+    /// Seal the log and write a snapshot of `snap` covering it; compact sealed segments,
+    /// drop those every kept snapshot covers, apply retention. The snapshot's path.
+    pub fn checkpoint(
+        &mut self,
+        snap: &EngineSnapshot,
+        newest: Option<i64>,
+    ) -> Result<PathBuf, Error> {
+        self.wal.seal()?;
+        let path = snapshot::write(&snapshots_dir(&self.dir), snap, self.wal.pos())?;
+        self.compact_sealed()?;
+        // A segment may go once it is in the history and the oldest kept snapshot (the
+        // last fallback) is past it.
+        let snaps = snapshot::list(&snapshots_dir(&self.dir))?;
+        if let Some((oldest, _)) = snaps.last() {
+            let wal_d = wal_dir(&self.dir);
+            for seg in wal::segments(&wal_d)? {
+                let marker = wal::compacted_marker(&wal_d, seg);
+                if seg < oldest.segment && marker.exists() {
+                    let p = wal::segment_path(&wal_d, seg);
+                    std::fs::remove_file(&p).map_err(io(&p))?;
+                    std::fs::remove_file(&marker).map_err(io(&marker))?;
+                }
+            }
+        }
+        if let Some(newest) = newest {
+            history::apply_retention(&events_dir(&self.dir), newest, self.cfg.retention.ms)?;
+        }
+        Ok(path)
+    }
+
+    /// Seal the log and put every sealed segment into the history (server stop).
+    pub fn close(mut self) -> Result<(), Error> {
+        self.wal.seal()?;
+        self.compact_sealed()
+    }
+
+    /// Log position after the last appended batch.
+    pub fn pos(&self) -> LogPos {
+        self.wal.pos()
+    }
+
+    /// Seal the log and put every sealed segment into the history: afterwards the history
+    /// holds everything before [`Store::pos`].
+    pub fn seal(&mut self) -> Result<LogPos, Error> {
+        self.wal.seal()?;
+        self.compact_sealed()?;
+        Ok(self.wal.pos())
+    }
+
+    /// Batches in the log at or after `from` (a retrained engine catches up with them).
+    pub fn read_since(&self, from: LogPos) -> Result<Vec<RecordBatch>, Error> {
+        let wal_d = wal_dir(&self.dir);
+        let mut out = Vec::new();
+        for seg in wal::segments(&wal_d)? {
+            if seg < from.segment {
+                continue;
+            }
+            let skip = if seg == from.segment { from.batches } else { 0 };
+            let (b, _) = wal::read_segment(&wal::segment_path(&wal_d, seg))?;
+            out.extend(b.into_iter().skip(skip as usize));
+        }
+        Ok(out)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn compact_sealed(&self) -> Result<(), Error> {
+        let wal_d = wal_dir(&self.dir);
+        let current = self.wal.pos().segment;
+        for seg in wal::segments(&wal_d)? {
+            if seg < current {
+                history::compact(&wal_d, &events_dir(&self.dir), seg)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rebuild an engine from the history under `dir` (and the log segments below
+/// `below_segment` not yet in it), events in `[from, to)`, in log order; `progress` is told
+/// the events applied so far. Returns the engine and the log position it covers.
+pub fn rebuild(
+    dir: &Path,
+    cfg: &Config,
+    registry: Registry,
+    (from, to): (Option<i64>, Option<i64>),
+    below_segment: Option<u64>,
+    mut progress: impl FnMut(u64),
+) -> Result<(Engine, LogPos), Error> {
+    let mut engine = Engine::new(cfg.clone(), registry);
+    let mut events = 0u64;
+    let wal_d = wal_dir(dir);
+    for f in history::files(&events_dir(dir), from, to)? {
+        for b in history::read_file(&f, from, to)? {
+            let b = b?;
+            events += b.num_rows() as u64;
+            engine.apply(&b).map_err(|e| format(&f)(e.to_string()))?;
+            progress(events);
+        }
+    }
+    let mut segments = wal::segments(&wal_d)?;
+    if let Some(b) = below_segment {
+        segments.retain(|&s| s < b);
+    }
+    for &seg in &segments {
+        if wal::compacted_marker(&wal_d, seg).exists() {
+            continue;
+        }
+        let path = wal::segment_path(&wal_d, seg);
+        let (batches, _) = wal::read_segment(&path)?;
+        for b in batches {
+            let b = filter_time(&b, from, to).map_err(|e| format(&path)(e))?;
+            events += b.num_rows() as u64;
+            engine.apply(&b).map_err(|e| format(&path)(e.to_string()))?;
+            progress(events);
+        }
+    }
+    let next = below_segment.unwrap_or_else(|| segments.last().map_or(1, |s| s + 1));
+    Ok((
+        engine,
+        LogPos {
+            segment: next,
+            batches: 0,
+        },
+    ))
+}
+
+fn filter_time(b: &RecordBatch, from: Option<i64>, to: Option<i64>) -> Result<RecordBatch, String> {
+    use arrow::array::AsArray;
+    if from.is_none() && to.is_none() {
+        return Ok(b.clone());
+    }
+    let ts = b
+        .column(crate::event::col::TS)
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    let keep: arrow::array::BooleanArray = ts
+        .values()
+        .iter()
+        .map(|&t| Some(from.is_none_or(|f| t >= f) && to.is_none_or(|e| t < e)))
+        .collect();
+    arrow::compute::filter_record_batch(b, &keep).map_err(|e| e.to_string())
+}
