@@ -99,3 +99,88 @@ fn clean_samples_read_fully() {
     let (b, _) = read_events(&gz, BadRowPolicy::Fail).unwrap();
     assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
 }
+
+/// An engine that has seen four days of a few tokens: refits ran, so the snapshot holds
+/// every part (peer groups, isolation forest, rarity, priors, open windows).
+fn trained() -> (tokenwatch::Engine, Vec<arrow::record_batch::RecordBatch>) {
+    use tokenwatch::server::convert::{to_batch, Clock};
+    use tokenwatch::server::pb;
+    let clock = Clock {
+        now_ms: i64::MAX / 4,
+        max_future_skew_ms: 0,
+    };
+    let t0 = 1_772_409_600_000i64;
+    let mut batches = Vec::new();
+    for day in 0..4 {
+        let events: Vec<pb::Event> = (0..24 * 60)
+            .flat_map(|m| (0..4).map(move |t| (m, t)))
+            .filter(|(m, t)| (m + t) % 7 == 0)
+            .map(|(m, t)| pb::Event {
+                ts_ms: t0 + day * 86_400_000 + m * 60_000 + t * 1_000,
+                token_id: format!("f{t}"),
+                method: "GET".into(),
+                endpoint: format!("/v1/{}", m % 3),
+                status: 200,
+                bytes_out: 100,
+                latency_ms: Some(3.0),
+                src_ip: format!("10.0.{t}.1"),
+                country: "SE".into(),
+                asn: Some(3301),
+                user_agent: "x/1".into(),
+                ..Default::default()
+            })
+            .collect();
+        batches.push(to_batch(&events, 0, clock, &mut Default::default()));
+    }
+    let mut e = tokenwatch::Engine::new(tokenwatch::Config::default(), Default::default());
+    for b in &batches {
+        e.apply(b).unwrap();
+    }
+    (e, batches)
+}
+
+#[test]
+fn mutated_snapshots_and_logs_never_panic() {
+    use tokenwatch::store::{snapshot, wal, LogPos};
+    let (engine, batches) = trained();
+    let snap = engine.snapshot();
+    assert!(engine.stats().refits > 0);
+    let cfg = tokenwatch::Config::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..400 {
+        let mut s = snap.clone();
+        match rng.gen_range(0..3) {
+            0 => s.header = mutate(&mut rng, &s.header),
+            1 => {
+                let i = rng.gen_range(0..s.tokens.len());
+                s.tokens[i].state = mutate(&mut rng, &s.tokens[i].state);
+            }
+            _ => {
+                let i = rng.gen_range(0..s.tokens.len());
+                s.tokens[i].open = mutate(&mut rng, &s.tokens[i].open);
+            }
+        }
+        let _ = tokenwatch::Engine::restore(cfg.clone(), Default::default(), &s);
+    }
+    // Files: a snapshot and a log segment, damaged.
+    let dir = tempfile::tempdir().unwrap();
+    let path = snapshot::write(dir.path(), &snap, LogPos::default()).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let mut w = wal::Wal::open(&dir.path().join("wal"), u64::MAX, false).unwrap();
+    for b in &batches {
+        w.append(b).unwrap();
+    }
+    w.seal().unwrap();
+    let seg = wal::segment_path(&dir.path().join("wal"), 1);
+    let log = std::fs::read(&seg).unwrap();
+    for round in 0..150 {
+        let p = dir.path().join(format!("snap-{round}.parquet"));
+        std::fs::write(&p, mutate(&mut rng, &good)).unwrap();
+        if let Ok((s, _)) = snapshot::read(&p) {
+            let _ = tokenwatch::Engine::restore(cfg.clone(), Default::default(), &s);
+        }
+        let q = dir.path().join(format!("{round}.arrows"));
+        std::fs::write(&q, mutate(&mut rng, &log)).unwrap();
+        let _ = wal::read_segment(&q);
+    }
+}

@@ -281,9 +281,7 @@ impl Worker {
                     self.board.publish(scores);
                     if self.store.is_some() {
                         match self.checkpoint() {
-                            Ok(p) => {
-                                tracing::info!(snapshot = %p.display(), "final snapshot written")
-                            }
+                            Ok(_) => {}
                             Err(e) => tracing::error!(error = %e, "final snapshot failed"),
                         }
                         if let Some(store) = self.store.take() {
@@ -356,7 +354,7 @@ impl Worker {
     fn tick(&mut self) {
         if self.store.is_some() && self.last_snapshot.elapsed() >= self.snapshot_every {
             match self.checkpoint() {
-                Ok(p) => tracing::debug!(snapshot = %p.display(), "periodic snapshot"),
+                Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "periodic snapshot failed"),
             }
         }
@@ -384,10 +382,19 @@ impl Worker {
                 t.extra = prost::Message::encode_to_vec(r.as_ref());
             }
         }
-        self.last_snapshot = Instant::now();
-        store
+        let t0 = Instant::now();
+        self.last_snapshot = t0;
+        let path = store
             .checkpoint(&snap, self.engine.newest())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            path = %path.display(),
+            tokens = snap.tokens.len(),
+            bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+            seconds = t0.elapsed().as_secs_f64(),
+            "snapshot written"
+        );
+        Ok(path)
     }
 
     fn start_retrain(&mut self, from: Option<i64>, to: Option<i64>, tx: PathReply) {
