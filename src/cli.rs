@@ -166,6 +166,13 @@ pub struct ServeArgs {
     /// On shutdown, how long in-flight requests may take to finish.
     #[arg(long, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// Alert policies (default: models/policies.toml as built in).
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Shadow mode: enforce-mode policies record the revocations they would make, and
+    /// make none.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Flags shared by `eval` and `replay`.

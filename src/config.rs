@@ -69,6 +69,22 @@ pub struct Config {
     pub server: ServerConfig,
     /// Durability and history.
     pub store: StoreConfig,
+    /// Alert actions.
+    pub respond: RespondConfig,
+}
+
+/// `[respond]`: how webhooks and revocations are delivered.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RespondConfig {
+    /// Time limit of one HTTP attempt.
+    pub timeout: Duration,
+    /// Attempts after the first before a call is dead-lettered.
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each next one.
+    pub backoff: Duration,
+    /// Actions waiting to be delivered; beyond it they are dead-lettered at once.
+    pub queue: usize,
 }
 
 /// `[store]`: the data directory of `tokenwatch serve`.

@@ -15,6 +15,7 @@
 //! - [`eval`]: labelled replay and detection metrics; [`replay`] without labels.
 //! - [`generate`]: synthetic labelled traffic with token archetypes and incidents.
 //! - [`output`]: window-score files.
+//! - [`respond`]: alert policies, webhooks, revocation, audit log.
 //! - [`server`]: the gRPC service (`tokenwatch serve`) over the same engine.
 //! - [`loadgen`]: a gRPC load generator measuring ingest rate and read latency.
 //! - [`store`]: write-ahead log, Parquet event history, model snapshots.
@@ -31,6 +32,7 @@ pub mod ingest;
 pub mod loadgen;
 pub mod model;
 pub mod output;
+pub mod respond;
 pub mod score;
 pub mod server;
 pub mod store;

@@ -277,6 +277,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         )),
         _ => None,
     };
+    let policies = match &args.policies {
+        Some(p) => tokenwatch::respond::policy::load(p)?,
+        None => tokenwatch::respond::policy::parse(
+            tokenwatch::respond::policy::DEFAULT_POLICIES,
+            "models/policies.toml (built in)",
+        )?,
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let rt = runtime()?;
@@ -300,6 +307,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             tls,
             shutdown_grace: std::time::Duration::from_millis(args.shutdown_grace.ms.max(0) as u64),
             data_dir: Some(args.data_dir.clone()),
+            policies,
+            dry_run: args.dry_run,
         };
         let summary = server::run(listener, opts, server::shutdown_signal()).await?;
         // Whoever started us may have stopped reading stdout: not worth failing the stop.

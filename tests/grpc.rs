@@ -1,6 +1,9 @@
 //! Black-box tests of the gRPC service: a server on 127.0.0.1:0 (in process, or the binary
 //! for shutdown), driven by the generated client only.
 
+mod common;
+
+use common::{event, steady, MINUTE, T0};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -45,6 +48,8 @@ impl TestServer {
             tls: None,
             shutdown_grace: Duration::from_secs(10),
             data_dir: None,
+            policies: Vec::new(),
+            dry_run: false,
         };
         let task = tokio::spawn(server::run(listener, opts, async {
             let _ = rx.await;
@@ -69,46 +74,6 @@ impl TestServer {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap().unwrap()
     }
-}
-
-const MINUTE: i64 = 60_000;
-/// 2026-03-02T00:00:00Z, a Monday.
-const T0: i64 = 1_772_409_600_000;
-
-fn event(ts: i64, token: &str, ip: &str, country: &str, asn: u32, status: u32) -> pb::Event {
-    pb::Event {
-        ts_ms: ts,
-        token_id: token.into(),
-        method: "GET".into(),
-        endpoint: "/v1/orders/{id}".into(),
-        status,
-        bytes_out: 900 + (ts / 1000 % 200) as u64,
-        latency_ms: Some(20.0),
-        src_ip: ip.into(),
-        country: country.into(),
-        asn: Some(asn),
-        user_agent: "billing-sync/2.1".into(),
-        scope: String::new(),
-        env: "prod".into(),
-    }
-}
-
-/// `days` of steady traffic for `tokens` tokens (4 calls a minute each, from their own
-/// network), in requests of one minute each.
-fn steady(tokens: usize, from: i64, minutes: i64) -> Vec<pb::IngestRequest> {
-    (0..minutes)
-        .map(|m| {
-            let mut events = Vec::new();
-            for t in 0..tokens {
-                for k in 0..4 {
-                    let ts = from + m * MINUTE + k * 15_000 + t as i64 * 100;
-                    let ip = format!("10.{t}.0.{}", 1 + k);
-                    events.push(event(ts, &format!("svc-{t:02}"), &ip, "DE", 3320, 200));
-                }
-            }
-            pb::IngestRequest { events }
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

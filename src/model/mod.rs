@@ -103,6 +103,11 @@ impl SignalKind {
         }
     }
 
+    /// The signal of a [`SignalKind::name`].
+    pub fn from_name(name: &str) -> Option<SignalKind> {
+        SignalKind::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     /// Signals whose `p` is a likelihood ratio (how much less likely this is for the token
     /// than usual) rather than a tail probability: their evidence needs no quiet level.
     pub fn is_ratio(self) -> bool {

@@ -164,6 +164,8 @@ pub struct Setup {
     pub config: Config,
     /// For rebuilding engines (retrain).
     pub registry: Registry,
+    /// Alert policies and their action queue (None: no policies).
+    pub responder: Option<crate::respond::actions::Responder>,
 }
 
 impl Host {
@@ -212,6 +214,7 @@ struct Worker {
     registry: Registry,
     retraining: bool,
     me: mpsc::Sender<Cmd>,
+    responder: Option<crate::respond::actions::Responder>,
 }
 
 impl Worker {
@@ -230,6 +233,7 @@ impl Worker {
             registry: setup.registry,
             retraining: false,
             me,
+            responder: setup.responder,
         }
     }
 
@@ -278,7 +282,7 @@ impl Worker {
                 }
                 Cmd::Stop(tx) => {
                     let scores = self.engine.close_open();
-                    self.board.publish(scores);
+                    self.emit(scores);
                     if self.store.is_some() {
                         match self.checkpoint() {
                             Ok(_) => {}
@@ -297,6 +301,14 @@ impl Worker {
         }
         // Every sender is gone without a Stop: still close and publish what is open.
         let scores = self.engine.close_open();
+        self.emit(scores);
+    }
+
+    /// Judge the closed windows against the policies, then publish them.
+    fn emit(&mut self, scores: Vec<WindowScore>) {
+        if let Some(r) = self.responder.as_mut() {
+            r.judge(&scores);
+        }
         self.board.publish(scores);
     }
 
@@ -342,7 +354,7 @@ impl Worker {
             }
         }
         match self.engine.apply(&batch) {
-            Ok(scores) => self.board.publish(scores),
+            Ok(scores) => self.emit(scores),
             // Batches come from `convert::to_batch` in the canonical schema; a mismatch
             // is a bug, logged rather than taking the server down.
             Err(e) => tracing::error!(error = %e, "engine refused a batch"),
@@ -368,7 +380,7 @@ impl Worker {
         // Event time is taken to go on with the wall clock from the last arrival.
         let now = newest.saturating_add(idle.as_millis().min(i64::MAX as u128) as i64);
         let scores = self.engine.advance_to(now);
-        self.board.publish(scores);
+        self.emit(scores);
     }
 
     /// Snapshot the engine (with each token's latest published score) and seal the log.

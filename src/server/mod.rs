@@ -67,6 +67,10 @@ pub struct Options {
     /// Durable state (write-ahead log, history, snapshots); `None` keeps everything in
     /// memory (tests, experiments).
     pub data_dir: Option<std::path::PathBuf>,
+    /// Alert policies (models/policies.toml by default).
+    pub policies: Vec<crate::respond::policy::Policy>,
+    /// Record revocations instead of sending them.
+    pub dry_run: bool,
 }
 
 /// What a server did, returned after a clean shutdown.
@@ -120,6 +124,25 @@ pub async fn run(
             (rec.engine, Some(store), rec.replayed_batches)
         }
     };
+    let (responder, deliveries) = if opts.policies.is_empty() {
+        (None, None)
+    } else {
+        let cfg = opts.config.respond.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(cfg.queue.max(1));
+        let actions = Arc::new(crate::respond::actions::Actions::new(
+            opts.data_dir.as_deref(),
+            cfg,
+            opts.dry_run,
+        ));
+        let responder = crate::respond::actions::Responder::new(
+            opts.policies.clone(),
+            opts.config.window.size.ms,
+            tx,
+            actions.clone(),
+        );
+        let task = tokio::spawn(crate::respond::actions::run(rx, actions));
+        (Some(responder), Some(task))
+    };
     let host = host::Host::start(
         engine,
         board,
@@ -132,6 +155,7 @@ pub async fn run(
             store,
             config: opts.config.clone(),
             registry: opts.registry.clone(),
+            responder,
         },
     );
     if replayed > 0 {
@@ -240,6 +264,12 @@ pub async fn run(
     let board = host.board.clone();
     let stats = host.stop().await;
     let _ = finished_tx.send(true);
+    if let Some(task) = deliveries {
+        // The engine thread is gone, so the action queue is closed: deliver what is left.
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!("alert actions still pending after the grace period; cut");
+        }
+    }
     match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "transport error while draining"),

@@ -1,0 +1,349 @@
+//! Delivering decisions: webhook POSTs (retried with backoff, then dead-lettered),
+//! revocation calls (enforce mode; only recorded in dry-run), and an append-only audit log of
+//! every action and its outcome. Runs on the async runtime, fed by a bounded queue from the
+//! engine thread, so a slow receiver never holds scoring back.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::policy::{Decision, Event, Mode, Policy};
+use crate::config::RespondConfig;
+use crate::event::fmt_ts;
+
+/// One decision with the policy that made it.
+pub struct Job {
+    /// What was decided.
+    pub decision: Decision,
+    /// The policy (its actions and mode).
+    pub policy: Arc<Policy>,
+}
+
+/// Append-only JSON Lines log, one fsync'd line per record.
+pub struct JsonLog {
+    path: Option<PathBuf>,
+    // Records come from concurrent deliveries; one writer at a time keeps lines whole.
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl JsonLog {
+    /// Log at `path` (created on first write); `None` writes nothing (no data directory).
+    pub fn new(path: Option<PathBuf>) -> Self {
+        JsonLog {
+            path,
+            file: Mutex::new(None),
+        }
+    }
+
+    /// Append one record; failures are logged, never fatal (the action already happened).
+    pub fn append(&self, record: &serde_json::Value) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(f) => *guard = Some(f),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot open log");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = guard.as_mut() {
+            let line = format!("{record}\n");
+            if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
+                tracing::error!(path = %path.display(), error = %e, "cannot append to log");
+            }
+        }
+    }
+}
+
+/// Where actions write and how they retry.
+pub struct Actions {
+    /// `audit.jsonl`.
+    pub audit: JsonLog,
+    /// `dead_letter.jsonl`.
+    pub dead_letter: JsonLog,
+    /// Retry and timeout.
+    pub cfg: RespondConfig,
+    /// Revocations are recorded, not sent.
+    pub dry_run: bool,
+}
+
+impl Actions {
+    /// Logs under `dir` (none without one).
+    pub fn new(dir: Option<&Path>, cfg: RespondConfig, dry_run: bool) -> Self {
+        Actions {
+            audit: JsonLog::new(dir.map(|d| d.join("audit.jsonl"))),
+            dead_letter: JsonLog::new(dir.map(|d| d.join("dead_letter.jsonl"))),
+            cfg,
+            dry_run,
+        }
+    }
+
+    /// Record an action that could not even be queued.
+    pub fn dropped(&self, job: &Job, why: &str) {
+        let body = payload(job);
+        self.dead_letter
+            .append(&json!({"at": now(), "action": "webhook", "url": job.policy.webhook, "reason": why, "payload": body}));
+        self.audit_record(job, "webhook", &format!("dead_letter: {why}"));
+    }
+
+    fn audit_record(&self, job: &Job, what: &str, result: &str) {
+        let d = &job.decision;
+        self.audit.append(&json!({
+            "at": now(),
+            "who": format!("policy:{}", job.policy.name),
+            "what": what,
+            "token_id": d.score.token.as_ref(),
+            "alert_id": d.alert_id,
+            "event": match d.event { Event::Fired => "fired", Event::Updated => "updated" },
+            "why": why(d, &job.policy),
+            "result": result,
+        }));
+    }
+}
+
+fn now() -> String {
+    fmt_ts(chrono::Utc::now().timestamp_millis())
+}
+
+fn why(d: &Decision, p: &Policy) -> String {
+    let top: Vec<&str> = d
+        .score
+        .contributions
+        .iter()
+        .take(3)
+        .map(|c| c.signal.name())
+        .collect();
+    format!(
+        "risk {:.1} >= {} ({} matching window(s), consecutive {}); top signals: {}",
+        d.score.risk,
+        p.min_risk,
+        d.windows,
+        p.consecutive_windows,
+        top.join(", ")
+    )
+}
+
+/// The JSON body of a webhook: the alert, its contributions and a rotation hint.
+pub fn payload(job: &Job) -> serde_json::Value {
+    let d = &job.decision;
+    let p = &job.policy;
+    json!({
+        "alert_id": d.alert_id,
+        "token_id": d.score.token.as_ref(),
+        "policy": p.name,
+        "severity": p.severity,
+        "mode": match p.mode { Mode::Alert => "alert", Mode::Enforce => "enforce" },
+        "event": match d.event { Event::Fired => "fired", Event::Updated => "updated" },
+        "risk": d.score.risk,
+        "max_risk": d.max_risk,
+        "window_start": fmt_ts(d.score.start),
+        "first_window_start": fmt_ts(d.first_window),
+        "windows": d.windows,
+        "events": d.score.events,
+        "contributions": d.score.contributions.iter().map(|c| json!({
+            "signal": c.signal.name(),
+            "observed": c.observed,
+            "expected": c.expected,
+            "score": c.evidence,
+            "reason": c.reason,
+        })).collect::<Vec<_>>(),
+        "rotation_hint": format!(
+            "If this is not expected, rotate token {}: issue a replacement, move its legitimate \
+             callers over, then revoke it. Label the alert (tokenwatch label --alert {} --verdict \
+             true_positive|false_positive|expected_change) so the models learn from it.",
+            d.score.token, d.alert_id
+        ),
+    })
+}
+
+/// Whether an update is worth a webhook: the first, then at 2, 4, 8... windows, so a long
+/// incident is one alert that reports its growth without flooding the receiver.
+fn notify(d: &Decision) -> bool {
+    d.event == Event::Fired || d.windows.is_power_of_two()
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// POST `body` to `url`, retrying with backoff; Ok(status) or the last error.
+async fn post(
+    client: &HttpClient,
+    cfg: &RespondConfig,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<String, String> {
+    let bytes = Bytes::from(body.to_string());
+    let mut wait = Duration::from_millis(cfg.backoff.ms.max(0) as u64);
+    let timeout = Duration::from_millis(cfg.timeout.ms.max(1) as u64);
+    let mut last = String::new();
+    for attempt in 0..=cfg.retries {
+        if attempt > 0 {
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+        let req = hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .header("user-agent", "tokenwatch")
+            .body(Full::new(bytes.clone()))
+            .map_err(|e| format!("bad request for {url}: {e}"))?;
+        match tokio::time::timeout(timeout, client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                // Read the body so the connection can be reused; its content is not needed.
+                let _ = resp.into_body().collect().await;
+                if status.is_success() {
+                    return Ok(format!("ok {}", status.as_u16()));
+                }
+                last = format!("HTTP {}", status.as_u16());
+            }
+            Ok(Err(e)) => last = format!("request failed: {e}"),
+            Err(_) => last = format!("no answer within {timeout:?}"),
+        }
+        tracing::debug!(url, attempt, error = %last, "action attempt failed");
+    }
+    Err(format!("{} attempts: {last}", cfg.retries + 1))
+}
+
+/// Deliveries in flight at once. An alert always goes to the same lane, so its fired and
+/// updated calls reach the receiver in order; one dead receiver delays only its lane.
+const LANES: usize = 16;
+
+/// Deliver jobs until the queue closes.
+pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut lanes = Vec::with_capacity(LANES);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..LANES {
+        let (tx, mut lane) = mpsc::channel::<Job>(64);
+        let (client, actions) = (client.clone(), actions.clone());
+        tasks.spawn(async move {
+            while let Some(job) = lane.recv().await {
+                deliver(&client, &actions, job).await;
+            }
+        });
+        lanes.push(tx);
+    }
+    while let Some(job) = rx.recv().await {
+        let lane = (crate::window::text_key(&job.decision.alert_id) % LANES as u64) as usize;
+        if lanes[lane].send(job).await.is_err() {
+            break;
+        }
+    }
+    drop(lanes);
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn deliver(client: &HttpClient, actions: &Actions, job: Job) {
+    let p = job.policy.clone();
+    let d = &job.decision;
+    if d.event == Event::Fired {
+        actions.audit_record(&job, "alert", "raised");
+    }
+    if let Some(url) = p.webhook.as_deref().filter(|_| notify(d)) {
+        let body = payload(&job);
+        match post(client, &actions.cfg, url, &body).await {
+            Ok(r) => actions.audit_record(&job, "webhook", &r),
+            Err(e) => {
+                tracing::warn!(policy = %p.name, alert = %d.alert_id, error = %e, "webhook dead-lettered");
+                actions.dead_letter.append(&json!({
+                    "at": now(), "action": "webhook", "url": url, "reason": e, "payload": body,
+                }));
+                actions.audit_record(&job, "webhook", &format!("dead_letter: {e}"));
+            }
+        }
+    }
+    if d.event != Event::Fired {
+        return;
+    }
+    let Some(url) = p.revoke_url.as_deref() else {
+        return;
+    };
+    let body = json!({
+        "token_id": d.score.token.as_ref(),
+        "alert_id": d.alert_id,
+        "policy": p.name,
+        "risk": d.score.risk,
+        "reason": why(d, &p),
+    });
+    if p.mode != Mode::Enforce {
+        actions.audit_record(&job, "revoke", "not sent: policy in alert mode");
+    } else if actions.dry_run {
+        actions.audit_record(&job, "revoke", &format!("dry_run: would POST to {url}"));
+    } else {
+        match post(client, &actions.cfg, url, &body).await {
+            Ok(r) => {
+                tracing::warn!(policy = %p.name, alert = %d.alert_id, "token revocation requested");
+                actions.audit_record(&job, "revoke", &r)
+            }
+            Err(e) => {
+                actions.dead_letter.append(&json!({
+                    "at": now(), "action": "revoke", "url": url, "reason": e, "payload": body,
+                }));
+                actions.audit_record(&job, "revoke", &format!("dead_letter: {e}"));
+            }
+        }
+    }
+}
+
+/// The engine thread's side: judges every scored window and queues the decisions.
+pub struct Responder {
+    policies: super::policy::Policies,
+    arcs: Vec<Arc<Policy>>,
+    tx: mpsc::Sender<Job>,
+    actions: Arc<Actions>,
+}
+
+impl Responder {
+    /// Policies over windows of `window_ms`, delivering into `tx`.
+    pub fn new(
+        list: Vec<Policy>,
+        window_ms: i64,
+        tx: mpsc::Sender<Job>,
+        actions: Arc<Actions>,
+    ) -> Self {
+        Responder {
+            arcs: list.iter().cloned().map(Arc::new).collect(),
+            policies: super::policy::Policies::new(list, window_ms),
+            tx,
+            actions,
+        }
+    }
+
+    /// Judge windows (in close order) and queue what the policies decided; never blocks:
+    /// a full queue dead-letters the action instead.
+    pub fn judge(&mut self, scores: &[crate::engine::WindowScore]) -> u64 {
+        let mut n = 0;
+        for s in scores {
+            for decision in self.policies.judge(s) {
+                n += 1;
+                let job = Job {
+                    policy: self.arcs[decision.policy].clone(),
+                    decision,
+                };
+                if let Err(e) = self.tx.try_send(job) {
+                    let (why, job) = match e {
+                        mpsc::error::TrySendError::Full(j) => ("action queue full", j),
+                        mpsc::error::TrySendError::Closed(j) => ("action delivery stopped", j),
+                    };
+                    self.actions.dropped(&job, why);
+                }
+            }
+        }
+        n
+    }
+}

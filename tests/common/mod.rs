@@ -1,0 +1,57 @@
+//! Helpers shared by the black-box tests: events, steady traffic, keys.
+#![allow(dead_code)]
+
+use tokenwatch::server::pb;
+
+pub const MINUTE: i64 = 60_000;
+/// 2026-03-02T00:00:00Z, a Monday.
+pub const T0: i64 = 1_772_409_600_000;
+
+pub fn event(ts: i64, token: &str, ip: &str, country: &str, asn: u32, status: u32) -> pb::Event {
+    pb::Event {
+        ts_ms: ts,
+        token_id: token.into(),
+        method: "GET".into(),
+        endpoint: "/v1/orders/{id}".into(),
+        status,
+        bytes_out: 900 + (ts / 1000 % 200) as u64,
+        latency_ms: Some(20.0),
+        src_ip: ip.into(),
+        country: country.into(),
+        asn: Some(asn),
+        user_agent: "billing-sync/2.1".into(),
+        scope: String::new(),
+        env: "prod".into(),
+    }
+}
+
+/// Steady traffic of `tokens` tokens (`svc-NN`, 4 calls a minute each, from their own
+/// network) over `minutes` from `from`, one request per minute.
+pub fn steady(tokens: usize, from: i64, minutes: i64) -> Vec<pb::IngestRequest> {
+    (0..minutes)
+        .map(|m| {
+            let mut events = Vec::new();
+            for t in 0..tokens {
+                for k in 0..4 {
+                    let ts = from + m * MINUTE + k * 15_000 + t as i64 * 100;
+                    let ip = format!("10.{t}.0.{}", 1 + k);
+                    events.push(event(ts, &format!("svc-{t:02}"), &ip, "DE", 3320, 200));
+                }
+            }
+            pb::IngestRequest { events }
+        })
+        .collect()
+}
+
+/// A burst on one token: a new country and network, mostly failed logins, in the minute
+/// starting at `at`.
+pub fn burst(token: &str, at: i64) -> pb::IngestRequest {
+    pb::IngestRequest {
+        events: (0..200)
+            .map(|k| {
+                let status = if k % 4 == 0 { 200 } else { 401 };
+                event(at + k * 250, token, "203.0.113.9", "KP", 64_512, status)
+            })
+            .collect(),
+    }
+}

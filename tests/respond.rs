@@ -1,0 +1,257 @@
+//! Alert policies and actions against a real HTTP receiver on 127.0.0.1: a policy fires after
+//! N windows and not before, the cooldown makes one incident one alert, a failing webhook is
+//! retried and dead-lettered, revocation is called in enforce mode and only recorded in
+//! dry-run, and every action is in the audit log.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{burst, steady, MINUTE, T0};
+use tokenwatch::server::{self, pb};
+use tonic::transport::Channel;
+
+/// A minimal HTTP/1.1 receiver: records (path, body); answers 500 on paths starting with
+/// `/fail`, 200 otherwise.
+struct Receiver {
+    addr: String,
+    seen: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        let mut len = 0;
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).unwrap();
+                            if h == "\r\n" || h.is_empty() {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).unwrap();
+                        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                        log.lock().unwrap().push((path.clone(), json));
+                        let status = if path.starts_with("/fail") {
+                            "500 Oops"
+                        } else {
+                            "200 OK"
+                        };
+                        let _ = write!(conn, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                    }
+                });
+            }
+        });
+        Receiver { addr, seen }
+    }
+
+    fn on(&self, path: &str) -> Vec<serde_json::Value> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+async fn run_scenario(dir: &std::path::Path, policies: &str, dry_run: bool) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = tokenwatch::Config::default();
+    config.respond.backoff = tokenwatch::config::Duration { ms: 10 };
+    config.respond.timeout = tokenwatch::config::Duration { ms: 2_000 };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = server::Options {
+        config,
+        registry: Default::default(),
+        keys: None,
+        tls: None,
+        shutdown_grace: Duration::from_secs(20),
+        data_dir: Some(dir.to_path_buf()),
+        policies: tokenwatch::respond::policy::parse(policies, "test").unwrap(),
+        dry_run,
+    };
+    let task = tokio::spawn(server::run(listener, opts, async {
+        let _ = rx.await;
+    }));
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::token_watch_client::TokenWatchClient::new(ch);
+    // Three quiet days; then svc-03 misbehaves for 2 minutes (A), later for 3 (B), and
+    // again 10 minutes after B (C, within the cooldown); the others go on.
+    let days = 3 * 24 * 60;
+    let mut reqs = steady(6, T0, days);
+    let a = T0 + days * MINUTE;
+    let b = a + 60 * MINUTE;
+    let cc = b + 10 * MINUTE;
+    let mut tail = steady(6, a, 90);
+    for r in tail.iter_mut() {
+        r.events.retain(|e| e.token_id != "svc-03");
+    }
+    for m in [
+        a,
+        a + MINUTE,
+        b,
+        b + MINUTE,
+        b + 2 * MINUTE,
+        cc,
+        cc + MINUTE,
+        cc + 2 * MINUTE,
+    ] {
+        tail[((m - a) / MINUTE) as usize]
+            .events
+            .extend(burst("svc-03", m).events);
+    }
+    reqs.extend(tail);
+    c.ingest(tokio_stream::iter(reqs)).await.unwrap();
+    // Actions are delivered asynchronously; the stop waits for what is queued.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+fn audit(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_fire_dedup_retry_dead_letter_revoke_and_audit() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        r#"
+[[policy]]
+name = "sustained"
+min_risk = 50
+consecutive_windows = 3
+cooldown = "30m"
+severity = "critical"
+webhook = "http://{0}/hook"
+
+[[policy]]
+name = "broken-receiver"
+min_risk = 50
+cooldown = "6h"
+webhook = "http://{0}/fail"
+
+[[policy]]
+name = "cut-off"
+mode = "enforce"
+min_risk = 50
+cooldown = "6h"
+revoke_url = "http://{0}/revoke"
+"#,
+        rx.addr
+    );
+    let t0 = Instant::now();
+    run_scenario(dir.path(), &policies, false).await;
+
+    // N = 3: the 2-window burst (A) raised nothing; B's third window fired; C, within the
+    // cooldown, updated the same alert once its streak was 3 again (2nd window of the alert;
+    // updates are reported at 2, 4, 8... windows).
+    let hooks = rx.on("/hook");
+    let events: Vec<(&str, u64)> = hooks
+        .iter()
+        .map(|h| (h["event"].as_str().unwrap(), h["windows"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(events, [("fired", 1), ("updated", 2)], "{hooks:#?}");
+    assert_eq!(hooks[0]["alert_id"], hooks[1]["alert_id"]);
+    assert_eq!(hooks[0]["token_id"], "svc-03");
+    assert_eq!(hooks[0]["severity"], "critical");
+    let b = T0 + (3 * 24 * 60 + 60) * MINUTE;
+    assert_eq!(
+        hooks[0]["window_start"],
+        tokenwatch::event::fmt_ts(b + 2 * MINUTE)
+    );
+    assert!(hooks[0]["contributions"].as_array().unwrap().len() >= 2);
+    assert!(hooks[0]["rotation_hint"]
+        .as_str()
+        .unwrap()
+        .contains("rotate"));
+
+    // The broken receiver: one alert (6 h cooldown) reported as it grew; each report was
+    // tried 1 + 3 times, then dead-lettered.
+    let dead = std::fs::read_to_string(dir.path().join("dead_letter.jsonl")).unwrap();
+    let dead_n = dead.lines().count();
+    assert!(dead_n >= 2, "{dead}");
+    assert_eq!(rx.on("/fail").len(), 4 * dead_n);
+    assert!(dead
+        .lines()
+        .all(|l| l.contains("HTTP 500") && l.contains("broken-receiver")));
+    let ids: std::collections::HashSet<String> = rx
+        .on("/fail")
+        .iter()
+        .map(|b| b["alert_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "one incident, one alert");
+
+    // Enforce mode: the revocation endpoint was called once, for svc-03.
+    let revokes = rx.on("/revoke");
+    assert_eq!(revokes.len(), 1);
+    assert_eq!(revokes[0]["token_id"], "svc-03");
+
+    // The audit log has every action with its outcome.
+    let log = audit(dir.path());
+    let count = |what: &str, result: &str| {
+        log.iter()
+            .filter(|r| r["what"] == what && r["result"].as_str().unwrap().starts_with(result))
+            .count()
+    };
+    assert_eq!(count("webhook", "ok 200"), 2);
+    assert_eq!(count("webhook", "dead_letter"), dead_n);
+    assert_eq!(count("revoke", "ok 200"), 1);
+    assert_eq!(count("alert", "raised"), 3);
+    assert!(log
+        .iter()
+        .all(|r| r["who"].as_str().unwrap().starts_with("policy:")
+            && r["why"].as_str().unwrap().contains("risk")
+            && r["at"].is_string()));
+    assert!(t0.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_records_revocations_without_calling() {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = format!(
+        "[[policy]]\nname = \"cut-off\"\nmode = \"enforce\"\nmin_risk = 50\ncooldown = \"6h\"\nrevoke_url = \"http://{}/revoke\"\n",
+        rx.addr
+    );
+    run_scenario(dir.path(), &policies, true).await;
+    assert!(rx.on("/revoke").is_empty());
+    let log = audit(dir.path());
+    let dry: Vec<_> = log.iter().filter(|r| r["what"] == "revoke").collect();
+    assert_eq!(dry.len(), 1, "{log:#?}");
+    assert!(dry[0]["result"].as_str().unwrap().starts_with("dry_run"));
+    assert_eq!(dry[0]["token_id"], "svc-03");
+}
