@@ -83,6 +83,24 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Tell a running server whether an alert was right (SubmitFeedback).
+    Label {
+        /// Server address (host:port or http://host:port).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        target: String,
+        /// Admin key.
+        #[arg(long, env = "TOKENWATCH_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// Alert id (from the webhook, the audit log or WatchAlerts).
+        #[arg(long)]
+        alert: String,
+        /// true_positive, false_positive or expected_change.
+        #[arg(long)]
+        verdict: String,
+        /// Free text kept with the verdict.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
     /// Run the gRPC service (proto/tokenwatch/v1/tokenwatch.proto).
     Serve(ServeArgs),
     /// Stream generated events into a running server and measure it.

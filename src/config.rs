@@ -71,6 +71,25 @@ pub struct Config {
     pub store: StoreConfig,
     /// Alert actions.
     pub respond: RespondConfig,
+    /// What operator verdicts do.
+    pub feedback: FeedbackConfig,
+}
+
+/// `[feedback]`: effects of operator verdicts on a token's models.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FeedbackConfig {
+    /// False alarms on the same signal of a token before that signal is damped for it.
+    pub damp_after: u8,
+    /// Evidence of a damped signal is multiplied by this.
+    pub damp_factor: f64,
+    /// How long (event time) a damping lasts.
+    pub damp_for: Duration,
+    /// After a confirmed incident, no window of the token is learned for this long.
+    pub hold_for: Duration,
+    /// Quarantined windows are kept this long (event time) so that a false-positive verdict
+    /// can still teach them to the models.
+    pub keep_quarantined: Duration,
 }
 
 /// `[respond]`: how webhooks and revocations are delivered.
@@ -490,6 +509,12 @@ impl Config {
             return bad(
                 "server",
                 "max-future-skew must not be negative and idle-close must be positive",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.feedback.damp_factor) || self.feedback.damp_after == 0 {
+            return bad(
+                "feedback",
+                "damp-factor must be in 0..=1 and damp-after at least 1",
             );
         }
         if self.engine.refit_every.ms <= 0 {

@@ -204,6 +204,8 @@ struct Shard {
     scratch: Scratch,
     closed_wm: i64,
     stats: Stats,
+    /// Recently quarantined windows per token (slot), for false-positive verdicts.
+    held: FxHashMap<u32, Vec<WindowAgg>>,
 }
 
 impl Shard {
@@ -223,6 +225,7 @@ impl Shard {
             scratch: Scratch::default(),
             closed_wm: i64::MIN,
             stats: Stats::default(),
+            held: FxHashMap::default(),
         }
     }
 
@@ -379,6 +382,7 @@ impl Shard {
                 .peers
                 .as_ref()
                 .and_then(|p| p.groups.get(st.peers.group as usize)),
+            trusted: false,
         };
         let scratch = &mut self.scratch;
         scratch.clear();
@@ -398,9 +402,19 @@ impl Shard {
                 risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
             }
         }
+        let fb = st.feedback;
+        if fb.damp_mask != 0 && agg.start < fb.damp_until {
+            risk = score::damp(
+                &mut scratch.signals,
+                fb.damp_mask,
+                cfg.feedback.damp_factor,
+                &cfg.score,
+            );
+        }
         let alert = risk >= cfg.score.alert_risk;
         let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
-        let learned = risk < cfg.score.learn_max_risk || young;
+        let held = agg.start < fb.hold_until;
+        let learned = (risk < cfg.score.learn_max_risk || young) && !held;
         if learned {
             self.models.learn(st, agg, &ctx);
             if st.windows > 30 {
@@ -410,6 +424,15 @@ impl Shard {
         } else {
             st.quarantined = st.quarantined.saturating_add(1);
             self.stats.quarantined += 1;
+            if !held {
+                let keep = self.held.entry(t as u32).or_default();
+                let oldest = agg.start.saturating_sub(cfg.feedback.keep_quarantined.ms);
+                keep.retain(|w| w.start >= oldest);
+                if keep.len() >= MAX_HELD {
+                    keep.remove(0);
+                }
+                keep.push(agg.clone());
+            }
         }
         st.last_seen = st.last_seen.max(agg.start);
         self.stats.windows += 1;
@@ -440,6 +463,121 @@ impl Shard {
             kind: (agg.kind != 0).then(|| self.names.get(agg.kind).unwrap_or("?").to_string()),
             contributions,
         }
+    }
+}
+
+/// Quarantined windows kept per token for feedback, at most.
+const MAX_HELD: usize = 64;
+
+/// An operator's verdict on an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It was an incident.
+    TruePositive,
+    /// Nothing happened: the models were wrong.
+    FalsePositive,
+    /// A real but legitimate change (a move, a new integration).
+    ExpectedChange,
+}
+
+impl Verdict {
+    /// `true_positive`, `false_positive`, `expected_change`.
+    pub fn parse(s: &str) -> Option<Verdict> {
+        match s {
+            "true_positive" => Some(Verdict::TruePositive),
+            "false_positive" => Some(Verdict::FalsePositive),
+            "expected_change" => Some(Verdict::ExpectedChange),
+            _ => None,
+        }
+    }
+
+    /// Name as parsed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::TruePositive => "true_positive",
+            Verdict::FalsePositive => "false_positive",
+            Verdict::ExpectedChange => "expected_change",
+        }
+    }
+}
+
+/// What a verdict changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FeedbackEffect {
+    /// Quarantined windows of the alert now learned.
+    pub learned_windows: u32,
+    /// Signals damped for the token by this verdict.
+    pub damped: Vec<SignalKind>,
+    /// No window of the token is learned before this event time.
+    pub hold_until: Option<i64>,
+}
+
+impl Shard {
+    fn feedback(
+        &mut self,
+        t: u32,
+        (from, to): (i64, i64),
+        verdict: Verdict,
+        signals: &[SignalKind],
+    ) -> FeedbackEffect {
+        let cfg = self.cfg.clone();
+        let w = cfg.window.size.ms;
+        let mut held = self.held.remove(&t).unwrap_or_default();
+        let (mine, rest): (Vec<WindowAgg>, Vec<WindowAgg>) = held
+            .drain(..)
+            .partition(|a| a.start >= from && a.start < to.saturating_add(w));
+        if !rest.is_empty() {
+            self.held.insert(t, rest);
+        }
+        let mut effect = FeedbackEffect::default();
+        let slot = &mut self.slots[t as usize];
+        let fb = &mut slot.state.feedback;
+        match verdict {
+            Verdict::TruePositive => {
+                fb.hold_until = fb
+                    .hold_until
+                    .max(to.saturating_add(cfg.feedback.hold_for.ms));
+                effect.hold_until = Some(fb.hold_until);
+            }
+            Verdict::FalsePositive | Verdict::ExpectedChange => {
+                if verdict == Verdict::FalsePositive {
+                    for &s in signals {
+                        let n = &mut fb.false_alarms[s.index()];
+                        *n = n.saturating_add(1);
+                        if *n >= cfg.feedback.damp_after {
+                            *n = 0;
+                            fb.damp_mask |= 1 << s.index();
+                            fb.damp_until = fb
+                                .damp_until
+                                .max(to.saturating_add(cfg.feedback.damp_for.ms));
+                            effect.damped.push(s);
+                        }
+                    }
+                }
+                let global = self.global.clone();
+                for agg in &mine {
+                    let st = &mut slot.state;
+                    let ctx = Ctx {
+                        cfg: &cfg,
+                        window_ms: w,
+                        start: agg.start,
+                        windows: st.windows,
+                        first_seen: st.first_seen,
+                        global: &global,
+                        registry: slot.reg.as_deref(),
+                        group: global
+                            .peers
+                            .as_ref()
+                            .and_then(|p| p.groups.get(st.peers.group as usize)),
+                        trusted: true,
+                    };
+                    self.models.learn(st, agg, &ctx);
+                    st.quarantined = st.quarantined.saturating_sub(1);
+                    effect.learned_windows += 1;
+                }
+            }
+        }
+        effect
     }
 }
 
@@ -527,6 +665,21 @@ impl Engine {
         self.max_ts = self.max_ts.max(bmax);
         let wm = self.max_ts.saturating_sub(self.cfg.window.lateness.ms);
         Ok(self.advance(wm))
+    }
+
+    /// Apply an operator's verdict on an alert of `token` covering the windows starting in
+    /// `[from, to]`, whose top contributors were `signals`. `None` for an unknown token.
+    pub fn feedback(
+        &mut self,
+        token: &str,
+        (from, to): (i64, i64),
+        verdict: Verdict,
+        signals: &[SignalKind],
+    ) -> Option<FeedbackEffect> {
+        let n = self.shards.len() as u64;
+        let sh = &mut self.shards[(text_key(token) % n) as usize];
+        let t = *sh.tokens.get(token)?;
+        Some(sh.feedback(t, (from, to), verdict, signals))
     }
 
     /// Newest event time seen, if any event was applied.

@@ -203,7 +203,8 @@ fn endpoint(target: &str) -> Result<Endpoint, Error> {
     Endpoint::from_shared(url).map_err(|e| Error::Invalid(format!("--target {target}: {e}")))
 }
 
-type Client = pb::token_watch_client::TokenWatchClient<
+/// A generated client with the bearer key interceptor.
+pub type Client = pb::token_watch_client::TokenWatchClient<
     tonic::service::interceptor::InterceptedService<Channel, Bearer>,
 >;
 
@@ -234,14 +235,19 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 async fn connect(opts: &Options) -> Result<Client, Error> {
-    let ch = endpoint(&opts.target)?
+    client(&opts.target, opts.key.as_deref()).await
+}
+
+/// A client of the service at `target` that sends `key`.
+pub async fn client(target: &str, key: Option<&str>) -> Result<Client, Error> {
+    let ch = endpoint(target)?
         .connect()
         .await
         .map_err(|source| Error::Connect {
-            target: opts.target.clone(),
+            target: target.to_string(),
             source,
         })?;
-    let bearer = Bearer::new(opts.key.as_deref()).map_err(Error::Invalid)?;
+    let bearer = Bearer::new(key).map_err(Error::Invalid)?;
     Ok(
         pb::token_watch_client::TokenWatchClient::with_interceptor(ch, bearer)
             .max_encoding_message_size(64 << 20)

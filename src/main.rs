@@ -129,6 +129,37 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", report.render(&cfg));
         }
         Command::Serve(args) => serve(args)?,
+        Command::Label {
+            target,
+            key,
+            alert,
+            verdict,
+            note,
+        } => {
+            let rt = runtime()?;
+            let r = rt.block_on(async {
+                let mut c = tokenwatch::loadgen::client(&target, key.as_deref()).await?;
+                c.submit_feedback(tokenwatch::server::pb::FeedbackRequest {
+                    alert_id: alert.clone(),
+                    verdict,
+                    note,
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| anyhow::anyhow!("SubmitFeedback: {}: {}", s.code(), s.message()))
+            })?;
+            println!(
+                "alert {alert} on token {}: {} window(s) learned, damped: [{}], no learning until: {}",
+                r.token_id,
+                r.learned_windows,
+                r.damped_signals.join(", "),
+                if r.hold_until_ms > 0 {
+                    tokenwatch::event::fmt_ts(r.hold_until_ms)
+                } else {
+                    "-".into()
+                }
+            );
+        }
         Command::Retrain {
             data_dir,
             from,

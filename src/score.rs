@@ -43,6 +43,21 @@ pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> 
     100.0 / (1.0 + (-logit).exp())
 }
 
+/// Scale the evidence of the signals in `mask` (bit = position in [`SignalKind::ALL`]) by
+/// `factor` (operator feedback: a signal that raised repeated false alarms for a token is
+/// damped for it) and return the risk again, contributions re-sorted.
+pub fn damp(signals: &mut [Signal], mask: u32, factor: f64, cfg: &ScoreConfig) -> f64 {
+    let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
+    for s in signals.iter_mut() {
+        if mask & (1 << s.kind.index()) != 0 {
+            s.evidence *= factor;
+        }
+        logit += s.evidence;
+    }
+    signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
+    100.0 / (1.0 + (-logit).exp())
+}
+
 /// Evidence (nats) of one signal with tail probability `p`. Likelihood-ratio signals are
 /// evidence as they stand; tail probabilities must first clear the quiet level.
 pub fn evidence(kind: SignalKind, p: f64, cfg: &ScoreConfig, weights: &Weights) -> f64 {

@@ -255,3 +255,138 @@ async fn dry_run_records_revocations_without_calling() {
     assert!(dry[0]["result"].as_str().unwrap().starts_with("dry_run"));
     assert_eq!(dry[0]["token_id"], "svc-03");
 }
+
+/// Svc-03 changes: from minute A it is called from a new country and network, by a new
+/// client on an endpoint it never used, at its usual rate and with its usual answers (a
+/// migration, or a leak). Returns the verdict's effect and the risk of the same behaviour
+/// 20 minutes after the verdict.
+async fn verdict_then_same_behaviour(verdict: &str) -> (pb::FeedbackResponse, pb::TokenRisk) {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = server::Options {
+        config: tokenwatch::Config::default(),
+        registry: Default::default(),
+        keys: None,
+        tls: None,
+        shutdown_grace: Duration::from_secs(20),
+        data_dir: Some(dir.path().to_path_buf()),
+        policies: tokenwatch::respond::policy::parse(
+            tokenwatch::respond::policy::DEFAULT_POLICIES,
+            "built in",
+        )
+        .unwrap(),
+        dry_run: false,
+    };
+    let task = tokio::spawn(server::run(listener, opts, async {
+        let _ = rx.await;
+    }));
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::token_watch_client::TokenWatchClient::new(ch);
+    let mut alerts = c
+        .watch_alerts(pb::WatchAlertsRequest { min_risk: 0.0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let days = 3 * 24 * 60;
+    let a = T0 + days * MINUTE;
+    let moved = |m: i64| -> Vec<pb::Event> {
+        (0..4)
+            .map(|k| {
+                let mut e = common::event(
+                    a + m * MINUTE + k * 15_000,
+                    "svc-03",
+                    "198.51.100.7",
+                    "FR",
+                    12_322,
+                    200,
+                );
+                e.endpoint = "/v1/exports/{id}".into();
+                e.user_agent = "exporter/1.0".into();
+                e
+            })
+            .collect()
+    };
+    let mut first = steady(6, T0, days);
+    let mut after = steady(6, a, 10);
+    for (m, r) in after.iter_mut().enumerate() {
+        r.events.retain(|e| e.token_id != "svc-03");
+        if m < 2 {
+            r.events.extend(moved(m as i64));
+        }
+    }
+    first.extend(after);
+    c.ingest(tokio_stream::iter(first)).await.unwrap();
+    let alert = tokio::time::timeout(Duration::from_secs(10), alerts.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(alert.token_id, "svc-03");
+    assert!(alert.risk >= 50.0, "{alert:?}");
+    assert!(!alert.alert_id.is_empty());
+    let fb = c
+        .submit_feedback(pb::FeedbackRequest {
+            alert_id: alert.alert_id.clone(),
+            verdict: verdict.into(),
+            note: "moved to the Paris region".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The same behaviour again, 20 minutes later.
+    let mut again = steady(6, a + 20 * MINUTE, 10);
+    for (m, r) in again.iter_mut().enumerate() {
+        r.events.retain(|e| e.token_id != "svc-03");
+        if m < 2 {
+            r.events.extend(moved(20 + m as i64));
+        }
+    }
+    c.ingest(tokio_stream::iter(again)).await.unwrap();
+    let risk = c
+        .get_token_risk(pb::GetTokenRiskRequest {
+            token_id: "svc-03".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(risk.window_start_ms, a + 21 * MINUTE);
+    let stats = c
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.labelled, 1);
+    assert_eq!(stats.confirmed, u64::from(verdict == "true_positive"));
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("feedback.jsonl")).unwrap();
+    assert!(
+        log.contains(&alert.alert_id) && log.contains(verdict),
+        "{log}"
+    );
+    (fb, risk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_false_positive_verdict_teaches_the_token_and_a_true_positive_does_not() {
+    let (fb, risk) = verdict_then_same_behaviour("false_positive").await;
+    assert!(fb.learned_windows >= 1, "{fb:?}");
+    assert!(
+        risk.risk < 50.0 && !risk.alert,
+        "after a false positive: {risk:?}"
+    );
+
+    let (fb, risk) = verdict_then_same_behaviour("true_positive").await;
+    assert_eq!(fb.learned_windows, 0);
+    assert!(fb.hold_until_ms > 0);
+    assert!(
+        risk.risk >= 50.0 && risk.alert,
+        "after a true positive: {risk:?}"
+    );
+}

@@ -229,6 +229,8 @@ pub struct Ctx<'a> {
     pub registry: Option<&'a registry::RegistryEntry>,
     /// The token's peer group, once groups are fitted.
     pub group: Option<&'a peers::GroupStats>,
+    /// An operator said this window is normal: new items are trusted at once.
+    pub trusted: bool,
 }
 
 impl Ctx<'_> {
@@ -464,10 +466,25 @@ pub struct TokenState {
     pub telemetry: telemetry::TelemetryState,
     /// Usage vector and peer group.
     pub peers: peers::PeerState,
+    /// What operators said about this token's alerts.
+    pub feedback: FeedbackState,
+}
+
+/// Operator feedback kept with a token (fixed size, part of the snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FeedbackState {
+    /// False alarms per signal (position in [`SignalKind::ALL`]) since its last damping.
+    pub false_alarms: [u8; 21],
+    /// Signals damped (bit per signal) until `damp_until`.
+    pub damp_mask: u32,
+    /// Event time the damping ends.
+    pub damp_until: i64,
+    /// A confirmed incident: no window of this token is learned before this event time.
+    pub hold_until: i64,
 }
 
 /// Version of the encoded [`TokenState`].
-pub const STATE_VERSION: u8 = 1;
+pub const STATE_VERSION: u8 = 2;
 
 /// All per-token models, built from the configuration.
 #[derive(Debug, Clone)]
@@ -540,6 +557,12 @@ impl TokenState {
         endpoints::EndpointModel::encode(&self.endpoints, w);
         telemetry::TelemetryModel::encode(&self.telemetry, w);
         peers::PeerModel::encode(&self.peers, w);
+        for &n in &self.feedback.false_alarms {
+            w.u8(n);
+        }
+        w.u32(self.feedback.damp_mask);
+        w.i64(self.feedback.damp_until);
+        w.i64(self.feedback.hold_until);
     }
 
     /// Read back what [`TokenState::encode`] wrote; the whole buffer must be used.
@@ -563,6 +586,18 @@ impl TokenState {
             endpoints: endpoints::EndpointModel::decode(&mut r)?,
             telemetry: telemetry::TelemetryModel::decode(&mut r)?,
             peers: peers::PeerModel::decode(&mut r)?,
+            feedback: {
+                let mut false_alarms = [0u8; 21];
+                for n in false_alarms.iter_mut() {
+                    *n = r.u8()?;
+                }
+                FeedbackState {
+                    false_alarms,
+                    damp_mask: r.u32()?,
+                    damp_until: r.i64()?,
+                    hold_until: r.i64()?,
+                }
+            },
         };
         if r.remaining() != 0 {
             return Err(DecodeError::Trailing(r.remaining()));

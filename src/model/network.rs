@@ -217,7 +217,7 @@ impl Model for NetworkModel {
 
     fn learn(&self, st: &mut NetworkState, w: &WindowAgg, ctx: &Ctx) {
         let day = ctx.day();
-        let young = ctx.start - ctx.first_seen < ctx.cfg.score.learn_all_for.ms;
+        let young = ctx.trusted || ctx.start - ctx.first_seen < ctx.cfg.score.learn_all_for.ms;
         for cat in Category::ALL {
             let counts = cat.counts(w);
             let mut new = false;

@@ -116,6 +116,7 @@ impl Env {
 
     fn ctx<'a>(&'a self, start: i64, windows: u32) -> Ctx<'a> {
         Ctx {
+            trusted: false,
             cfg: &self.cfg,
             window_ms: W,
             start,

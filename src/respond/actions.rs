@@ -300,12 +300,46 @@ async fn deliver(client: &HttpClient, actions: &Actions, job: Job) {
     }
 }
 
+/// An alert as the responder remembers it, for verdicts.
+#[derive(Debug, Clone)]
+pub struct AlertInfo {
+    /// Token.
+    pub token: Arc<str>,
+    /// First matching window start.
+    pub first: i64,
+    /// Last matching window start.
+    pub last: i64,
+    /// Top two contributors when it fired.
+    pub signals: Vec<crate::model::SignalKind>,
+    /// Verdict, once given.
+    pub verdict: Option<crate::engine::Verdict>,
+}
+
+/// Alert and verdict counters, per signal (position in `SignalKind::ALL`).
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    /// Alerts raised.
+    pub alerts: u64,
+    /// Alerts with a verdict.
+    pub labelled: u64,
+    /// Alerts confirmed (true positive).
+    pub confirmed: u64,
+    /// Per signal: (alerts, labelled, confirmed).
+    pub by_signal: [(u64, u64, u64); 21],
+}
+
+/// Alerts remembered for verdicts, at most (the oldest are forgotten first).
+const MAX_ALERTS: usize = 100_000;
+
 /// The engine thread's side: judges every scored window and queues the decisions.
 pub struct Responder {
     policies: super::policy::Policies,
     arcs: Vec<Arc<Policy>>,
     tx: mpsc::Sender<Job>,
     actions: Arc<Actions>,
+    alerts: rustc_hash::FxHashMap<String, AlertInfo>,
+    order: std::collections::VecDeque<String>,
+    tally: Tally,
 }
 
 impl Responder {
@@ -321,16 +355,23 @@ impl Responder {
             policies: super::policy::Policies::new(list, window_ms),
             tx,
             actions,
+            alerts: Default::default(),
+            order: Default::default(),
+            tally: Tally::default(),
         }
     }
 
     /// Judge windows (in close order) and queue what the policies decided; never blocks:
-    /// a full queue dead-letters the action instead.
-    pub fn judge(&mut self, scores: &[crate::engine::WindowScore]) -> u64 {
-        let mut n = 0;
+    /// a full queue dead-letters the action instead. Returns, per window that raised or grew
+    /// an alert, (token, window start, alert id) of its first policy.
+    pub fn judge(&mut self, scores: &[crate::engine::WindowScore]) -> Vec<(Arc<str>, i64, String)> {
+        let mut ids: Vec<(Arc<str>, i64, String)> = Vec::new();
         for s in scores {
             for decision in self.policies.judge(s) {
-                n += 1;
+                if ids.last().is_none_or(|l| l.0 != s.token || l.1 != s.start) {
+                    ids.push((s.token.clone(), s.start, decision.alert_id.clone()));
+                }
+                self.remember(&decision);
                 let job = Job {
                     policy: self.arcs[decision.policy].clone(),
                     decision,
@@ -344,6 +385,87 @@ impl Responder {
                 }
             }
         }
-        n
+        ids
+    }
+
+    fn remember(&mut self, d: &Decision) {
+        if let Some(a) = self.alerts.get_mut(&d.alert_id) {
+            a.last = a.last.max(d.score.start);
+            return;
+        }
+        let signals: Vec<_> = d
+            .score
+            .contributions
+            .iter()
+            .take(2)
+            .map(|c| c.signal)
+            .collect();
+        self.tally.alerts += 1;
+        for s in &signals {
+            self.tally.by_signal[s.index()].0 += 1;
+        }
+        if self.order.len() >= MAX_ALERTS {
+            if let Some(old) = self.order.pop_front() {
+                self.alerts.remove(&old);
+            }
+        }
+        self.order.push_back(d.alert_id.clone());
+        self.alerts.insert(
+            d.alert_id.clone(),
+            AlertInfo {
+                token: d.score.token.clone(),
+                first: d.first_window,
+                last: d.score.start,
+                signals,
+                verdict: None,
+            },
+        );
+    }
+
+    /// Record a verdict on a remembered alert (a second verdict replaces the first).
+    pub fn label(
+        &mut self,
+        alert_id: &str,
+        verdict: crate::engine::Verdict,
+    ) -> Result<AlertInfo, String> {
+        use crate::engine::Verdict::TruePositive;
+        let a = self
+            .alerts
+            .get_mut(alert_id)
+            .ok_or_else(|| format!("unknown alert id {alert_id:?} (or too old to remember)"))?;
+        let t = &mut self.tally;
+        match a.verdict {
+            None => {
+                t.labelled += 1;
+                for s in &a.signals {
+                    t.by_signal[s.index()].1 += 1;
+                }
+            }
+            Some(TruePositive) => {
+                t.confirmed -= 1;
+                for s in &a.signals {
+                    t.by_signal[s.index()].2 -= 1;
+                }
+            }
+            Some(_) => {}
+        }
+        if verdict == TruePositive {
+            t.confirmed += 1;
+            for s in &a.signals {
+                t.by_signal[s.index()].2 += 1;
+            }
+        }
+        a.verdict = Some(verdict);
+        Ok(a.clone())
+    }
+
+    /// Counters so far.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &JsonLog {
+        &self.actions.audit
     }
 }

@@ -199,6 +199,7 @@ impl From<&pb::TokenRisk> for pb::Alert {
             contributions: r.contributions.clone(),
             missed: 0,
             events: r.events,
+            alert_id: String::new(),
         }
     }
 }

@@ -35,6 +35,19 @@ pub enum Cmd {
     Retrain(Option<i64>, Option<i64>, PathReply),
     /// A background rebuild finished: catch it up with the log and swap it in.
     Swap(Box<Result<(Engine, LogPos), String>>, PathReply),
+    /// An operator's verdict on an alert.
+    Feedback {
+        /// Alert.
+        alert_id: String,
+        /// Verdict.
+        verdict: crate::engine::Verdict,
+        /// Free text.
+        note: String,
+        /// Token and what changed, or why nothing could be done.
+        reply: oneshot::Sender<Result<(String, crate::engine::FeedbackEffect), String>>,
+    },
+    /// Counters for GetStats.
+    Stats(oneshot::Sender<pb::StatsResponse>),
     /// Close every window, publish, snapshot, and stop.
     Stop(oneshot::Sender<Stats>),
 }
@@ -110,7 +123,7 @@ impl Board {
         }
     }
 
-    fn publish(&self, scores: Vec<WindowScore>) {
+    fn publish(&self, scores: Vec<WindowScore>, alert_ids: &[(Arc<str>, i64, String)]) {
         if scores.is_empty() {
             return;
         }
@@ -130,8 +143,15 @@ impl Board {
         for (s, (_, risk)) in scores.iter().zip(&built) {
             if s.alert {
                 self.alerted.fetch_add(1, Ordering::Relaxed);
+                let mut a = pb::Alert::from(risk.as_ref());
+                if let Some((_, _, id)) = alert_ids
+                    .iter()
+                    .find(|(t, start, _)| *t == s.token && *start == s.start)
+                {
+                    a.alert_id = id.clone();
+                }
                 // No subscriber is not an error: the alert is still on the board.
-                let _ = self.alerts.send(Arc::new(pb::Alert::from(risk.as_ref())));
+                let _ = self.alerts.send(Arc::new(a));
             }
         }
     }
@@ -280,6 +300,17 @@ impl Worker {
                     self.retraining = false;
                     let _ = tx.send(self.swap(*built));
                 }
+                Cmd::Feedback {
+                    alert_id,
+                    verdict,
+                    note,
+                    reply,
+                } => {
+                    let _ = reply.send(self.feedback(&alert_id, verdict, note));
+                }
+                Cmd::Stats(tx) => {
+                    let _ = tx.send(self.stats());
+                }
                 Cmd::Stop(tx) => {
                     let scores = self.engine.close_open();
                     self.emit(scores);
@@ -304,12 +335,98 @@ impl Worker {
         self.emit(scores);
     }
 
+    fn feedback(
+        &mut self,
+        alert_id: &str,
+        verdict: crate::engine::Verdict,
+        note: String,
+    ) -> Result<(String, crate::engine::FeedbackEffect), String> {
+        let r = self
+            .responder
+            .as_mut()
+            .ok_or("the server runs without alert policies, so there are no alert ids")?;
+        let info = r.label(alert_id, verdict)?;
+        let effect = self
+            .engine
+            .feedback(&info.token, (info.first, info.last), verdict, &info.signals)
+            .ok_or_else(|| format!("token {} is not known to the models", info.token))?;
+        let pos = self.store.as_ref().map(|s| s.pos()).unwrap_or_default();
+        let rec = crate::store::FeedbackRecord {
+            at: crate::event::fmt_ts(chrono::Utc::now().timestamp_millis()),
+            pos: (pos.segment, pos.batches),
+            alert_id: alert_id.to_string(),
+            token_id: info.token.to_string(),
+            from_ms: info.first,
+            to_ms: info.last,
+            verdict: verdict.name().into(),
+            signals: info.signals.iter().map(|s| s.name().to_string()).collect(),
+            note,
+        };
+        if let Some(store) = self.store.as_ref() {
+            // Applied already; a failure to record it is reported, not undone.
+            if let Err(e) = store.record_feedback(&rec) {
+                tracing::error!(error = %e, "feedback could not be recorded");
+            }
+        }
+        r.audit().append(&serde_json::json!({
+            "at": rec.at,
+            "who": "operator",
+            "what": "feedback",
+            "token_id": rec.token_id,
+            "alert_id": rec.alert_id,
+            "why": rec.verdict,
+            "result": format!(
+                "learned {} window(s); damped {:?}; hold until {:?}",
+                effect.learned_windows,
+                effect.damped.iter().map(|s| s.name()).collect::<Vec<_>>(),
+                effect.hold_until.map(crate::event::fmt_ts)
+            ),
+        }));
+        Ok((rec.token_id, effect))
+    }
+
+    fn stats(&self) -> pb::StatsResponse {
+        let st = self.engine.stats();
+        let mut out = pb::StatsResponse {
+            events: st.events,
+            late_events: st.late,
+            windows: st.windows,
+            alert_windows: st.alerts,
+            tokens: st.tokens,
+            ..Default::default()
+        };
+        if let Some(r) = self.responder.as_ref() {
+            let t = r.tally();
+            out.alerts = t.alerts;
+            out.labelled = t.labelled;
+            out.confirmed = t.confirmed;
+            for k in crate::model::SignalKind::ALL {
+                let (alerts, labelled, confirmed) = t.by_signal[k.index()];
+                if alerts > 0 {
+                    out.signals.push(pb::SignalStats {
+                        signal: k.name().into(),
+                        alerts,
+                        labelled,
+                        confirmed,
+                        precision: if labelled > 0 {
+                            confirmed as f64 / labelled as f64
+                        } else {
+                            f64::NAN
+                        },
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Judge the closed windows against the policies, then publish them.
     fn emit(&mut self, scores: Vec<WindowScore>) {
-        if let Some(r) = self.responder.as_mut() {
-            r.judge(&scores);
-        }
-        self.board.publish(scores);
+        let ids = match self.responder.as_mut() {
+            Some(r) => r.judge(&scores),
+            None => Vec::new(),
+        };
+        self.board.publish(scores, &ids);
     }
 
     /// Events whose window closed before this batch: the engine counts and skips them.

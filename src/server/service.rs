@@ -246,4 +246,51 @@ impl pb::token_watch_server::TokenWatch for Service {
             path: path.display().to_string(),
         }))
     }
+
+    async fn submit_feedback(
+        &self,
+        req: Request<pb::FeedbackRequest>,
+    ) -> Result<Response<pb::FeedbackResponse>, Status> {
+        require(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let verdict = crate::engine::Verdict::parse(&r.verdict).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "verdict {:?}: use true_positive, false_positive or expected_change",
+                r.verdict
+            ))
+        })?;
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Cmd::Feedback {
+                alert_id: r.alert_id,
+                verdict,
+                note: r.note,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| engine_gone())?;
+        let (token_id, effect) = rx
+            .await
+            .map_err(|_| engine_gone())?
+            .map_err(Status::not_found)?;
+        Ok(Response::new(pb::FeedbackResponse {
+            token_id,
+            learned_windows: effect.learned_windows,
+            damped_signals: effect.damped.iter().map(|s| s.name().to_string()).collect(),
+            hold_until_ms: effect.hold_until.unwrap_or(0),
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        req: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        require(&req, Role::Read)?;
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Cmd::Stats(tx))
+            .await
+            .map_err(|_| engine_gone())?;
+        Ok(Response::new(rx.await.map_err(|_| engine_gone())?))
+    }
 }

@@ -60,6 +60,75 @@ pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// An operator's verdict as kept in `DATA_DIR/feedback.jsonl`: applied again, at the same
+/// point, when the log is replayed after a crash, and after the alert's windows close when
+/// the models are rebuilt from history.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct FeedbackRecord {
+    /// Wall-clock time of the verdict (RFC 3339).
+    pub at: String,
+    /// Log position when it was applied (segment, batches).
+    pub pos: (u64, u64),
+    /// Alert.
+    pub alert_id: String,
+    /// Token.
+    pub token_id: String,
+    /// First and last window start of the alert (epoch ms).
+    pub from_ms: i64,
+    /// Last window start.
+    pub to_ms: i64,
+    /// `true_positive`, `false_positive` or `expected_change`.
+    pub verdict: String,
+    /// The alert's top signals.
+    pub signals: Vec<String>,
+    /// Operator's note.
+    pub note: String,
+}
+
+impl FeedbackRecord {
+    /// Apply to an engine.
+    pub fn apply(&self, engine: &mut Engine) {
+        let Some(v) = crate::engine::Verdict::parse(&self.verdict) else {
+            return;
+        };
+        let signals: Vec<crate::model::SignalKind> = self
+            .signals
+            .iter()
+            .filter_map(|s| crate::model::SignalKind::from_name(s))
+            .collect();
+        let _ = engine.feedback(&self.token_id, (self.from_ms, self.to_ms), v, &signals);
+    }
+
+    fn log_pos(&self) -> LogPos {
+        LogPos {
+            segment: self.pos.0,
+            batches: self.pos.1,
+        }
+    }
+}
+
+/// The feedback log of a data directory, oldest first; unreadable lines are reported.
+pub fn read_feedback(dir: &Path) -> Result<(Vec<FeedbackRecord>, Vec<String>), Error> {
+    let path = dir.join("feedback.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(r) => out.push(r),
+            Err(e) => bad.push(format!("{}: line {}: {e}", path.display(), i + 1)),
+        }
+    }
+    Ok((out, bad))
+}
+
 /// Position in the log: every batch before it (segments `< segment`, and the first
 /// `batches` of `segment`) is reflected in whatever carries the position.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -181,6 +250,14 @@ impl Store {
                 (engine, None, Vec::new(), None)
             }
         };
+        let (feedback, bad) = read_feedback(dir)?;
+        warnings.extend(bad);
+        let mut pending: Vec<&FeedbackRecord> = feedback
+            .iter()
+            .filter(|f| from.is_none_or(|p| f.log_pos() > p))
+            .collect();
+        pending.sort_by_key(|f| f.log_pos());
+        let mut pending = pending.into_iter().peekable();
         for seg in segments {
             let skip = match from {
                 Some(p) if seg < p.segment => continue,
@@ -198,11 +275,22 @@ impl Store {
                     batches.len()
                 ));
             }
-            for b in batches.iter().skip(skip as usize) {
+            for (k, b) in batches.iter().enumerate().skip(skip as usize) {
+                // Verdicts given when the log held k batches of this segment come first.
+                let here = LogPos {
+                    segment: seg,
+                    batches: k as u64,
+                };
+                while let Some(f) = pending.next_if(|f| f.log_pos() <= here) {
+                    f.apply(&mut engine);
+                }
                 replayed_events += b.num_rows() as u64;
                 replayed_batches += 1;
                 apply_all(&mut engine, b, &path, &mut scores)?;
             }
+        }
+        for f in pending {
+            f.apply(&mut engine);
         }
         let wal = wal::Wal::open(&wal_d, cfg.store.segment_bytes, cfg.store.fsync)?;
         let store = Store {
@@ -303,6 +391,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Append a verdict to the feedback log (fsync'd).
+    pub fn record_feedback(&self, rec: &FeedbackRecord) -> Result<(), Error> {
+        use std::io::Write;
+        let path = self.dir.join("feedback.jsonl");
+        let line = serde_json::to_string(rec).map_err(|e| format(&path)(e.to_string()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        f.write_all(format!("{line}\n").as_bytes())
+            .and_then(|_| f.sync_data())
+            .map_err(io(&path))
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -334,11 +437,16 @@ pub fn rebuild(
     let mut engine = Engine::new(cfg.clone(), registry);
     let mut events = 0u64;
     let wal_d = wal_dir(dir);
+    let (mut feedback, _) = read_feedback(dir)?;
+    feedback.sort_by_key(|f| f.to_ms);
+    let w = cfg.window.size.ms;
+    let mut feedback = feedback.into_iter().peekable();
     for f in history::files(&events_dir(dir), from, to)? {
         for b in history::read_file(&f, from, to)? {
             let b = b?;
             events += b.num_rows() as u64;
             engine.apply(&b).map_err(|e| format(&f)(e.to_string()))?;
+            catch_up(&mut feedback, &mut engine, w);
             progress(events);
         }
     }
@@ -356,8 +464,12 @@ pub fn rebuild(
             let b = filter_time(&b, from, to).map_err(|e| format(&path)(e))?;
             events += b.num_rows() as u64;
             engine.apply(&b).map_err(|e| format(&path)(e.to_string()))?;
+            catch_up(&mut feedback, &mut engine, w);
             progress(events);
         }
+    }
+    for f in feedback {
+        f.apply(&mut engine);
     }
     let next = below_segment.unwrap_or_else(|| segments.last().map_or(1, |s| s + 1));
     Ok((
@@ -367,6 +479,18 @@ pub fn rebuild(
             batches: 0,
         },
     ))
+}
+
+/// Apply the verdicts whose alert's last window has closed, as they were applied live.
+fn catch_up(
+    pending: &mut std::iter::Peekable<std::vec::IntoIter<FeedbackRecord>>,
+    engine: &mut Engine,
+    window_ms: i64,
+) {
+    while let Some(f) = pending.next_if(|f| engine.watermark() >= f.to_ms.saturating_add(window_ms))
+    {
+        f.apply(engine);
+    }
 }
 
 fn filter_time(b: &RecordBatch, from: Option<i64>, to: Option<i64>) -> Result<RecordBatch, String> {
