@@ -390,3 +390,117 @@ async fn a_false_positive_verdict_teaches_the_token_and_a_true_positive_does_not
         "after a true positive: {risk:?}"
     );
 }
+
+/// Engine level: two false alarms on the same signals damp them for the token (a third
+/// such window scores lower than without verdicts), and a rebuild from the history with the
+/// feedback log reaches the same token state.
+#[test]
+fn repeated_false_alarms_damp_a_signal_and_retrain_applies_verdicts_again() {
+    use tokenwatch::engine::Verdict;
+    use tokenwatch::server::convert::{to_batch, Clock};
+    use tokenwatch::store::{self, FeedbackRecord, Store};
+    let clock = Clock {
+        now_ms: i64::MAX / 4,
+        max_future_skew_ms: 0,
+    };
+    let days = 3 * 24 * 60;
+    let a = T0 + days * MINUTE;
+    // Steady traffic, then three one-minute bursts of svc-03 (ten times its rate, same
+    // network and answers) two hours apart.
+    let mut reqs = steady(4, T0, days + 5 * 60);
+    for h in [0, 2, 4] {
+        let m = (days + h * 60) as usize;
+        let extra: Vec<pb::Event> = (0..40)
+            .map(|k| common::event(a + h * 3_600_000 + k * 1_400, "svc-03", "10.3.0.1", "DE", 3320, 200))
+            .collect();
+        reqs[m].events.extend(extra);
+    }
+    let batches: Vec<_> = reqs
+        .chunks(60)
+        .map(|c| {
+            let ev: Vec<pb::Event> = c.iter().flat_map(|r| r.events.clone()).collect();
+            to_batch(&ev, 0, clock, &mut Default::default())
+        })
+        .collect();
+    let burst_risk = |scores: &[tokenwatch::WindowScore], h: i64| {
+        scores
+            .iter()
+            .find(|s| &*s.token == "svc-03" && s.start == a + h * 3_600_000)
+            .cloned()
+            .unwrap()
+    };
+    // Without verdicts.
+    let cfg = tokenwatch::Config::default();
+    let mut control = tokenwatch::Engine::new(cfg.clone(), Default::default());
+    let mut plain = Vec::new();
+    for b in &batches {
+        plain.extend(control.apply(b).unwrap());
+    }
+    plain.extend(control.finish());
+    let third_plain = burst_risk(&plain, 4);
+    assert!(third_plain.alert, "{third_plain:?}");
+
+    // With a false-positive verdict after each of the first two bursts.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut st, rec) = Store::open(dir.path(), &cfg, Default::default()).unwrap();
+    let mut live = rec.engine;
+    let mut scores = Vec::new();
+    let mut given = 0;
+    for b in &batches {
+        st.append(b).unwrap();
+        st.commit().unwrap();
+        scores.extend(live.apply(b).unwrap());
+        for h in [0, 2] {
+            let Some(s) = scores
+                .iter()
+                .find(|s| &*s.token == "svc-03" && s.start == a + h * 3_600_000)
+                .cloned()
+            else {
+                continue;
+            };
+            if given > h / 2 {
+                continue;
+            }
+            given += 1;
+            let signals: Vec<_> = s.contributions.iter().take(2).map(|c| c.signal).collect();
+            let effect = live
+                .feedback("svc-03", (s.start, s.start), Verdict::FalsePositive, &signals)
+                .unwrap();
+            assert_eq!(effect.learned_windows, 1);
+            assert_eq!(effect.damped.is_empty(), h == 0, "{effect:?}");
+            let pos = st.pos();
+            st.record_feedback(&FeedbackRecord {
+                at: "2026-11-23T00:00:00Z".into(),
+                pos: (pos.segment, pos.batches),
+                alert_id: format!("al-{h}"),
+                token_id: "svc-03".into(),
+                from_ms: s.start,
+                to_ms: s.start,
+                verdict: "false_positive".into(),
+                signals: signals.iter().map(|k| k.name().to_string()).collect(),
+                note: String::new(),
+            })
+            .unwrap();
+        }
+    }
+    scores.extend(live.close_open());
+    assert_eq!(given, 2);
+    let third = burst_risk(&scores, 4);
+    assert!(
+        third.risk < third_plain.risk,
+        "damped {} vs {}",
+        third.risk,
+        third_plain.risk
+    );
+
+    // The history plus the feedback log rebuild the same token.
+    st.seal().unwrap();
+    let (mut rebuilt, _) =
+        store::rebuild(dir.path(), &cfg, Default::default(), (None, None), None, |_| {}).unwrap();
+    rebuilt.close_open();
+    assert_eq!(
+        rebuilt.token_state("svc-03").unwrap().feedback,
+        live.token_state("svc-03").unwrap().feedback
+    );
+    assert_ne!(live.token_state("svc-03").unwrap().feedback.damp_mask, 0);
+}
