@@ -191,6 +191,9 @@ pub struct ServeArgs {
     /// make none.
     #[arg(long)]
     pub dry_run: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Flags shared by `eval` and `replay`.

@@ -319,6 +319,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let rt = runtime()?;
     rt.block_on(async {
+        if let Some(m) = args.metrics_listen {
+            tokenwatch::server::telemetry::install(m).map_err(anyhow::Error::msg)?;
+            tracing::info!(addr = %m, "metrics at /metrics");
+        }
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

@@ -312,11 +312,18 @@ fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     std::fs::write(&keys, format!("ingest {INGEST}\nread {READ}\n")).unwrap();
+    // A free port for the metrics listener (the exporter cannot report one it picked).
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
         .args(["serve", "--listen", "127.0.0.1:0", "--keys"])
         .arg(&keys)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
+        .args(["--metrics-listen", &metrics])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -347,6 +354,27 @@ fn sigterm_shuts_down_gracefully() {
             .into_inner()
     });
     assert_eq!(r.accepted, 60);
+    // Prometheus text at /metrics.
+    let text = {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&metrics).unwrap();
+        write!(
+            conn,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut t = String::new();
+        conn.read_to_string(&mut t).unwrap();
+        t
+    };
+    for name in [
+        "tokenwatch_events_accepted_total 60",
+        "tokenwatch_events_rejected_total 0",
+        "tokenwatch_ingest_seconds_bucket",
+        "tokenwatch_scoring_seconds_count",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -411,7 +411,16 @@ fn repeated_false_alarms_damp_a_signal_and_retrain_applies_verdicts_again() {
     for h in [0, 2, 4] {
         let m = (days + h * 60) as usize;
         let extra: Vec<pb::Event> = (0..40)
-            .map(|k| common::event(a + h * 3_600_000 + k * 1_400, "svc-03", "10.3.0.1", "DE", 3320, 200))
+            .map(|k| {
+                common::event(
+                    a + h * 3_600_000 + k * 1_400,
+                    "svc-03",
+                    "10.3.0.1",
+                    "DE",
+                    3320,
+                    200,
+                )
+            })
             .collect();
         reqs[m].events.extend(extra);
     }
@@ -464,7 +473,12 @@ fn repeated_false_alarms_damp_a_signal_and_retrain_applies_verdicts_again() {
             given += 1;
             let signals: Vec<_> = s.contributions.iter().take(2).map(|c| c.signal).collect();
             let effect = live
-                .feedback("svc-03", (s.start, s.start), Verdict::FalsePositive, &signals)
+                .feedback(
+                    "svc-03",
+                    (s.start, s.start),
+                    Verdict::FalsePositive,
+                    &signals,
+                )
                 .unwrap();
             assert_eq!(effect.learned_windows, 1);
             assert_eq!(effect.damped.is_empty(), h == 0, "{effect:?}");
@@ -495,8 +509,15 @@ fn repeated_false_alarms_damp_a_signal_and_retrain_applies_verdicts_again() {
 
     // The history plus the feedback log rebuild the same token.
     st.seal().unwrap();
-    let (mut rebuilt, _) =
-        store::rebuild(dir.path(), &cfg, Default::default(), (None, None), None, |_| {}).unwrap();
+    let (mut rebuilt, _) = store::rebuild(
+        dir.path(),
+        &cfg,
+        Default::default(),
+        (None, None),
+        None,
+        |_| {},
+    )
+    .unwrap();
     rebuilt.close_open();
     assert_eq!(
         rebuilt.token_state("svc-03").unwrap().feedback,

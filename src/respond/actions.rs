@@ -104,6 +104,9 @@ impl Actions {
 
     fn audit_record(&self, job: &Job, what: &str, result: &str) {
         let d = &job.decision;
+        let outcome = result.split([':', ' ']).next().unwrap_or("").to_string();
+        metrics::counter!("tokenwatch_actions_total", "action" => what.to_string(), "outcome" => outcome)
+            .increment(1);
         self.audit.append(&json!({
             "at": now(),
             "who": format!("policy:{}", job.policy.name),
@@ -401,6 +404,12 @@ impl Responder {
             .map(|c| c.signal)
             .collect();
         self.tally.alerts += 1;
+        metrics::counter!(
+            "tokenwatch_alerts_total",
+            "signal" => signals.first().map_or("none", |s| s.name()),
+            "severity" => self.arcs[d.policy].severity.clone()
+        )
+        .increment(1);
         for s in &signals {
             self.tally.by_signal[s.index()].0 += 1;
         }

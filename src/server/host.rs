@@ -346,6 +346,16 @@ impl Worker {
             .as_mut()
             .ok_or("the server runs without alert policies, so there are no alert ids")?;
         let info = r.label(alert_id, verdict)?;
+        metrics::counter!("tokenwatch_feedback_total", "verdict" => verdict.name()).increment(1);
+        for (k, (_, labelled, confirmed)) in crate::model::SignalKind::ALL
+            .iter()
+            .zip(r.tally().by_signal.iter())
+        {
+            if *labelled > 0 {
+                metrics::gauge!("tokenwatch_signal_precision", "signal" => k.name())
+                    .set(*confirmed as f64 / *labelled as f64);
+            }
+        }
         let effect = self
             .engine
             .feedback(&info.token, (info.first, info.last), verdict, &info.signals)
@@ -426,6 +436,9 @@ impl Worker {
             Some(r) => r.judge(&scores),
             None => Vec::new(),
         };
+        metrics::counter!("tokenwatch_windows_scored_total").increment(scores.len() as u64);
+        metrics::counter!("tokenwatch_alert_windows_total")
+            .increment(scores.iter().filter(|s| s.alert).count() as u64);
         self.board.publish(scores, &ids);
     }
 
@@ -463,6 +476,7 @@ impl Worker {
         let Some(batch) = batch else { return };
         // Log first (one fsync for the whole coalesced batch), then apply: an
         // acknowledged event is on disk, and a replay sees the batches the engine saw.
+        let t0 = Instant::now();
         if let Some(store) = self.store.as_mut() {
             if let Err(e) = store.append(&batch).and_then(|_| store.commit()) {
                 tracing::error!(error = %e, "write-ahead log failed; ingest is refused until it works");
@@ -470,17 +484,32 @@ impl Worker {
                 return;
             }
         }
+        let late = self.engine.stats().late;
         match self.engine.apply(&batch) {
             Ok(scores) => self.emit(scores),
             // Batches come from `convert::to_batch` in the canonical schema; a mismatch
             // is a bug, logged rather than taking the server down.
             Err(e) => tracing::error!(error = %e, "engine refused a batch"),
         }
+        let st = self.engine.stats();
+        metrics::counter!("tokenwatch_events_late_total").increment(st.late - late);
+        metrics::histogram!("tokenwatch_scoring_seconds").record(t0.elapsed().as_secs_f64());
         self.last_arrival = Instant::now();
         self.newest_at_arrival = self.engine.newest();
     }
 
+    fn gauges(&self) {
+        let st = self.engine.stats();
+        metrics::gauge!("tokenwatch_tokens").set(st.tokens as f64);
+        let (_, per_token) = self.engine.state_bytes();
+        metrics::gauge!("tokenwatch_model_state_bytes").set((per_token as u64 * st.tokens) as f64);
+        if let Some(store) = self.store.as_ref() {
+            metrics::gauge!("tokenwatch_log_backlog_bytes").set(store.backlog_bytes() as f64);
+        }
+    }
+
     fn tick(&mut self) {
+        self.gauges();
         if self.store.is_some() && self.last_snapshot.elapsed() >= self.snapshot_every {
             match self.checkpoint() {
                 Ok(_) => {}

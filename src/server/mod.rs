@@ -11,6 +11,7 @@ pub mod auth;
 pub mod convert;
 mod host;
 mod service;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -88,7 +88,11 @@ impl pb::token_watch_server::TokenWatch for Service {
                 now_ms: now_ms(),
                 max_future_skew_ms: self.cfg.max_future_skew.ms,
             };
+            let t0 = std::time::Instant::now();
+            let before = rejected.count;
             let batch = to_batch(&msg.events, index, clock, &mut rejected);
+            metrics::counter!("tokenwatch_events_rejected_total")
+                .increment(rejected.count - before);
             index += msg.events.len() as u64;
             let rows = batch.num_rows() as u64;
             if rows > 0 {
@@ -99,7 +103,9 @@ impl pb::token_watch_server::TokenWatch for Service {
                     .await
                     .map_err(|_| engine_gone())?;
                 accepted += rows;
+                metrics::counter!("tokenwatch_events_accepted_total").increment(rows);
             }
+            metrics::histogram!("tokenwatch_ingest_seconds").record(t0.elapsed().as_secs_f64());
             // Decoding and validating a message is CPU work on a shared worker; give the
             // short read calls queued behind it their turn between messages.
             tokio::task::yield_now().await;

@@ -391,6 +391,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Bytes of log segments not yet in the history.
+    pub fn backlog_bytes(&self) -> u64 {
+        let wal_d = wal_dir(&self.dir);
+        wal::segments(&wal_d)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&s| !wal::compacted_marker(&wal_d, s).exists())
+            .filter_map(|s| std::fs::metadata(wal::segment_path(&wal_d, s)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Append a verdict to the feedback log (fsync'd).
     pub fn record_feedback(&self, rec: &FeedbackRecord) -> Result<(), Error> {
         use std::io::Write;
