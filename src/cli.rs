@@ -58,6 +58,17 @@ pub enum Command {
         /// Incidents file (token_id, kind, start, end); derived from labels if absent.
         #[arg(long)]
         incidents: Option<PathBuf>,
+        /// Write every evaluated alert (token_id, window_start, last_window_start, verdict
+        /// from the labels) as CSV: the verdicts an operator would give.
+        #[arg(long)]
+        alerts_out: Option<PathBuf>,
+        /// Replay operator verdicts (token_id, window_start, verdict; as --alerts-out
+        /// writes them): each is applied when its alert starts plus --feedback-delay.
+        #[arg(long)]
+        feedback: Option<PathBuf>,
+        /// Event time between an alert's first window and the operator's verdict.
+        #[arg(long, default_value = "30m")]
+        feedback_delay: Duration,
     },
     /// Replay a file through the engine and write window scores (no labels needed).
     Replay {

@@ -85,8 +85,11 @@ pub struct FeedbackConfig {
     pub damp_factor: f64,
     /// How long (event time) a damping lasts.
     pub damp_for: Duration,
-    /// After a confirmed incident, no window of the token is learned for this long.
+    /// After a confirmed incident, for this long only calm windows of the token (risk below
+    /// `hold-learn-below`) are learned.
     pub hold_for: Duration,
+    /// Risk under which a window is still learned during a hold.
+    pub hold_learn_below: f64,
     /// Quarantined windows are kept this long (event time) so that a false-positive verdict
     /// can still teach them to the models.
     pub keep_quarantined: Duration,

@@ -414,7 +414,11 @@ impl Shard {
         let alert = risk >= cfg.score.alert_risk;
         let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
         let held = agg.start < fb.hold_until;
-        let learned = (risk < cfg.score.learn_max_risk || young) && !held;
+        let learned = if held {
+            risk < cfg.feedback.hold_learn_below
+        } else {
+            risk < cfg.score.learn_max_risk || young
+        };
         if learned {
             self.models.learn(st, agg, &ctx);
             if st.windows > 30 {

@@ -72,6 +72,13 @@ pub struct Options {
     pub measure: bool,
     /// Start from this model snapshot instead of an untrained engine.
     pub snapshot: Option<PathBuf>,
+    /// Operator verdicts to replay (`token_id,window_start,verdict`: the first window of an
+    /// alert, as `alerts_out` writes them).
+    pub feedback: Option<PathBuf>,
+    /// Event time between an alert's first window and its verdict.
+    pub feedback_delay_ms: i64,
+    /// Write each evaluated alert (first window, last window, the verdict the labels give).
+    pub alerts_out: Option<PathBuf>,
 }
 
 impl Options {
@@ -90,6 +97,9 @@ impl Options {
             top: 10,
             measure: true,
             snapshot: None,
+            feedback: None,
+            feedback_delay_ms: 30 * 60_000,
+            alerts_out: None,
         }
     }
 }
@@ -153,6 +163,8 @@ pub struct Metrics {
     pub token_days: u64,
     /// false_alerts per 1,000 token-days.
     pub false_alerts_per_1k_token_days: f64,
+    /// Verdicts replayed (`--feedback`).
+    pub verdicts_applied: u64,
 }
 
 /// What a replay did.
@@ -293,6 +305,14 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let verdicts = match &opts.feedback {
+        Some(p) => read_verdicts(p)?,
+        None => FxHashMap::default(),
+    };
+    // Alerts seen so far per token (first, last window), and verdicts waiting for their
+    // time; shared by the score handler and the loop that applies them.
+    let pending: std::cell::RefCell<Vec<Pending>> = Default::default();
+    let mut runs: FxHashMap<Arc<str>, (i64, i64)> = FxHashMap::default();
     let mut tokens: FxHashMap<Arc<str>, u32> = FxHashMap::default();
     let mut kinds: Vec<String> = vec![String::new()];
     let mut recs: Vec<Rec> = Vec::new();
@@ -308,6 +328,30 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
                     (true, true) => "eval",
                     (true, false) => "train",
                 };
+                if eval && s.alert && !verdicts.is_empty() {
+                    let gap = opts.alert_gap_ms;
+                    let run = runs.entry(s.token.clone()).or_insert((i64::MIN, i64::MIN));
+                    if run.1 == i64::MIN || s.start - run.1 > gap {
+                        *run = (s.start, s.start);
+                        if let Some(&v) = verdicts.get(&(s.token.to_string(), s.start)) {
+                            pending.borrow_mut().push(Pending {
+                                token: s.token.clone(),
+                                first: s.start,
+                                last: s.start,
+                                due: s.start.saturating_add(opts.feedback_delay_ms),
+                                verdict: v,
+                                signals: s.contributions.iter().take(2).map(|c| c.signal).collect(),
+                            });
+                        }
+                    } else {
+                        run.1 = s.start;
+                        for p in pending.borrow_mut().iter_mut() {
+                            if p.token == s.token && p.first == run.0 {
+                                p.last = s.start;
+                            }
+                        }
+                    }
+                }
                 if eval {
                     if s.labelled > 0 {
                         any_label = true;
@@ -353,6 +397,7 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
     // Decoding and validation run on their own thread, a few batches ahead of the engine
     // (a bounded channel: memory stays flat whatever the file size).
     let (tx, rx) = std::sync::mpsc::sync_channel::<arrow::record_batch::RecordBatch>(4);
+    let mut applied = 0u64;
     let read = std::thread::scope(|sc| -> Result<ingest::ReadReport, Error> {
         let producer = std::thread::Builder::new()
             .name("tokenwatch-reader".into())
@@ -372,6 +417,16 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
                 .apply(&batch)
                 .map_err(Error::from)
                 .and_then(|out| handle(out, &mut writer));
+            // The operator answers once the verdict is due (event time).
+            let wm = engine.watermark();
+            pending.borrow_mut().retain(|p| {
+                if p.due > wm {
+                    return true;
+                }
+                engine.feedback(&p.token, (p.first, p.last), p.verdict, &p.signals);
+                applied += 1;
+                false
+            });
             if let Err(e) = step {
                 consumed = Err(e);
                 break;
@@ -396,9 +451,39 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
             Some(p) => Some(read_incidents(p, &tokens, &mut kinds)?),
             None => None,
         };
-        Some(compute_metrics(
-            &recs, &kinds, incidents, split_at, window_ms, opts,
-        ))
+        let mut alerts = Vec::new();
+        let mut m = compute_metrics(
+            &recs,
+            &kinds,
+            incidents,
+            split_at,
+            window_ms,
+            opts,
+            &mut alerts,
+        );
+        m.verdicts_applied = applied;
+        if let Some(p) = &opts.alerts_out {
+            let mut names: Vec<&str> = vec![""; tokens.len()];
+            for (name, &i) in &tokens {
+                names[i as usize] = name;
+            }
+            let mut text = String::from("token_id,window_start,last_window_start,verdict\n");
+            for (t, first, last, truth) in alerts {
+                text += &format!(
+                    "{},{},{},{}\n",
+                    names[t as usize],
+                    fmt_ts(first),
+                    fmt_ts(last),
+                    if truth {
+                        "true_positive"
+                    } else {
+                        "false_positive"
+                    }
+                );
+            }
+            std::fs::write(p, text).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?;
+        }
+        Some(m)
     } else {
         None
     };
@@ -491,6 +576,55 @@ fn median(v: &mut [f64]) -> Option<f64> {
     })
 }
 
+/// A verdict waiting for its time in `eval --feedback`.
+struct Pending {
+    token: Arc<str>,
+    first: i64,
+    last: i64,
+    due: i64,
+    verdict: crate::engine::Verdict,
+    signals: Vec<crate::model::SignalKind>,
+}
+
+/// `token_id,window_start,verdict[,...]` rows (header first; extra columns ignored).
+fn read_verdicts(path: &Path) -> Result<FxHashMap<(String, i64), crate::engine::Verdict>, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let col = |name: &str| {
+        header.iter().position(|h| *h == name).ok_or_else(|| {
+            Error::Other(format!(
+                "{}: no `{name}` column in the header",
+                path.display()
+            ))
+        })
+    };
+    let (ct, cw, cv) = (col("token_id")?, col("window_start")?, col("verdict")?);
+    let mut out = FxHashMap::default();
+    for (i, line) in lines.enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let bad = |what: &str| Error::Other(format!("{}: row {}: {what}", path.display(), i + 1));
+        let (Some(t), Some(w), Some(v)) = (f.get(ct), f.get(cw), f.get(cv)) else {
+            return Err(bad("too few fields"));
+        };
+        let w = crate::event::parse_ts(w).map_err(|e| bad(&format!("window_start: {e}")))?;
+        let v = crate::engine::Verdict::parse(v).ok_or_else(|| {
+            bad("verdict must be true_positive, false_positive or expected_change")
+        })?;
+        out.insert((t.to_string(), w), v);
+    }
+    Ok(out)
+}
+
 fn compute_metrics(
     recs: &[Rec],
     kinds: &[String],
@@ -498,6 +632,7 @@ fn compute_metrics(
     split_at: i64,
     window_ms: i64,
     opts: &Options,
+    alerts: &mut Vec<(u32, i64, i64, bool)>,
 ) -> Metrics {
     let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
     for r in recs {
@@ -621,7 +756,6 @@ fn compute_metrics(
         .collect();
     // False alerts: runs of alerting windows per token (gap <= alert gap) touching no
     // labelled window and no incident span of the token.
-    let mut false_alerts = 0;
     let mut token_days = std::collections::HashSet::new();
     for (&t, v) in &by_token {
         let spans: Vec<(i64, i64)> = incidents
@@ -629,7 +763,8 @@ fn compute_metrics(
             .filter(|i| i.0 == t)
             .map(|i| (i.2, i.3))
             .collect();
-        let mut run: Option<(i64, bool)> = None; // (last alert start, touches truth)
+        // (first alert start, last alert start, touches truth)
+        let mut run: Option<(i64, i64, bool)> = None;
         for r in v {
             token_days.insert((t, r.start.div_euclid(86_400_000)));
             if !r.alert {
@@ -640,22 +775,22 @@ fn compute_metrics(
                     .iter()
                     .any(|&(s, e)| r.start + window_ms > s && r.start <= e);
             run = match run {
-                Some((last, tr)) if r.start - last <= opts.alert_gap_ms => {
-                    Some((r.start, tr || truth))
+                Some((first, last, tr)) if r.start - last <= opts.alert_gap_ms => {
+                    Some((first, r.start, tr || truth))
                 }
-                Some((_, tr)) => {
-                    if !tr {
-                        false_alerts += 1;
-                    }
-                    Some((r.start, truth))
+                Some((first, last, tr)) => {
+                    alerts.push((t, first, last, tr));
+                    Some((r.start, r.start, truth))
                 }
-                None => Some((r.start, truth)),
+                None => Some((r.start, r.start, truth)),
             };
         }
-        if let Some((_, false)) = run {
-            false_alerts += 1;
+        if let Some((first, last, tr)) = run {
+            alerts.push((t, first, last, tr));
         }
     }
+    alerts.sort_unstable();
+    let false_alerts = alerts.iter().filter(|a| !a.3).count() as u64;
     let token_days = token_days.len() as u64;
     Metrics {
         eval_from: fmt_ts(split_at),
@@ -675,6 +810,7 @@ fn compute_metrics(
         median_delay_s: median(&mut all_delays),
         false_alerts,
         token_days,
+        verdicts_applied: 0,
         false_alerts_per_1k_token_days: if token_days > 0 {
             false_alerts as f64 * 1000.0 / token_days as f64
         } else {
@@ -764,6 +900,9 @@ impl Report {
                 "  false alerts {} over {} token-days = {:.2} per 1,000 token-days",
                 m.false_alerts, m.token_days, m.false_alerts_per_1k_token_days
             );
+            if m.verdicts_applied > 0 {
+                let _ = writeln!(s, "  operator verdicts replayed: {}", m.verdicts_applied);
+            }
             let _ = writeln!(
                 s,
                 "  {:<22} {:>9} {:>8} {:>7} {:>12} {:>10}",

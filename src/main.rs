@@ -94,6 +94,9 @@ fn run(cli: Cli) -> Result<()> {
             train_fraction,
             json_out,
             incidents,
+            alerts_out,
+            feedback,
+            feedback_delay,
         } => {
             let split = match train_until {
                 Some(t) => Split::Until(
@@ -110,6 +113,9 @@ fn run(cli: Cli) -> Result<()> {
             let (cfg, registry) = load(&replay)?;
             let mut o = replay_options(&replay, split);
             o.incidents = incidents;
+            o.alerts_out = alerts_out;
+            o.feedback = feedback;
+            o.feedback_delay_ms = feedback_delay.ms;
             let report = eval::run(cfg.clone(), registry, &o)?;
             print!("{}", report.render(&cfg));
             if report.metrics.is_none() {
@@ -149,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|s| anyhow::anyhow!("SubmitFeedback: {}: {}", s.code(), s.message()))
             })?;
             println!(
-                "alert {alert} on token {}: {} window(s) learned, damped: [{}], no learning until: {}",
+                "alert {alert} on token {}: {} window(s) learned, damped: [{}], unusual windows kept out of the baseline until: {}",
                 r.token_id,
                 r.learned_windows,
                 r.damped_signals.join(", "),

@@ -48,9 +48,35 @@ fn generate_then_eval_meets_an_honest_floor() {
             .arg("--scores-out")
             .arg(&scores)
             .arg("--json-out")
-            .arg(&json),
+            .arg(&json)
+            .arg("--alerts-out")
+            .arg(dir.path().join("alerts.csv")),
     );
     assert!(text.contains("precision"), "{text}");
+    // The alerts, with the verdicts the labels give, replay as an operator's feedback.
+    let alerts = std::fs::read_to_string(dir.path().join("alerts.csv")).unwrap();
+    assert!(alerts.starts_with("token_id,window_start,last_window_start,verdict\n"));
+    let n_alerts = alerts.lines().count() - 1;
+    assert!(n_alerts > 10, "{alerts}");
+    let again = run_ok(
+        bin()
+            .arg("eval")
+            .arg("--events")
+            .arg(dir.path().join("events.csv"))
+            .arg("--tokens")
+            .arg(dir.path().join("tokens.csv"))
+            .arg("--incidents")
+            .arg(dir.path().join("incidents.csv"))
+            .arg("--feedback")
+            .arg(dir.path().join("alerts.csv")),
+    );
+    let replayed: usize = again
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("operator verdicts replayed: "))
+        .expect(&again)
+        .parse()
+        .unwrap();
+    assert!(replayed * 2 >= n_alerts, "{replayed} of {n_alerts}\n{again}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let m = &v["metrics"];
