@@ -76,7 +76,10 @@ fn generate_then_eval_meets_an_honest_floor() {
         .expect(&again)
         .parse()
         .unwrap();
-    assert!(replayed * 2 >= n_alerts, "{replayed} of {n_alerts}\n{again}");
+    assert!(
+        replayed * 2 >= n_alerts,
+        "{replayed} of {n_alerts}\n{again}"
+    );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let m = &v["metrics"];

@@ -465,3 +465,85 @@ fn python_client_ingests_a_file_and_lists_the_riskiest() {
     assert!(text.contains("event 90: status"), "{text}");
     assert!(text.contains("riskiest 3 tokens"), "{text}");
 }
+
+/// TLS: with a certificate the server speaks only TLS; a client trusting the certificate
+/// works. Needs `openssl` to make a throwaway certificate (says so and passes without).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_that_trust_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (crt, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output();
+    if !made.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: openssl is not available to make a test certificate");
+        return;
+    }
+    let pem = std::fs::read(&crt).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = server::Options {
+        config: tokenwatch::Config::default(),
+        registry: Default::default(),
+        keys: Some(keys()),
+        tls: Some((pem.clone(), std::fs::read(&key).unwrap())),
+        shutdown_grace: Duration::from_secs(10),
+        data_dir: None,
+        policies: Vec::new(),
+        dry_run: false,
+    };
+    let task = tokio::spawn(server::run(listener, opts, async {
+        let _ = rx.await;
+    }));
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&pem))
+        .domain_name("localhost");
+    let ch = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::token_watch_client::TokenWatchClient::with_interceptor(
+        ch,
+        Bearer::new(Some(READ)).unwrap(),
+    );
+    let s = c
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.events, 0);
+    // Plain text to the same port does not get an answer.
+    let plain = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let mut c = pb::token_watch_client::TokenWatchClient::with_interceptor(
+            ch,
+            Bearer::new(Some(READ)).unwrap(),
+        );
+        assert!(c.get_stats(pb::GetStatsRequest {}).await.is_err());
+    }
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}

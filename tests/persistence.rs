@@ -296,3 +296,55 @@ fn retraining_from_history_gives_the_live_scores() {
         );
     }
 }
+
+#[test]
+fn a_corrupt_snapshot_falls_back_to_the_previous_one_and_retention_keeps_recent_days() {
+    use tokenwatch::store::{self, history, snapshot, LogPos, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tokenwatch::Config::default();
+    let (st, rec) = Store::open(dir.path(), &cfg, Default::default()).unwrap();
+    drop(st);
+    let snap = rec.engine.snapshot();
+    let snaps = store::snapshots_dir(dir.path());
+    let older = snapshot::write(
+        &snaps,
+        &snap,
+        LogPos {
+            segment: 1,
+            batches: 0,
+        },
+    )
+    .unwrap();
+    let newer = snapshot::write(
+        &snaps,
+        &snap,
+        LogPos {
+            segment: 2,
+            batches: 0,
+        },
+    )
+    .unwrap();
+    std::fs::write(&newer, b"PAR1 not really").unwrap();
+    let (_st, rec) = Store::open(dir.path(), &cfg, Default::default()).unwrap();
+    assert_eq!(rec.snapshot.as_deref(), Some(older.as_path()));
+    assert!(
+        rec.warnings
+            .iter()
+            .any(|w| w.contains(&newer.display().to_string())),
+        "{:?}",
+        rec.warnings
+    );
+    // Retention counts event time back from the newest event.
+    let events = store::events_dir(dir.path());
+    for d in ["2026-03-01", "2026-03-05", "2026-03-09"] {
+        std::fs::create_dir_all(events.join(format!("date={d}"))).unwrap();
+    }
+    let newest = tokenwatch::event::parse_ts("2026-03-09T12:00:00Z").unwrap();
+    assert_eq!(history::apply_retention(&events, newest, 0).unwrap(), 0);
+    assert_eq!(
+        history::apply_retention(&events, newest, 5 * 86_400_000).unwrap(),
+        1
+    );
+    assert!(!events.join("date=2026-03-01").exists());
+    assert!(events.join("date=2026-03-05").exists());
+}
