@@ -153,7 +153,10 @@ fn sigkill_mid_stream_loses_no_acknowledged_event_and_risk_survives() {
     let many: Vec<pb::IngestRequest> = (0..40_000).map(|i| mid[i % mid.len()].clone()).collect();
     rt.block_on(async {
         let mut c = client(&addr).await;
-        let sending = tokio::spawn(async move { c.ingest(tokio_stream::iter(many)).await });
+        // The stream never ends: the kill always comes in the middle of it.
+        let endless =
+            tokio_stream::StreamExt::chain(tokio_stream::iter(many), tokio_stream::pending());
+        let sending = tokio::spawn(async move { c.ingest(endless).await });
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
         child.kill().unwrap(); // SIGKILL
         let _ = child.wait();
