@@ -330,15 +330,51 @@ async fn verdict_then_same_behaviour(verdict: &str) -> (pb::FeedbackResponse, pb
     assert_eq!(alert.token_id, "svc-03");
     assert!(alert.risk >= 50.0, "{alert:?}");
     assert!(!alert.alert_id.is_empty());
-    let fb = c
-        .submit_feedback(pb::FeedbackRequest {
+    let fb = if verdict == "false_positive" {
+        // Through the command line, as an operator would.
+        let (id, target) = (alert.alert_id.clone(), addr.to_string());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+                .args(["label", "--target", &target, "--alert", &id])
+                .args([
+                    "--verdict",
+                    "false_positive",
+                    "--note",
+                    "moved to the Paris region",
+                ])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("on token svc-03"), "{text}");
+        let learned = text
+            .split(": ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect(&text);
+        pb::FeedbackResponse {
+            token_id: "svc-03".into(),
+            learned_windows: learned,
+            ..Default::default()
+        }
+    } else {
+        c.submit_feedback(pb::FeedbackRequest {
             alert_id: alert.alert_id.clone(),
             verdict: verdict.into(),
-            note: "moved to the Paris region".into(),
+            note: "confirmed: leaked in a CI log".into(),
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+    };
     // The same behaviour again, 20 minutes later.
     let mut again = steady(6, a + 20 * MINUTE, 10);
     for (m, r) in again.iter_mut().enumerate() {
