@@ -256,7 +256,7 @@ impl Shard {
         for i in rows {
             let ts = c.ts.value(i);
             let start = window_start(ts, w);
-            if start.saturating_add(w) <= self.closed_wm {
+            if is_late(start, w, self.closed_wm) {
                 self.stats.late += 1;
                 continue;
             }
@@ -468,6 +468,11 @@ impl Shard {
             contributions,
         }
     }
+}
+
+/// A window starting at `start` (of `w` ms) closed before the watermark `closed` passed.
+fn is_late(start: i64, w: i64, closed: i64) -> bool {
+    start.saturating_add(w) <= closed
 }
 
 /// Quarantined windows kept per token for feedback, at most.
@@ -684,6 +689,31 @@ impl Engine {
         let sh = &mut self.shards[(text_key(token) % n) as usize];
         let t = *sh.tokens.get(token)?;
         Some(sh.feedback(t, (from, to), verdict, signals))
+    }
+
+    /// Event time up to which the shards have closed windows (they all close together).
+    fn closed_wm(&self) -> i64 {
+        self.shards
+            .iter()
+            .map(|s| s.closed_wm)
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+
+    /// Rows of a (canonical) batch that would arrive late: their window already closed.
+    pub fn late_rows(&self, batch: &RecordBatch) -> u64 {
+        let w = self.cfg.window.size.ms;
+        let closed = self.closed_wm();
+        let Some(ts) = batch
+            .column(col::TS)
+            .as_primitive_opt::<TimestampMillisecondType>()
+        else {
+            return 0;
+        };
+        ts.values()
+            .iter()
+            .filter(|&&t| is_late(window_start(t, w), w, closed))
+            .count() as u64
     }
 
     /// Newest event time seen, if any event was applied.
@@ -929,12 +959,7 @@ impl Engine {
         w.u8(self.next_refit.is_some() as u8);
         w.i64(self.next_refit.unwrap_or(0));
         w.u64(self.refits);
-        let closed = self
-            .shards
-            .iter()
-            .map(|s| s.closed_wm)
-            .max()
-            .unwrap_or(i64::MIN);
+        let closed = self.closed_wm();
         w.i64(closed);
         let st = self.stats();
         for v in [st.events, st.late, st.windows, st.alerts, st.quarantined] {

@@ -3,9 +3,8 @@
 //! every action and its outcome. Runs on the async runtime, fed by a bounded queue from the
 //! engine thread, so a slow receiver never holds scoring back.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +17,7 @@ use tokio::sync::mpsc;
 use super::policy::{Decision, Event, Mode, Policy};
 use crate::config::RespondConfig;
 use crate::event::fmt_ts;
+pub use crate::store::JsonLog;
 
 /// One decision with the policy that made it.
 pub struct Job {
@@ -25,50 +25,6 @@ pub struct Job {
     pub decision: Decision,
     /// The policy (its actions and mode).
     pub policy: Arc<Policy>,
-}
-
-/// Append-only JSON Lines log, one fsync'd line per record.
-pub struct JsonLog {
-    path: Option<PathBuf>,
-    // Records come from concurrent deliveries; one writer at a time keeps lines whole.
-    file: Mutex<Option<std::fs::File>>,
-}
-
-impl JsonLog {
-    /// Log at `path` (created on first write); `None` writes nothing (no data directory).
-    pub fn new(path: Option<PathBuf>) -> Self {
-        JsonLog {
-            path,
-            file: Mutex::new(None),
-        }
-    }
-
-    /// Append one record; failures are logged, never fatal (the action already happened).
-    pub fn append(&self, record: &serde_json::Value) {
-        let Some(path) = &self.path else {
-            return;
-        };
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-            {
-                Ok(f) => *guard = Some(f),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "cannot open log");
-                    return;
-                }
-            }
-        }
-        if let Some(f) = guard.as_mut() {
-            let line = format!("{record}\n");
-            if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
-                tracing::error!(path = %path.display(), error = %e, "cannot append to log");
-            }
-        }
-    }
 }
 
 /// Where actions write and how they retry.
@@ -329,6 +285,14 @@ pub struct Tally {
     pub confirmed: u64,
     /// Per signal: (alerts, labelled, confirmed).
     pub by_signal: [(u64, u64, u64); 21],
+}
+
+impl Tally {
+    /// Confirmed / labelled alerts of a signal, once any has a verdict.
+    pub fn precision(&self, s: crate::model::SignalKind) -> Option<f64> {
+        let (_, labelled, confirmed) = self.by_signal[s.index()];
+        (labelled > 0).then(|| confirmed as f64 / labelled as f64)
+    }
 }
 
 /// Alerts remembered for verdicts, at most (the oldest are forgotten first).

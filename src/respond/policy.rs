@@ -285,18 +285,8 @@ impl Policies {
 
 /// Stable alert id: the same (token, policy, first window) always gives the same id.
 pub fn alert_id(token: &str, policy: &str, first_window: i64) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in token
-        .bytes()
-        .chain([0])
-        .chain(policy.bytes())
-        .chain([0])
-        .chain(first_window.to_le_bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("al-{:016x}", crate::model::sketch::mix(h))
+    let key = crate::window::text_key(&format!("{token}\0{policy}\0{first_window}"));
+    format!("al-{key:016x}")
 }
 
 #[cfg(test)]

@@ -315,9 +315,8 @@ impl Worker {
                     let scores = self.engine.close_open();
                     self.emit(scores);
                     if self.store.is_some() {
-                        match self.checkpoint() {
-                            Ok(_) => {}
-                            Err(e) => tracing::error!(error = %e, "final snapshot failed"),
+                        if let Err(e) = self.checkpoint() {
+                            tracing::error!(error = %e, "final snapshot failed");
                         }
                         if let Some(store) = self.store.take() {
                             if let Err(e) = store.close() {
@@ -347,13 +346,9 @@ impl Worker {
             .ok_or("the server runs without alert policies, so there are no alert ids")?;
         let info = r.label(alert_id, verdict)?;
         metrics::counter!("tokenwatch_feedback_total", "verdict" => verdict.name()).increment(1);
-        for (k, (_, labelled, confirmed)) in crate::model::SignalKind::ALL
-            .iter()
-            .zip(r.tally().by_signal.iter())
-        {
-            if *labelled > 0 {
-                metrics::gauge!("tokenwatch_signal_precision", "signal" => k.name())
-                    .set(*confirmed as f64 / *labelled as f64);
+        for k in crate::model::SignalKind::ALL {
+            if let Some(p) = r.tally().precision(k) {
+                metrics::gauge!("tokenwatch_signal_precision", "signal" => k.name()).set(p);
             }
         }
         let effect = self
@@ -418,11 +413,7 @@ impl Worker {
                         alerts,
                         labelled,
                         confirmed,
-                        precision: if labelled > 0 {
-                            confirmed as f64 / labelled as f64
-                        } else {
-                            f64::NAN
-                        },
+                        precision: t.precision(k).unwrap_or(f64::NAN),
                     });
                 }
             }
@@ -444,25 +435,9 @@ impl Worker {
 
     /// Events whose window closed before this batch: the engine counts and skips them.
     fn count_late(&self, b: &RecordBatch, late: &AtomicU64) {
-        let wm = self.engine.watermark();
-        if wm == i64::MIN {
-            return;
-        }
-        let w = self.engine.config().window.size.ms;
-        let Some(ts) = b
-            .column(crate::event::col::TS)
-            .as_any()
-            .downcast_ref::<arrow::array::TimestampMillisecondArray>()
-        else {
-            return;
-        };
-        let n = ts
-            .values()
-            .iter()
-            .filter(|&&t| crate::window::window_start(t, w).saturating_add(w) <= wm)
-            .count();
+        let n = self.engine.late_rows(b);
         if n > 0 {
-            late.fetch_add(n as u64, Ordering::Relaxed);
+            late.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -511,9 +486,8 @@ impl Worker {
     fn tick(&mut self) {
         self.gauges();
         if self.store.is_some() && self.last_snapshot.elapsed() >= self.snapshot_every {
-            match self.checkpoint() {
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "periodic snapshot failed"),
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "periodic snapshot failed");
             }
         }
         let idle = self.last_arrival.elapsed();

@@ -60,6 +60,54 @@ pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Append-only JSON Lines file, one fsync'd line per record (feedback, audit, dead letters).
+pub struct JsonLog {
+    path: Option<PathBuf>,
+    // Records may come from concurrent writers; one at a time keeps lines whole.
+    file: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl JsonLog {
+    /// Log at `path` (created on first write); `None` writes nothing (no data directory).
+    pub fn new(path: Option<PathBuf>) -> Self {
+        JsonLog {
+            path,
+            file: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Append one record and fsync it.
+    pub fn try_append(&self, record: &serde_json::Value) -> Result<(), Error> {
+        use std::io::Write;
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io(path))?;
+            *guard = Some(f);
+        }
+        if let Some(f) = guard.as_mut() {
+            f.write_all(format!("{record}\n").as_bytes())
+                .and_then(|_| f.sync_data())
+                .map_err(io(path))?;
+        }
+        Ok(())
+    }
+
+    /// Append one record; a failure is logged, never fatal (what it records already
+    /// happened).
+    pub fn append(&self, record: &serde_json::Value) {
+        if let Err(e) = self.try_append(record) {
+            tracing::error!(error = %e, "cannot append to log");
+        }
+    }
+}
+
 /// An operator's verdict as kept in `DATA_DIR/feedback.jsonl`: applied again, at the same
 /// point, when the log is replayed after a crash, and after the alert's windows close when
 /// the models are rebuilt from history.
@@ -107,9 +155,12 @@ impl FeedbackRecord {
     }
 }
 
+/// File of the feedback log in a data directory.
+const FEEDBACK_LOG: &str = "feedback.jsonl";
+
 /// The feedback log of a data directory, oldest first; unreadable lines are reported.
 pub fn read_feedback(dir: &Path) -> Result<(Vec<FeedbackRecord>, Vec<String>), Error> {
-    let path = dir.join("feedback.jsonl");
+    let path = dir.join(FEEDBACK_LOG);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
@@ -171,6 +222,7 @@ pub struct Store {
     dir: PathBuf,
     wal: wal::Wal,
     cfg: StoreConfig,
+    feedback: JsonLog,
 }
 
 /// Paths inside a data directory.
@@ -297,6 +349,7 @@ impl Store {
             dir: dir.to_path_buf(),
             wal,
             cfg: cfg.store.clone(),
+            feedback: JsonLog::new(Some(dir.join(FEEDBACK_LOG))),
         };
         // Segments of earlier runs are whole (torn tails end at the last whole batch).
         store.compact_sealed()?;
@@ -405,17 +458,9 @@ impl Store {
 
     /// Append a verdict to the feedback log (fsync'd).
     pub fn record_feedback(&self, rec: &FeedbackRecord) -> Result<(), Error> {
-        use std::io::Write;
-        let path = self.dir.join("feedback.jsonl");
-        let line = serde_json::to_string(rec).map_err(|e| format(&path)(e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        f.write_all(format!("{line}\n").as_bytes())
-            .and_then(|_| f.sync_data())
-            .map_err(io(&path))
+        let value = serde_json::to_value(rec)
+            .map_err(|e| format(self.dir.join(FEEDBACK_LOG))(e.to_string()))?;
+        self.feedback.try_append(&value)
     }
 
     /// The data directory.
