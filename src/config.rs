@@ -255,6 +255,14 @@ pub struct RateConfig {
     pub min_expected: f64,
     /// Windows before the own baseline is fully trusted.
     pub warmup_windows: f64,
+    /// Half-life of the hour-of-day and weekday factors (event time).
+    pub season_half_life: Duration,
+    /// A count that stays on one side of the baseline this long becomes the new baseline.
+    pub adopt_after: Duration,
+    /// Drops (and silence) are scored only where at least this many calls were expected.
+    pub min_drop_expected: f64,
+    /// Evidence of a drop relative to a rise of the same tail probability.
+    pub drop_weight: f64,
 }
 
 /// `[novelty]`
@@ -325,6 +333,10 @@ pub struct IsolationConfig {
 pub struct RegistryConfig {
     /// Tail probability of a registry violation.
     pub error_p: f64,
+    /// Out-of-scope calls in one window that are a violation at once, even if refused.
+    pub scope_burst: u32,
+    /// Half-life of the accumulated evidence of stray refused out-of-scope windows.
+    pub stray_half_life: Duration,
 }
 
 /// A duration written as `"90s"`, `"1m"`, `"2h"`, `"3d"` (or a bare number of seconds).
@@ -486,6 +498,12 @@ impl Config {
         }
         if self.rate.short_half_life <= 0.0 || self.rate.long_half_life <= 0.0 {
             return bad("rate", "half-lives must be positive");
+        }
+        if self.rate.season_half_life.ms <= 0 || self.rate.adopt_after.ms <= 0 {
+            return bad("rate", "season-half-life and adopt-after must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.rate.drop_weight) || !(self.rate.min_drop_expected >= 1.0) {
+            return bad("rate", "drop-weight must be in 0..=1, min-drop-expected >= 1");
         }
         if self.telemetry.half_life <= 0.0 {
             return bad("telemetry.half-life", "must be positive");

@@ -8,7 +8,6 @@
 //! fitted from all shards' states at fixed event-time points and handed back read-only.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, StringArray};
@@ -24,11 +23,9 @@ use crate::model::isolation::{IsolationModel, Reservoir};
 use crate::model::peers::{PeerGroups, PeerPoint, NO_GROUP};
 use crate::model::registry::Registry;
 use crate::model::sketch::mix;
-use crate::model::{Ctx, Global, Models, Scratch, Signal, SignalKind, TokenState};
+use crate::model::{Ctx, Global, Model, Models, Scratch, Signal, SignalKind, TokenState};
 use crate::score;
-use crate::window::{
-    country_key, endpoint_key, prefix_key, status_class, text_key, window_start, Names, WindowAgg,
-};
+use crate::window::{text_key, window_start, EventRef, Names, WindowAgg};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +196,11 @@ struct Shard {
     aggs: Vec<WindowAgg>,
     free: Vec<u32>,
     queue: BTreeMap<i64, Vec<u32>>,
+    /// Silence checks: window start -> tokens that expected traffic in that window. Each
+    /// steady token has at most one; it is re-armed by every window the token closes.
+    silence: BTreeMap<i64, Vec<u32>>,
+    /// The aggregate of a window without traffic.
+    empty: WindowAgg,
     names: Names,
     reservoir: Reservoir,
     scratch: Scratch,
@@ -221,6 +223,8 @@ impl Shard {
             aggs: Vec::new(),
             free: Vec::new(),
             queue: BTreeMap::new(),
+            silence: BTreeMap::new(),
+            empty: WindowAgg::default(),
             names: Names::default(),
             scratch: Scratch::default(),
             closed_wm: i64::MIN,
@@ -279,89 +283,118 @@ impl Shard {
                     a
                 }
             };
-            let agg = &mut self.aggs[a];
-            let names = &mut self.names;
-            agg.count += 1;
-            agg.first_ts = agg.first_ts.min(ts);
-            agg.last_ts = agg.last_ts.max(ts);
-            agg.status[status_class(c.status.value(i))] += 1;
-            agg.bytes = agg.bytes.saturating_add(c.bytes.value(i));
-            if c.latency.is_valid(i) {
-                agg.latency_sum += c.latency.value(i) as f64;
-                agg.latency_n += 1;
-            }
-            let (m, e) = (c.method.value(i), c.endpoint.value(i));
-            let k = endpoint_key(m, e);
-            if agg.endpoints.add(k) {
-                names.note(k, || format!("{m} {e}"));
-            }
-            if let Some(cc) = opt_str(c.country, i) {
-                agg.countries.add(country_key(cc));
-            }
-            if c.asn.is_valid(i) {
-                agg.asns.add(c.asn.value(i) as u64);
-            }
-            if let Ok(ip) = c.ip.value(i).trim().parse::<IpAddr>() {
-                agg.prefixes.add(prefix_key(&ip));
-            }
-            if let Some(ua) = opt_str(c.agent, i) {
-                let k = text_key(ua);
-                if agg.agents.add(k) {
-                    names.note(k, || ua.to_string());
-                }
-            }
-            if let Some(s) = opt_str(c.scope, i) {
-                let k = text_key(s);
-                if agg.scopes.add(k) {
-                    names.note(k, || s.to_string());
-                }
-            }
-            if let Some(s) = opt_str(c.env, i) {
-                let k = text_key(s);
-                if agg.envs.add(k) {
-                    names.note(k, || s.to_string());
-                }
-            }
-            if c.label.is_valid(i) && c.label.value(i) == 1 {
-                agg.labelled += 1;
-                if agg.kind == 0 {
-                    if let Some(s) = opt_str(c.kind, i) {
-                        let k = text_key(s);
-                        agg.kind = k;
-                        names.note(k, || s.to_string());
-                    }
-                }
-            }
+            let ev = EventRef {
+                ts,
+                method: c.method.value(i),
+                endpoint: c.endpoint.value(i),
+                status: c.status.value(i),
+                bytes: c.bytes.value(i),
+                latency: c.latency.is_valid(i).then(|| c.latency.value(i)),
+                ip: c.ip.value(i),
+                country: opt_str(c.country, i),
+                asn: c.asn.is_valid(i).then(|| c.asn.value(i)),
+                agent: opt_str(c.agent, i),
+                scope: opt_str(c.scope, i),
+                env: opt_str(c.env, i),
+                label: c.label.is_valid(i) && c.label.value(i) == 1,
+                kind: opt_str(c.kind, i),
+            };
+            let granted = slot.reg.as_deref().map_or(&[][..], |r| r.scope_keys());
+            self.aggs[a].observe(&ev, granted, &mut self.names);
         }
     }
 
-    /// Close, score and learn every window that ends at or before `wm`.
-    fn close_until(&mut self, wm: i64, out: &mut Vec<WindowScore>) {
+    /// Close, score and learn every window that ends at or before `wm`, and score the
+    /// windows without traffic of steady tokens up to `silence_upto` (never past the newest
+    /// event time: at the end of input, silence after it is not known yet). Both go in
+    /// window order, a token's own window first, so the result does not depend on batching.
+    fn close_until(&mut self, wm: i64, silence_upto: i64, out: &mut Vec<WindowScore>) {
         let w = self.cfg.window.size.ms;
-        while let Some(entry) = self.queue.first_entry() {
-            if entry.key().saturating_add(w) > wm {
-                break;
-            }
-            let (start, toks) = entry.remove_entry();
-            for t in toks {
-                let slot = &mut self.slots[t as usize];
-                let Some(pos) = slot.open.iter().position(|o| o.0 == start) else {
-                    continue;
-                };
-                let (_, a) = slot.open.swap_remove(pos);
-                let s = self.close_one(t as usize, a as usize);
-                out.push(s);
-                self.free.push(a);
+        loop {
+            let q = self
+                .queue
+                .first_key_value()
+                .map(|(k, _)| *k)
+                .filter(|k| k.saturating_add(w) <= wm);
+            let quiet = self
+                .silence
+                .first_key_value()
+                .map(|(k, _)| *k)
+                .filter(|k| k.saturating_add(w) <= wm.min(silence_upto));
+            match (q, quiet) {
+                (None, None) => break,
+                (Some(qk), Some(sk)) if sk < qk => self.check_silence(sk, out),
+                (None, Some(sk)) => self.check_silence(sk, out),
+                (Some(start), _) => {
+                    let toks = self.queue.remove(&start).unwrap_or_default();
+                    for t in toks {
+                        let slot = &mut self.slots[t as usize];
+                        let Some(pos) = slot.open.iter().position(|o| o.0 == start) else {
+                            continue;
+                        };
+                        let (_, a) = slot.open.swap_remove(pos);
+                        let s = self.close_one(t as usize, Some(a as usize));
+                        out.push(s);
+                        self.free.push(a);
+                    }
+                }
             }
         }
         self.closed_wm = self.closed_wm.max(wm);
     }
 
-    fn close_one(&mut self, t: usize, a: usize) -> WindowScore {
+    /// Score the window starting at `start` for every token that expected traffic in it and
+    /// had none.
+    fn check_silence(&mut self, start: i64, out: &mut Vec<WindowScore>) {
+        let toks = self.silence.remove(&start).unwrap_or_default();
+        for t in toks {
+            if self.slots[t as usize].state.last_seen >= start {
+                continue;
+            }
+            self.empty.reset(start);
+            let s = self.close_one(t as usize, None);
+            out.push(s);
+        }
+    }
+
+    /// Arm the silence check of token `t` for the window after `start`, if it is steady
+    /// enough there for no traffic to mean something.
+    fn arm_silence(&mut self, t: usize, start: i64) {
+        let next = start.saturating_add(self.cfg.window.size.ms);
+        let st = &self.slots[t].state;
+        let ctx = Ctx {
+            cfg: &self.cfg,
+            window_ms: self.cfg.window.size.ms,
+            start: next,
+            windows: st.windows,
+            first_seen: st.first_seen,
+            global: &self.global,
+            registry: None,
+            group: None,
+            trusted: false,
+        };
+        if self.models.rate.expects_traffic(&st.rate, &ctx) {
+            self.silence.entry(next).or_default().push(t as u32);
+        }
+    }
+
+    /// Score and learn one closed window of token `t`: the aggregate `a`, or with `None`
+    /// a window without traffic (only the rate model speaks and learns).
+    fn close_one(&mut self, t: usize, a: Option<usize>) -> WindowScore {
+        let score = self.score_one(t, a);
+        self.arm_silence(t, score.start);
+        score
+    }
+
+    fn score_one(&mut self, t: usize, a: Option<usize>) -> WindowScore {
         let cfg = &*self.cfg;
         let global = &*self.global;
         let slot = &mut self.slots[t];
-        let agg = &self.aggs[a];
+        let silent = a.is_none();
+        let agg = match a {
+            Some(a) => &self.aggs[a],
+            None => &self.empty,
+        };
         let st = &mut slot.state;
         if st.peers.group == NO_GROUP && st.windows > 0 {
             if let Some(p) = &global.peers {
@@ -386,9 +419,13 @@ impl Shard {
         };
         let scratch = &mut self.scratch;
         scratch.clear();
-        self.models.score(st, agg, &ctx, scratch);
+        if silent {
+            self.models.rate.score(&st.rate, agg, &ctx, scratch);
+        } else {
+            self.models.score(st, agg, &ctx, scratch);
+        }
         let mut risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
-        if let Some(iso) = &global.isolation {
+        if let (Some(iso), false) = (&global.isolation, silent) {
             // The forest is the costliest model; it is consulted only where the most it can
             // add (its smallest tail probability) could lift the window past 1% risk.
             let most =
@@ -419,7 +456,10 @@ impl Shard {
         } else {
             risk < cfg.score.learn_max_risk || young
         };
-        if learned {
+        self.models.track(st, agg, &ctx, held);
+        if learned && silent {
+            self.models.rate.learn(&mut st.rate, agg, &ctx);
+        } else if learned {
             self.models.learn(st, agg, &ctx);
             if st.windows > 30 {
                 let h = mix(text_key(&slot.name) ^ (agg.start as u64).rotate_left(17));
@@ -428,7 +468,7 @@ impl Shard {
         } else {
             st.quarantined = st.quarantined.saturating_add(1);
             self.stats.quarantined += 1;
-            if !held {
+            if !held && !silent {
                 let keep = self.held.entry(t as u32).or_default();
                 let oldest = agg.start.saturating_sub(cfg.feedback.keep_quarantined.ms);
                 keep.retain(|w| w.start >= oldest);
@@ -446,7 +486,7 @@ impl Shard {
         let contributions = scratch
             .signals
             .iter()
-            .filter(|s| s.evidence > 0.0)
+            .filter(|s| s.evidence >= score::SHOWN)
             .map(|s| Contribution {
                 signal: s.kind,
                 observed: s.observed,
@@ -780,8 +820,9 @@ impl Engine {
     }
 
     fn close_all(&mut self, wm: i64, out: &mut Vec<WindowScore>) {
+        let upto = wm.min(self.max_ts);
         if self.shards.len() == 1 {
-            self.shards[0].close_until(wm, out);
+            self.shards[0].close_until(wm, upto, out);
             return;
         }
         let parts: Vec<Vec<WindowScore>> = std::thread::scope(|sc| {
@@ -791,7 +832,7 @@ impl Engine {
                 .map(|s| {
                     sc.spawn(move || {
                         let mut o = Vec::new();
-                        s.close_until(wm, &mut o);
+                        s.close_until(wm, upto, &mut o);
                         o
                     })
                 })
@@ -833,8 +874,8 @@ impl Engine {
                         token: slot.name.clone(),
                         usage: st.peers.usage(),
                         d_own: st.peers.d_own.mean as f64,
-                        rate_mean: st.rate.long.mean as f64,
-                        rate_var: st.rate.long.var as f64,
+                        rate_mean: st.rate.mean_count(),
+                        rate_var: st.rate.var_count(),
                     });
                 }
             }
@@ -1094,6 +1135,14 @@ impl Engine {
                 open,
             });
             sh.stats.tokens += 1;
+        }
+        for sh in e.shards.iter_mut() {
+            for t in 0..sh.slots.len() {
+                let last = sh.slots[t].state.last_seen;
+                if sh.slots[t].state.rate.n > 0 {
+                    sh.arm_silence(t, last);
+                }
+            }
         }
         Ok(e)
     }

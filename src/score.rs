@@ -10,7 +10,11 @@
 //! ```
 //!
 //! so risk 50 means the signals together outweigh the prior, and the contributions say
-//! exactly how much each one pushed.
+//! exactly how much each one pushed. Two refinements keep the risk a ranking that PR curves
+//! and threshold sweeps can use: the quiet level is a soft knee (softplus), so a small real
+//! surprise adds a small, nonzero evidence instead of none; and above 50 the risk grows as
+//! `100 - 50 / (1 + L/2)` of the log-odds `L` (same slope at 50) instead of saturating, so
+//! more evidence always gives a strictly higher risk and alerts do not all tie at 100.
 
 use crate::config::{ScoreConfig, Weights};
 use crate::event::fmt_ts;
@@ -40,7 +44,17 @@ pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> 
     }
 
     signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
-    100.0 / (1.0 + (-logit).exp())
+    risk_of(logit)
+}
+
+/// Risk (0..100) of posterior log-odds `l`: the posterior probability in percent up to 50,
+/// then a slowly saturating rank (see the module doc).
+pub fn risk_of(l: f64) -> f64 {
+    if l <= 0.0 {
+        100.0 / (1.0 + (-l).exp())
+    } else {
+        100.0 - 50.0 / (1.0 + l / 2.0)
+    }
 }
 
 /// Scale the evidence of the signals in `mask` (bit = position in [`SignalKind::ALL`]) by
@@ -55,32 +69,58 @@ pub fn damp(signals: &mut [Signal], mask: u32, factor: f64, cfg: &ScoreConfig) -
         logit += s.evidence;
     }
     signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
-    100.0 / (1.0 + (-logit).exp())
+    risk_of(logit)
 }
 
 /// Evidence (nats) of one signal with tail probability `p`. Likelihood-ratio signals are
 /// evidence as they stand; tail probabilities must first clear the quiet level.
 pub fn evidence(kind: SignalKind, p: f64, cfg: &ScoreConfig, weights: &Weights) -> f64 {
     let surprise = -p.max(1e-300).ln();
-    let floor = if kind.is_ratio() {
-        0.0
+    let e = if kind.is_ratio() {
+        surprise.max(0.0)
     } else {
-        -cfg.quiet_p.ln()
+        softplus(surprise + cfg.quiet_p.ln())
     };
-    weights.get(kind) * (surprise - floor).clamp(0.0, cfg.max_evidence)
+    weights.get(kind) * soft_cap(e, cfg.max_evidence)
 }
 
-/// Log-odds of a risk given in percent.
+/// Evidence past `cap` grows only logarithmically: one broken model cannot dominate, yet a
+/// more extreme window still ranks higher.
+fn soft_cap(e: f64, cap: f64) -> f64 {
+    if e <= cap {
+        e
+    } else {
+        cap + (e - cap).ln_1p()
+    }
+}
+
+/// Evidence below this is too small to name among a window's reasons (it still counts).
+pub const SHOWN: f64 = 0.05;
+
+/// ln(1 + e^x), computed without overflow: 0.01 at x = -4.6, ln 2 at 0, x beyond a few.
+fn softplus(x: f64) -> f64 {
+    if x > 30.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+/// Log-odds of a risk given in percent (the inverse of [`risk_of`]).
 pub fn logit(risk: f64) -> f64 {
-    let r = (risk / 100.0).clamp(1e-12, 1.0 - 1e-12);
-    (r / (1.0 - r)).ln()
+    if risk > 50.0 {
+        2.0 * (50.0 / (100.0 - risk).max(1e-9) - 1.0)
+    } else {
+        let r = (risk / 100.0).clamp(1e-12, 0.5);
+        (r / (1.0 - r)).ln()
+    }
 }
 
 /// The name of the largest contributor, or `none`.
 pub fn top_signal(signals: &[Signal]) -> &'static str {
     signals
         .iter()
-        .find(|s| s.evidence > 0.0)
+        .find(|s| s.evidence >= SHOWN)
         .map_or("none", |s| s.kind.name())
 }
 
@@ -133,8 +173,16 @@ pub fn explain(
         v.join(", ")
     };
     match s.kind {
+        Rate if s.observed == 0.0 => format!(
+            "no calls in a window where {:.1} were expected",
+            s.expected
+        ),
+        Rate if s.observed < s.expected => format!(
+            "only {:.0} calls in one window; {:.1} expected at this time",
+            s.observed, s.expected
+        ),
         Rate => format!(
-            "{:.0} calls in one window; usually {:.1}",
+            "{:.0} calls in one window; {:.1} expected at this time",
             s.observed, s.expected
         ),
         Seasonal => {
@@ -208,7 +256,7 @@ pub fn explain(
             s.observed, s.expected
         ),
         BytesOut => format!(
-            "{} sent in one window; usually {}",
+            "{} per call in one window; usually {}",
             human_bytes(s.observed),
             human_bytes(s.expected)
         ),
@@ -272,8 +320,9 @@ mod tests {
         let mut s = vec![Signal::new(SignalKind::Rate, 3.0, 1.0, 0.2)];
         let r = combine(&mut s, &cfg.score, &cfg.weights);
         assert!((r - 100.0 * cfg.score.prior).abs() < 1e-3, "{r}");
-        assert_eq!(s[0].evidence, 0.0);
-        assert_eq!(top_signal(&s), "none");
+        // Small but not nothing: ranks above a window with no signal at all.
+        assert!(s[0].evidence > 0.0 && s[0].evidence < 0.05, "{}", s[0].evidence);
+        assert!(r > 100.0 * cfg.score.prior);
     }
 
     #[test]
@@ -293,6 +342,26 @@ mod tests {
         assert!(
             combine(&mut t, &cfg.score, &cfg.weights) > combine(&mut u, &cfg.score, &cfg.weights)
         );
+    }
+
+    #[test]
+    fn risk_is_graded_and_never_ties_at_the_top() {
+        let cfg = Config::default();
+        let mut last = 0.0;
+        for p in [0.5, 0.05, 1e-3, 1e-6, 1e-12, 1e-30, 1e-60, 1e-120] {
+            let mut s = vec![
+                Signal::new(SignalKind::Rate, 9.0, 1.0, p),
+                Signal::new(SignalKind::NewCountry, 1.0, 0.0, p),
+                Signal::new(SignalKind::AuthErrors, 1.0, 0.0, p),
+            ];
+            let r = combine(&mut s, &cfg.score, &cfg.weights);
+            assert!(r > last, "{p}: {r} <= {last}");
+            assert!(r < 100.0);
+            last = r;
+        }
+        for r in [0.01, 10.0, 50.0, 80.0, 99.5] {
+            assert!((risk_of(logit(r)) - r).abs() < 1e-6, "{r}");
+        }
     }
 
     #[test]

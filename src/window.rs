@@ -190,6 +190,43 @@ pub struct WindowAgg {
     pub first_ts: i64,
     /// Latest event time.
     pub last_ts: i64,
+    /// Calls needing a scope the token's registry entry does not grant.
+    pub out_of_scope: u32,
+    /// ...of which the gateway answered with success (2xx/3xx): not refused.
+    pub out_of_scope_ok: u32,
+}
+
+/// One event, borrowed from a columnar batch: what [`WindowAgg::observe`] needs.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRef<'a> {
+    /// Event time (epoch ms).
+    pub ts: i64,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Route.
+    pub endpoint: &'a str,
+    /// Status code.
+    pub status: u16,
+    /// Response bytes.
+    pub bytes: u64,
+    /// Latency, if known.
+    pub latency: Option<f32>,
+    /// Source address as written.
+    pub ip: &'a str,
+    /// Country code.
+    pub country: Option<&'a str>,
+    /// Autonomous system.
+    pub asn: Option<u32>,
+    /// User agent.
+    pub agent: Option<&'a str>,
+    /// Scope the route needs.
+    pub scope: Option<&'a str>,
+    /// Environment that served it.
+    pub env: Option<&'a str>,
+    /// Labelled anomalous (evaluation only).
+    pub label: bool,
+    /// Anomaly kind of a labelled event.
+    pub kind: Option<&'a str>,
 }
 
 impl WindowAgg {
@@ -216,6 +253,72 @@ impl WindowAgg {
         self.kind = 0;
         self.first_ts = i64::MAX;
         self.last_ts = i64::MIN;
+        self.out_of_scope = 0;
+        self.out_of_scope_ok = 0;
+    }
+
+    /// Fold one event in. `granted` holds the scope keys of the token's registry entry
+    /// (empty: no scope facts). Names of new endpoints, agents, scopes, envs and kinds are
+    /// noted for reasons. No allocation unless a name is new to the shard.
+    #[inline]
+    pub fn observe(&mut self, e: &EventRef, granted: &[u64], names: &mut Names) {
+        self.count += 1;
+        self.first_ts = self.first_ts.min(e.ts);
+        self.last_ts = self.last_ts.max(e.ts);
+        let cls = status_class(e.status);
+        self.status[cls] += 1;
+        self.bytes = self.bytes.saturating_add(e.bytes);
+        if let Some(l) = e.latency {
+            self.latency_sum += l as f64;
+            self.latency_n += 1;
+        }
+        let k = endpoint_key(e.method, e.endpoint);
+        if self.endpoints.add(k) {
+            names.note(k, || format!("{} {}", e.method, e.endpoint));
+        }
+        if let Some(cc) = e.country {
+            self.countries.add(country_key(cc));
+        }
+        if let Some(a) = e.asn {
+            self.asns.add(a as u64);
+        }
+        if let Ok(ip) = e.ip.trim().parse::<IpAddr>() {
+            self.prefixes.add(prefix_key(&ip));
+        }
+        if let Some(ua) = e.agent {
+            let k = text_key(ua);
+            if self.agents.add(k) {
+                names.note(k, || ua.to_string());
+            }
+        }
+        if let Some(s) = e.scope {
+            let k = text_key(s);
+            if self.scopes.add(k) {
+                names.note(k, || s.to_string());
+            }
+            if !granted.is_empty() && !granted.contains(&k) {
+                self.out_of_scope += 1;
+                if e.status < 400 {
+                    self.out_of_scope_ok += 1;
+                }
+            }
+        }
+        if let Some(s) = e.env {
+            let k = text_key(s);
+            if self.envs.add(k) {
+                names.note(k, || s.to_string());
+            }
+        }
+        if e.label {
+            self.labelled += 1;
+            if self.kind == 0 {
+                if let Some(s) = e.kind {
+                    let k = text_key(s);
+                    self.kind = k;
+                    names.note(k, || s.to_string());
+                }
+            }
+        }
     }
 
     /// Write the aggregate (snapshot of an open window).
@@ -248,6 +351,8 @@ impl WindowAgg {
         w.u64(self.kind);
         w.i64(self.first_ts);
         w.i64(self.last_ts);
+        w.u32(self.out_of_scope);
+        w.u32(self.out_of_scope_ok);
     }
 
     /// Read what [`WindowAgg::encode`] wrote.
@@ -286,6 +391,8 @@ impl WindowAgg {
         a.kind = r.u64()?;
         a.first_ts = r.i64()?;
         a.last_ts = r.i64()?;
+        a.out_of_scope = r.u32()?;
+        a.out_of_scope_ok = r.u32()?;
         Ok(a)
     }
 

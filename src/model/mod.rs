@@ -466,6 +466,8 @@ pub struct TokenState {
     pub telemetry: telemetry::TelemetryState,
     /// Usage vector and peer group.
     pub peers: peers::PeerState,
+    /// Out-of-scope history.
+    pub registry: registry::RegistryState,
     /// What operators said about this token's alerts.
     pub feedback: FeedbackState,
 }
@@ -484,7 +486,7 @@ pub struct FeedbackState {
 }
 
 /// Version of the encoded [`TokenState`].
-pub const STATE_VERSION: u8 = 2;
+pub const STATE_VERSION: u8 = 3;
 
 /// All per-token models, built from the configuration.
 #[derive(Debug, Clone)]
@@ -528,7 +530,7 @@ impl Models {
         self.endpoints.score(&st.endpoints, w, ctx, out);
         self.telemetry.score(&st.telemetry, w, ctx, out);
         self.peers.score(&st.peers, w, ctx, out);
-        self.registry.score(&(), w, ctx, out);
+        self.registry.score(&st.registry, w, ctx, out);
     }
 
     /// Fold a window into every model.
@@ -539,7 +541,16 @@ impl Models {
         self.endpoints.learn(&mut st.endpoints, w, ctx);
         self.telemetry.learn(&mut st.telemetry, w, ctx);
         self.peers.learn(&mut st.peers, w, ctx);
+        self.registry.learn(&mut st.registry, w, ctx);
         st.windows = st.windows.saturating_add(1);
+    }
+
+    /// Follow a window whether it is learned or quarantined (before any learning): what
+    /// must see every window, such as a lasting change of volume or stray refusals adding
+    /// up. `held`: an operator confirmed an incident on the token.
+    pub fn track(&self, st: &mut TokenState, w: &WindowAgg, ctx: &Ctx, held: bool) {
+        self.rate.track(&mut st.rate, w, ctx, held);
+        self.registry.track(&mut st.registry, w, ctx);
     }
 }
 
@@ -557,6 +568,7 @@ impl TokenState {
         endpoints::EndpointModel::encode(&self.endpoints, w);
         telemetry::TelemetryModel::encode(&self.telemetry, w);
         peers::PeerModel::encode(&self.peers, w);
+        registry::RegistryModel::encode(&self.registry, w);
         for &n in &self.feedback.false_alarms {
             w.u8(n);
         }
@@ -586,6 +598,7 @@ impl TokenState {
             endpoints: endpoints::EndpointModel::decode(&mut r)?,
             telemetry: telemetry::TelemetryModel::decode(&mut r)?,
             peers: peers::PeerModel::decode(&mut r)?,
+            registry: registry::RegistryModel::decode(&mut r)?,
             feedback: {
                 let mut false_alarms = [0u8; 21];
                 for n in false_alarms.iter_mut() {

@@ -3,6 +3,14 @@
 //! outside the token's validity is a policy violation; its tail probability is the
 //! configured chance that the registry itself is wrong. Tokens absent from the registry get
 //! no registry signal and every other one.
+//!
+//! Scope evidence is weighed by the token's own history: a window whose only out-of-scope
+//! calls were refused (the gateway did its job) and touch a single scope is what a stale
+//! client or a UI button does now and then. Such a window counts as much as it is rare for
+//! this token (a Beta-Bernoulli rate of such windows), and these stray windows accumulate
+//! with a half-life (`registry.stray-half-life`), so a few of them close together still
+//! alert while one a day does not. Out-of-scope calls that succeeded, several scopes at
+//! once or a burst (`registry.scope-burst` calls) are a violation at once.
 
 use rustc_hash::FxHashMap;
 
@@ -33,6 +41,11 @@ pub struct RegistryEntry {
 }
 
 impl RegistryEntry {
+    /// Keys of the granted scopes (empty: the registry says nothing about scopes).
+    pub fn scope_keys(&self) -> &[u64] {
+        &self.scope_keys
+    }
+
     /// Build an entry; empty strings mean "unknown".
     pub fn new<'a>(
         token_id: &str,
@@ -97,6 +110,27 @@ impl Registry {
 #[derive(Debug, Clone)]
 pub struct RegistryModel {
     error_p: f64,
+    burst: u32,
+    stray_half_life_ms: f64,
+}
+
+/// What the token's history says about its out-of-scope calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RegistryState {
+    /// Learned windows whose only out-of-scope calls were refused, on one scope.
+    pub stray: u32,
+    /// Accumulated evidence (nats) of recent stray windows, decaying.
+    pub acc: f32,
+    /// Minute (since the epoch) `acc` was last updated.
+    pub acc_at: u32,
+}
+
+/// The out-of-scope calls of a window.
+struct OutOfScope {
+    calls: u32,
+    scopes: u32,
+    item: u64,
+    ok: u32,
 }
 
 impl RegistryModel {
@@ -104,34 +138,89 @@ impl RegistryModel {
     pub fn new(cfg: &Config) -> Self {
         RegistryModel {
             error_p: cfg.registry.error_p,
+            burst: cfg.registry.scope_burst,
+            stray_half_life_ms: cfg.registry.stray_half_life.ms.max(1) as f64,
         }
+    }
+
+    fn out_of_scope(e: &RegistryEntry, w: &WindowAgg) -> Option<OutOfScope> {
+        if e.scope_keys.is_empty() {
+            return None;
+        }
+        let mut o = OutOfScope {
+            calls: 0,
+            scopes: 0,
+            item: 0,
+            ok: w.out_of_scope_ok,
+        };
+        for &(k, c) in &w.scopes.items {
+            if !e.scope_keys.contains(&k) {
+                o.calls += c;
+                o.scopes += 1;
+                if o.item == 0 {
+                    o.item = k;
+                }
+            }
+        }
+        (o.calls > 0).then_some(o)
+    }
+
+    /// A window of out-of-scope calls that is a violation at once (not a stray refusal).
+    fn strong(&self, o: &OutOfScope) -> bool {
+        o.ok > 0 || o.scopes >= 2 || o.calls >= self.burst
+    }
+
+    /// Surprise (nats) of one stray window for this token.
+    fn stray_surprise(st: &RegistryState, windows: u32) -> f64 {
+        let p = (st.stray as f64 + 0.5) / (windows as f64 + 2.5);
+        -p.ln()
+    }
+
+    /// Accumulated stray evidence as of minute `now`.
+    fn decayed(&self, st: &RegistryState, now: u32) -> f64 {
+        let dt = now.saturating_sub(st.acc_at) as f64 * 60_000.0;
+        st.acc as f64 * 0.5f64.powf(dt / self.stray_half_life_ms)
+    }
+
+    /// Follow a window whether or not it is learned: stray windows accumulate.
+    pub fn track(&self, st: &mut RegistryState, w: &WindowAgg, ctx: &Ctx) {
+        let Some(o) = ctx.registry.and_then(|e| Self::out_of_scope(e, w)) else {
+            return;
+        };
+        if self.strong(&o) {
+            return;
+        }
+        let now = minute(ctx.start);
+        let acc = self.decayed(st, now) + Self::stray_surprise(st, ctx.windows);
+        st.acc = acc.min(1e4) as f32;
+        st.acc_at = now;
     }
 }
 
-impl Model for RegistryModel {
-    type State = ();
+fn minute(ms: i64) -> u32 {
+    ms.div_euclid(60_000).clamp(0, u32::MAX as i64) as u32
+}
 
-    fn score(&self, _: &(), w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+impl Model for RegistryModel {
+    type State = RegistryState;
+
+    fn score(&self, st: &RegistryState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
         let Some(e) = ctx.registry else {
             return;
         };
-        if !e.scope_keys.is_empty() {
-            let mut bad = 0u32;
-            let mut item = 0u64;
-            for &(k, c) in &w.scopes.items {
-                if !e.scope_keys.contains(&k) {
-                    bad += c;
-                    if item == 0 {
-                        item = k;
-                    }
-                }
-            }
-            if bad > 0 {
-                out.push(
-                    Signal::new(SignalKind::ScopeViolation, bad as f64, 0.0, self.error_p)
-                        .with_item(item),
-                );
-            }
+        if let Some(o) = Self::out_of_scope(e, w) {
+            let p = if self.strong(&o) {
+                self.error_p
+            } else {
+                let acc =
+                    self.decayed(st, minute(ctx.start)) + Self::stray_surprise(st, ctx.windows);
+                (-acc).exp().max(self.error_p)
+            };
+            // `expected`: the token's share of windows with stray refusals.
+            let share = (st.stray as f64 + 0.5) / (ctx.windows as f64 + 2.5);
+            out.push(
+                Signal::new(SignalKind::ScopeViolation, o.calls as f64, share, p).with_item(o.item),
+            );
         }
         if e.env_key != 0 {
             let mut bad = 0u32;
@@ -174,11 +263,25 @@ impl Model for RegistryModel {
         }
     }
 
-    fn learn(&self, _: &mut (), _: &WindowAgg, _: &Ctx) {}
+    fn learn(&self, st: &mut RegistryState, w: &WindowAgg, ctx: &Ctx) {
+        if let Some(o) = ctx.registry.and_then(|e| Self::out_of_scope(e, w)) {
+            if !self.strong(&o) {
+                st.stray = st.stray.saturating_add(1);
+            }
+        }
+    }
 
-    fn encode(_: &(), _: &mut Writer) {}
+    fn encode(st: &RegistryState, w: &mut Writer) {
+        w.u32(st.stray);
+        w.f32(st.acc);
+        w.u32(st.acc_at);
+    }
 
-    fn decode(_: &mut Reader) -> Result<(), DecodeError> {
-        Ok(())
+    fn decode(r: &mut Reader) -> Result<RegistryState, DecodeError> {
+        Ok(RegistryState {
+            stray: r.u32()?,
+            acc: r.f32()?,
+            acc_at: r.u32()?,
+        })
     }
 }

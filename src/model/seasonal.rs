@@ -15,16 +15,34 @@ use crate::window::WindowAgg;
 const HOURS: usize = 168;
 const HOUR_MS: i64 = 3_600_000;
 
-/// Active windows per hour-of-week bucket (Monday 00h UTC = 0).
+/// Active windows per hour-of-week bucket (Monday 00h UTC = 0), forgetting by halves: when
+/// a bucket would pass 255, every count is halved and the start its exposure is counted
+/// from moves halfway to now, so the profile follows a lasting change of rhythm (a new
+/// shift, a moved job) and fits in one byte per bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeasonalState {
     /// Counts of learned windows per bucket.
-    pub active: [u16; HOURS],
+    pub active: [u8; HOURS],
+    /// Exposure is counted from here (0: from the token's first window).
+    pub since: i64,
 }
 
 impl Default for SeasonalState {
     fn default() -> Self {
-        SeasonalState { active: [0; HOURS] }
+        SeasonalState {
+            active: [0; HOURS],
+            since: 0,
+        }
+    }
+}
+
+impl SeasonalState {
+    fn start(&self, first_seen: i64) -> i64 {
+        if self.since == 0 {
+            first_seen
+        } else {
+            self.since.max(first_seen)
+        }
     }
 }
 
@@ -86,11 +104,11 @@ impl SeasonalModel {
         if days < self.min_days {
             return None;
         }
+        let first = st.start(ctx.first_seen);
         let per_hour = (HOUR_MS as f64 / ctx.window_ms as f64).max(1.0);
-        let n = |b: usize| exposure_of(ctx.first_seen, ctx.start, per_hour, b);
-        let total_n = ((ctx.start.div_euclid(HOUR_MS) - ctx.first_seen.div_euclid(HOUR_MS)).max(0)
-            as f64)
-            * per_hour;
+        let n = |b: usize| exposure_of(first, ctx.start, per_hour, b);
+        let total_n =
+            ((ctx.start.div_euclid(HOUR_MS) - first.div_euclid(HOUR_MS)).max(0) as f64) * per_hour;
         let total_a: f64 = st.active.iter().map(|&a| a as u32).sum::<u32>() as f64;
         if total_n <= 0.0 || total_a <= 0.0 {
             return None;
@@ -129,20 +147,30 @@ impl Model for SeasonalModel {
 
     fn learn(&self, st: &mut SeasonalState, _w: &WindowAgg, ctx: &Ctx) {
         let b = hour_of_week(ctx.start);
-        st.active[b] = st.active[b].saturating_add(1);
+        if st.active[b] == u8::MAX {
+            for a in st.active.iter_mut() {
+                *a /= 2;
+            }
+            let first = st.start(ctx.first_seen);
+            let half = (ctx.start - first).max(0) / 2;
+            st.since = (first + half).div_euclid(HOUR_MS) * HOUR_MS;
+        }
+        st.active[b] += 1;
     }
 
     fn encode(st: &SeasonalState, w: &mut Writer) {
         for a in &st.active {
-            w.u16(*a);
+            w.u8(*a);
         }
+        w.i64(st.since);
     }
 
     fn decode(r: &mut Reader) -> Result<SeasonalState, DecodeError> {
         let mut st = SeasonalState::default();
         for a in st.active.iter_mut() {
-            *a = r.u16()?;
+            *a = r.u8()?;
         }
+        st.since = r.i64()?;
         Ok(st)
     }
 }

@@ -1,9 +1,11 @@
 //! Telemetry: what the gateway answered. Error fractions per class (401/403, 429, other
 //! 4xx, 5xx) with binomial tails, bytes_out per window (bulk export) and mean latency on a
-//! log scale with normal tails.
+//! log scale, standardised by the token's own moments and judged against the token's own
+//! learned tail of those residuals ([`Tail`]): a token whose sizes are heavy-tailed learns
+//! a wide tail and stays quiet, a 20x export on a steady token does not.
 
 use super::codec::{Reader, Writer};
-use super::sketch::Ewma;
+use super::sketch::{Ewma, Tail};
 use super::{feature, tail, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::window::{class, WindowAgg};
@@ -16,16 +18,33 @@ const CLASSES: [(usize, SignalKind); 4] = [
 ];
 
 /// Per-token telemetry state.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TelemetryState {
     /// Error fraction per class, in the order auth, 429, other 4xx, 5xx.
     pub errors: [Ewma; 4],
-    /// ln(1 + bytes_out per window).
+    /// ln(1 + mean bytes_out per call) of a window.
     pub bytes: Ewma,
     /// ln(1 + mean latency ms).
     pub latency: Ewma,
     /// Windows that had a latency.
     pub latency_n: u32,
+    /// Learned tail of the standardised log bytes.
+    pub bytes_tail: Tail,
+    /// Learned tail of the standardised log latency.
+    pub latency_tail: Tail,
+}
+
+impl Default for TelemetryState {
+    fn default() -> Self {
+        TelemetryState {
+            errors: [Ewma::default(); 4],
+            bytes: Ewma::default(),
+            latency: Ewma::default(),
+            latency_n: 0,
+            bytes_tail: Tail::STANDARD,
+            latency_tail: Tail::STANDARD,
+        }
+    }
 }
 
 /// Telemetry parameters.
@@ -44,6 +63,32 @@ impl TelemetryModel {
             min_rate: cfg.telemetry.min_error_rate,
             min_sd: cfg.telemetry.min_log_sd,
         }
+    }
+}
+
+/// Mean bytes_out per call of a window.
+fn per_call(w: &WindowAgg) -> f64 {
+    w.bytes as f64 / w.count.max(1) as f64
+}
+
+impl TelemetryModel {
+    /// Standardised log mean response size of the window. Per call, so that a window with
+    /// more calls (the rate model's business) is not a second, rhythm-blind bytes signal;
+    /// a bulk export of large responses is.
+    fn bytes_z(&self, st: &TelemetryState, w: &WindowAgg) -> f64 {
+        let x = per_call(w).ln_1p();
+        let sd = st.bytes.sd().max(self.min_sd);
+        (x - st.bytes.mean as f64) / sd
+    }
+
+    /// Standardised log mean latency, once the token has a latency baseline.
+    fn latency_z(&self, st: &TelemetryState, w: &WindowAgg) -> Option<f64> {
+        let l = w.mean_latency()?;
+        if st.latency_n < 10 {
+            return None;
+        }
+        let sd = st.latency.sd().max(self.min_sd);
+        Some((l.ln_1p() - st.latency.mean as f64) / sd)
     }
 }
 
@@ -69,29 +114,22 @@ impl Model for TelemetryModel {
         if ctx.windows < 10 {
             return;
         }
-        let x = (w.bytes as f64).ln_1p();
-        let sd = st.bytes.sd().max(self.min_sd);
-        let z = (x - st.bytes.mean as f64) / sd;
+        let z = self.bytes_z(st, w);
         out.features[feature::BYTES_Z] = z as f32;
         out.push(Signal::new(
             SignalKind::BytesOut,
-            w.bytes as f64,
+            per_call(w),
             (st.bytes.mean as f64).exp_m1(),
-            tail::normal_above(z),
+            st.bytes_tail.p_std(z),
         ));
-        if let Some(l) = w.mean_latency() {
-            if st.latency_n >= 10 {
-                let x = l.ln_1p();
-                let sd = st.latency.sd().max(self.min_sd);
-                let z = (x - st.latency.mean as f64) / sd;
-                out.features[feature::LATENCY_Z] = z as f32;
-                out.push(Signal::new(
-                    SignalKind::Latency,
-                    l,
-                    (st.latency.mean as f64).exp_m1(),
-                    tail::normal_above(z),
-                ));
-            }
+        if let Some(z) = self.latency_z(st, w) {
+            out.features[feature::LATENCY_Z] = z as f32;
+            out.push(Signal::new(
+                SignalKind::Latency,
+                w.mean_latency().unwrap_or(0.0),
+                (st.latency.mean as f64).exp_m1(),
+                st.latency_tail.p_std(z),
+            ));
         }
     }
 
@@ -100,8 +138,13 @@ impl Model for TelemetryModel {
         for (i, (cls, _)) in CLASSES.iter().enumerate() {
             st.errors[i].update(w.status[*cls] as f64 / n, self.alpha, ctx.windows);
         }
-        st.bytes
-            .update((w.bytes as f64).ln_1p(), self.alpha, ctx.windows);
+        if ctx.windows >= 10 {
+            st.bytes_tail.update(self.bytes_z(st, w), self.alpha);
+        }
+        if let Some(z) = self.latency_z(st, w) {
+            st.latency_tail.update(z, self.alpha);
+        }
+        st.bytes.update(per_call(w).ln_1p(), self.alpha, ctx.windows);
         if let Some(l) = w.mean_latency() {
             st.latency.update(l.ln_1p(), self.alpha, st.latency_n);
             st.latency_n = st.latency_n.saturating_add(1);
@@ -115,6 +158,8 @@ impl Model for TelemetryModel {
         st.bytes.encode(w);
         st.latency.encode(w);
         w.u32(st.latency_n);
+        st.bytes_tail.encode(w);
+        st.latency_tail.encode(w);
     }
 
     fn decode(r: &mut Reader) -> Result<TelemetryState, DecodeError> {
@@ -128,6 +173,8 @@ impl Model for TelemetryModel {
             bytes: Ewma::decode(r)?,
             latency: Ewma::decode(r)?,
             latency_n: r.u32()?,
+            bytes_tail: Tail::decode(r)?,
+            latency_tail: Tail::decode(r)?,
         })
     }
 }

@@ -253,10 +253,7 @@ fn rate_low_volume_is_calm_and_bursts_are_not() {
     let hist: Vec<WindowAgg> = (0..200).map(|i| window(T0 + i * W, 1, &["/a"])).collect();
     let st = train(&m, &env, &hist);
     // 3 calls after a steady 1 is not an incident.
-    assert_eq!(
-        min_p(&m, &st, &env, &window(T0 + 300 * W, 3, &["/a"]), 200),
-        1.0
-    );
+    assert!(min_p(&m, &st, &env, &window(T0 + 300 * W, 3, &["/a"]), 200) > 0.05);
     // 40 is.
     assert!(min_p(&m, &st, &env, &window(T0 + 300 * W, 40, &["/a"]), 200) < 1e-10);
 }
@@ -377,7 +374,7 @@ fn registry_violations() {
     let m = registry::RegistryModel::new(&env.cfg);
     let mut sc = Scratch::default();
     let odd = outlier(T0);
-    m.score(&(), &odd, &env.ctx(odd.start, 0), &mut sc);
+    m.score(&Default::default(), &odd, &env.ctx(odd.start, 0), &mut sc);
     let kinds: Vec<SignalKind> = sc.signals.iter().map(|s| s.kind).collect();
     assert_eq!(
         kinds,
@@ -387,14 +384,66 @@ fn registry_violations() {
     // Expired token.
     let late = window(T0 + 61 * 86_400_000, 1, &["/a"]);
     let mut sc = Scratch::default();
-    m.score(&(), &late, &env.ctx(late.start, 0), &mut sc);
+    m.score(&Default::default(), &late, &env.ctx(late.start, 0), &mut sc);
     assert_eq!(sc.signals[0].kind, SignalKind::TokenValidity);
     // No registry row: no registry signal.
     let mut ctx = env.ctx(odd.start, 0);
     ctx.registry = None;
     let mut sc = Scratch::default();
-    m.score(&(), &odd, &ctx, &mut sc);
+    m.score(&Default::default(), &odd, &ctx, &mut sc);
     assert!(sc.signals.is_empty());
+}
+
+/// One call outside the token's scopes, to `scope`, answered with `status`.
+fn stray(start: i64, scope: &str, status: u16) -> WindowAgg {
+    let mut w = window(start, 5, &["/v1/orders"]);
+    w.scopes.add(text_key(scope));
+    w.out_of_scope = 1;
+    if status < 400 {
+        w.out_of_scope_ok = 1;
+    } else {
+        w.status[crate::window::class::AUTH] += 1;
+    }
+    w
+}
+
+#[test]
+fn stray_refusals_weighed_by_history_successes_at_once() {
+    let env = Env::new();
+    let m = registry::RegistryModel::new(&env.cfg);
+    let p_of = |st: &registry::RegistryState, w: &WindowAgg, n: u32| {
+        let mut sc = Scratch::default();
+        m.score(st, w, &env.ctx(w.start, n), &mut sc);
+        sc.signals
+            .iter()
+            .find(|s| s.kind == SignalKind::ScopeViolation)
+            .map_or(1.0, |s| s.p)
+    };
+    // A token whose UI hits a route outside its scopes now and then (1 window in 100).
+    let mut st = registry::RegistryState::default();
+    for i in 0..30 {
+        let w = stray(T0 + i * 100 * W, "admin", 403);
+        m.track(&mut st, &w, &env.ctx(w.start, (i * 100) as u32));
+        m.learn(&mut st, &w, &env.ctx(w.start, (i * 100) as u32));
+    }
+    let next = T0 + 3_100 * W;
+    let refused = stray(next, "admin", 403);
+    assert!(p_of(&st, &refused, 3_000) > 1e-3, "{} {st:?}", p_of(&st, &refused, 3_000));
+    // The same route answered 200: a violation at once.
+    assert!(p_of(&st, &stray(next, "admin", 200), 3_000) < 1e-6);
+    // A token that never strays: one refusal is weak, a few in an hour add up.
+    let mut st = registry::RegistryState::default();
+    let one = p_of(&st, &refused, 3_000);
+    assert!(one > 1e-5, "{one}");
+    for k in 0..3 {
+        let w = stray(next + k * 10 * W, "admin", 403);
+        m.track(&mut st, &w, &env.ctx(w.start, 3_000));
+    }
+    let fourth = stray(next + 30 * W, "admin", 403);
+    assert!(p_of(&st, &fourth, 3_000) < 1e-6, "{}", p_of(&st, &fourth, 3_000));
+    // ...and a day later they have decayed away.
+    let later = stray(next + 1_440 * W, "admin", 403);
+    assert!(p_of(&st, &later, 3_000) > 1e-5);
 }
 
 #[test]
