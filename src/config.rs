@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::model::SignalKind;
+use crate::signal::SignalKind;
 
 /// The defaults shipped with the binary, documented in place.
 pub const DEFAULT_TOML: &str = include_str!("../models/default.toml");

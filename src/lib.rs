@@ -4,6 +4,7 @@
 //! token used from two places.
 //!
 //! Layout:
+//! - [`signal`]: the names of the signals (a leaf module shared by config and models).
 //! - [`config`]: validated configuration (embedded `models/default.toml` < file < env).
 //! - [`event`]: domain types and the one Arrow schema of events.
 //! - [`ingest`]: CSV / JSON Lines / Parquet readers and row validation; the registry reader.
@@ -35,6 +36,7 @@ pub mod output;
 pub mod respond;
 pub mod score;
 pub mod server;
+pub mod signal;
 pub mod store;
 pub mod sys;
 pub mod window;

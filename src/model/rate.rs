@@ -22,7 +22,7 @@
 
 use super::codec::{Reader, Writer};
 use super::sketch::{Ewma, Tail};
-use super::{feature, tail, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use super::{feature, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::event::hour_of_week;
 use crate::window::WindowAgg;
@@ -164,22 +164,28 @@ impl RateModel {
         Some(Expectation { mean, sd })
     }
 
-    /// Standardised residual of `count` against `e`.
-    fn z(count: f64, e: &Expectation) -> f64 {
-        ((count + 0.5).ln() - (e.mean + 0.5).ln()) / e.sd
+    /// Standardised residual of `count` against `e`: on the log scale, and for rises also
+    /// as a Pearson residual in calls (quasi-Poisson with the token's dispersion, never
+    /// tighter than Poisson), whichever is larger. The log scale alone compresses a burst on
+    /// a quiet token (40 calls where 1 is usual is a few log units); the learned tails see
+    /// this same statistic, so it stays calibrated to the token.
+    fn z(count: f64, e: &Expectation, disp: f32) -> f64 {
+        let z = ((count + 0.5).ln() - (e.mean + 0.5).ln()) / e.sd;
+        if z > 0.0 {
+            let pearson = (count - e.mean) / (e.mean * (disp as f64).max(1.0)).sqrt();
+            z.max(pearson)
+        } else {
+            z
+        }
     }
 
     /// Tail probability of a window with `count` calls (rises and drops alike), the
     /// expectation and the standardised residual.
     pub fn surprise(&self, st: &RateState, count: f64, ctx: &Ctx) -> Option<(f64, Expectation, f64)> {
         let e = self.expectation(st, ctx)?;
-        let z = Self::z(count, &e);
+        let z = Self::z(count, &e, st.disp);
         let p = if z >= 0.0 {
-            // The log scale compresses a burst on a quiet token (40 calls where 1 is usual
-            // is only a few standard units): the count's own tail, quasi-Poisson with the
-            // token's dispersion (never tighter than Poisson), speaks there too.
-            let var = e.mean * (st.disp as f64).max(1.0);
-            st.up.p_std(z).min(tail::count_at_least(count, e.mean, var))
+            st.up.p_std(z)
         } else if e.mean >= self.min_drop_expected {
             st.down.p_std(-z).powf(self.drop_weight)
         } else {
@@ -190,8 +196,13 @@ impl RateModel {
 
     /// Would a window with no call at all be surprising next (at `ctx.start`)? A token is
     /// watched for silence only where a drop can mean something.
+    ///
+    /// Silence that has lasted `adopt-after` is not adopted as a new level of zero (traffic
+    /// that comes back at its old level is not a burst); the token is taken to have stopped
+    /// and is no longer watched until it calls again.
     pub fn expects_traffic(&self, st: &RateState, ctx: &Ctx) -> bool {
-        st.n as f64 >= self.warmup
+        st.run > -self.adopt_windows
+            && st.n as f64 >= self.warmup
             && self
                 .expectation(st, ctx)
                 .is_some_and(|e| e.mean >= self.min_drop_expected)
@@ -206,7 +217,9 @@ impl RateModel {
             return;
         }
         let y = (c + 0.5).ln() as f32 - st.season(ctx.start) as f32;
-        st.recent += (self.recent_alpha as f32) * (y - st.recent);
+        if w.count > 0 {
+            st.recent += (self.recent_alpha as f32) * (y - st.recent);
+        }
         let Some((p, _, z)) = self.surprise(st, c, ctx) else {
             return;
         };
@@ -215,10 +228,8 @@ impl RateModel {
         // must learn that they do (one incident moves them only a little: winsorised, slow).
         // Not in a token's first day: its hour factors are still being learned, and those
         // residuals say nothing about its tails.
-        // Nor while an operator-confirmed incident holds the token, nor past the first
-        // windows of a sustained excursion: a recurring spike must teach them, a burst
-        // lasting an hour must not teach them that it is ordinary while it lasts.
-        if !held && st.run.abs() < 2 && ctx.start - ctx.first_seen >= 86_400_000 {
+        // Nor while an operator-confirmed incident holds the token.
+        if !held && ctx.start - ctx.first_seen >= 86_400_000 {
             if z >= 0.0 {
                 st.up.update(z, self.tail_alpha);
             } else {
@@ -239,6 +250,11 @@ impl RateModel {
             s if st.run.signum() == s => st.run.saturating_add(s),
             s => s,
         };
+        if w.count == 0 {
+            // A silent window never moves the recent level toward zero for adoption: see
+            // `expects_traffic`. It still counts in the run (that ends the watch).
+            return;
+        }
         if !held && st.run.unsigned_abs() as i16 >= self.adopt_windows {
             st.level = st.recent;
             st.run = 0;
