@@ -40,6 +40,10 @@ pub enum Command {
         /// Multiply every request rate (smaller samples).
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
+        /// Leave out the benign drift (travel, app releases, retry storms, level shifts,
+        /// moves, new routes, a holiday, heavy-tailed sizes).
+        #[arg(long)]
+        no_drift: bool,
     },
     /// Replay a labelled file through the engine and measure detection quality.
     Eval {

@@ -503,7 +503,10 @@ impl Config {
             return bad("rate", "season-half-life and adopt-after must be positive");
         }
         if !(0.0..=1.0).contains(&self.rate.drop_weight) || !(self.rate.min_drop_expected >= 1.0) {
-            return bad("rate", "drop-weight must be in 0..=1, min-drop-expected >= 1");
+            return bad(
+                "rate",
+                "drop-weight must be in 0..=1, min-drop-expected >= 1",
+            );
         }
         if self.telemetry.half_life <= 0.0 {
             return bad("telemetry.half-life", "must be positive");

@@ -62,6 +62,10 @@ pub struct Options {
     pub start: i64,
     /// Show a progress bar.
     pub progress: bool,
+    /// Benign drift that real traffic has (travel, app releases, retry storms, level shifts,
+    /// bots moving region, new routes within scopes, a holiday, heavy-tailed sizes). Drawn
+    /// from its own random stream: without it the data is what it was before drift existed.
+    pub drift: bool,
 }
 
 impl Options {
@@ -77,6 +81,7 @@ impl Options {
             clean_fraction: 0.7,
             start: 1_772_409_600_000, // 2026-03-02T00:00:00Z, a Monday
             progress: false,
+            drift: true,
         }
     }
 }
@@ -363,8 +368,27 @@ struct Tok {
     created: i64,
     owner: String,
     admin_user: bool,
+    drift: Drift,
 }
 
+/// Benign changes of one token (all `None` / false without `--drift`).
+#[derive(Clone, Default)]
+struct Drift {
+    /// The owner travels: (from, to, country index); the home country stops meanwhile.
+    travel: Option<(i64, i64, usize)>,
+    /// A new app version rolls out to the token's clients from this time (over two days).
+    release: Option<i64>,
+    /// Now and then a retry storm: a few minutes at 2-3x with 503s.
+    storms: bool,
+    /// From this time on the volume is this multiple of before.
+    shift: Option<(i64, f64)>,
+    /// From this time on the bot runs from another network of its provider (old stops).
+    moved: Option<(i64, (u32, u32))>,
+    /// From this time on the token also uses this route (its scope granted).
+    adopt: Option<(i64, usize)>,
+    /// Response sizes are heavy-tailed (Pareto) instead of log-normal.
+    heavy: bool,
+}
 #[derive(Clone)]
 struct Ev {
     ts: i64,
@@ -405,9 +429,103 @@ struct Gen {
     opts: Options,
     outages: Vec<(i64, i64)>,
     incidents: Vec<(usize, &'static str, i64, i64)>,
+    /// Random stream of the benign drift, apart from the main one.
+    drift_rng: Xoshiro256PlusPlus,
+    /// A public holiday (day start), with drift: humans off, bots at 60%.
+    holiday: Option<i64>,
 }
 
 impl Gen {
+    /// Draw each token's benign drift (only with `--drift`). Changes start between 30% and
+    /// 95% of the period, so most of them land in the evaluated part.
+    fn make_drift(&mut self) {
+        if !self.opts.drift {
+            return;
+        }
+        let start = self.opts.start;
+        let span = self.opts.days as i64 * DAY;
+        let at = |r: &mut Xoshiro256PlusPlus| start + (r.gen_range(0.3..0.95) * span as f64) as i64;
+        let r = &mut self.drift_rng;
+        // One weekday holiday in the last 40% of the period.
+        let d0 = (self.opts.days as f64 * 0.6) as i64;
+        let hol = (d0..self.opts.days as i64)
+            .find(|d| ((start / DAY + d + 3).rem_euclid(7)) < 5)
+            .filter(|_| self.opts.days >= 7);
+        self.holiday = hol.map(|d| start + d * DAY);
+        for tok in self.toks.iter_mut() {
+            let mut d = Drift::default();
+            match tok.arch {
+                Arch::Dashboard => {
+                    if r.gen_bool(0.15) {
+                        let from = at(r);
+                        let len = r.gen_range(2..6) * DAY;
+                        let mut c = r.gen_range(0..COUNTRIES.len());
+                        if c == tok.country {
+                            c = (c + 1) % COUNTRIES.len();
+                        }
+                        d.travel = Some((from, from + len, c));
+                    }
+                    if r.gen_bool(0.2) {
+                        d.release = Some(at(r)); // a browser update
+                    }
+                }
+                Arch::Mobile => {
+                    if r.gen_bool(0.5) {
+                        d.release = Some(at(r));
+                    }
+                    if r.gen_bool(0.15) {
+                        d.shift = Some((at(r), if r.gen_bool(0.5) { 2.0 } else { 0.5 }));
+                    }
+                }
+                Arch::Bot | Arch::Batch => {
+                    d.storms = tok.arch == Arch::Bot && r.gen_bool(0.25);
+                    d.heavy = r.gen_bool(0.2);
+                    if r.gen_bool(0.1) {
+                        d.shift = Some((at(r), if r.gen_bool(0.5) { 2.0 } else { 0.5 }));
+                    }
+                    if r.gen_bool(0.06) {
+                        let asn = tok.asns[0];
+                        d.moved = Some((at(r), (asn, prefix_for(asn, r.gen_range(400..600)))));
+                    }
+                    if r.gen_bool(0.1) {
+                        d.release = Some(at(r)); // a library upgrade
+                    }
+                }
+                Arch::LowVolume => {}
+            }
+            if r.gen_bool(0.1) {
+                // A route the token may use (its scope granted) but had not.
+                let cands: Vec<usize> = (0..CATALOGUE.len())
+                    .filter(|&e| {
+                        !tok.endpoints.contains(&e)
+                            && tok.scopes.contains(&CATALOGUE[e].scope)
+                            && !CATALOGUE[e].sensitive
+                    })
+                    .collect();
+                if let Some(&e) = cands.get(r.gen_range(0..cands.len().max(1))) {
+                    d.adopt = Some((at(r), e));
+                }
+            }
+            tok.drift = d;
+        }
+    }
+
+    /// The drifted user agent of a token at `ts`, if its release has reached this call.
+    fn released_agent(&mut self, t: usize, ts: i64, agent: &str) -> Option<String> {
+        let at = self.toks[t].drift.release?;
+        if ts < at {
+            return None;
+        }
+        let share = ((ts - at) as f64 / (2 * DAY) as f64).clamp(0.05, 0.9);
+        if !self.drift_rng.gen_bool(share) {
+            return None;
+        }
+        Some(match agent.split_once('/') {
+            Some((name, _)) => format!("{name}/9.0.1"),
+            None => format!("{agent} 9.0"),
+        })
+    }
+
     fn agent(&mut self, s: &str) -> Arc<str> {
         if let Some(a) = self.agents.iter().find(|a| &***a == s) {
             return a.clone();
@@ -610,6 +728,7 @@ impl Gen {
             created,
             owner,
             admin_user,
+            drift: Drift::default(),
         });
     }
 
@@ -698,6 +817,24 @@ impl Gen {
 
     /// Expected calls in the minute `m` (epoch ms) for a token, by archetype.
     fn minute_rate(&mut self, t: usize, m: i64, day_state: &DayState) -> f64 {
+        let base = self.base_rate(t, m, day_state);
+        let d = &self.toks[t].drift;
+        let mut f = 1.0;
+        if let Some((at, k)) = d.shift {
+            if m >= at {
+                f *= k;
+            }
+        }
+        if day_state.holiday {
+            f *= 0.6;
+        }
+        if day_state.storms.iter().any(|&(s, e)| m >= s && m < e) {
+            f *= 2.5;
+        }
+        base * f
+    }
+
+    fn base_rate(&mut self, t: usize, m: i64, day_state: &DayState) -> f64 {
         let tok = &self.toks[t];
         let local = m + tok.tz * HOUR;
         let hod = local.rem_euclid(DAY) as f64 / HOUR as f64;
@@ -785,10 +922,27 @@ impl Gen {
                         tk.scopes.push(CATALOGUE[e].scope);
                     }
                 }
+                if let Some((at, e)) = self.toks[t].drift.adopt {
+                    if at >= day0 && at < day0 + DAY && !self.toks[t].endpoints.contains(&e) {
+                        let tk = &mut self.toks[t];
+                        tk.endpoints.push(e);
+                        tk.weights.push(0.4);
+                    }
+                }
                 let tok = &self.toks[t];
                 let local_day0 = day0 - tok.tz * HOUR;
                 let dow = (day0.div_euclid(DAY) + 3).rem_euclid(7);
-                let mut ds = DayState::default();
+                let mut ds = DayState {
+                    holiday: self.holiday == Some(day0),
+                    ..Default::default()
+                };
+                if tok.drift.storms {
+                    for _ in 0..self.drift_rng.gen_range(0..3) {
+                        let s = day0 + self.drift_rng.gen_range(0..1440) * MIN;
+                        ds.storms
+                            .push((s, s + self.drift_rng.gen_range(3..9) * MIN));
+                    }
+                }
                 match tok.arch {
                     Arch::Batch => {
                         ds.batch_start =
@@ -797,7 +951,7 @@ impl Gen {
                     }
                     Arch::Dashboard => {
                         let workday = dow < 5 || self.rng.gen_bool(0.08);
-                        if workday {
+                        if workday && !ds.holiday {
                             for _ in 0..self.rng.gen_range(2..=5) {
                                 let s = local_day0 + self.rng.gen_range(8 * 60..18 * 60) * MIN;
                                 let len = self.rng.gen_range(10..60) * MIN;
@@ -836,8 +990,10 @@ impl Gen {
                             status = 401; // expired session
                         }
                         let (net, country, agent) = self.normal_origin(t, agent_idx);
+                        let (net, country, agent, mult) =
+                            self.drifted(t, ts, &ds, net, country, agent, &mut status);
                         let env = self.toks[t].env;
-                        self.emit(ts, t, ep, status, net, country, agent, env, 0, 1.0);
+                        self.emit(ts, t, ep, status, net, country, agent, env, 0, mult);
                     }
                 }
             }
@@ -880,6 +1036,52 @@ impl Gen {
                 (net, country, agent)
             }
         }
+    }
+
+    /// An ordinary call as the token's benign drift changes it: travel, a move, a new
+    /// release's agent, a retry storm's 503s, heavy-tailed sizes (the bytes multiplier).
+    #[allow(clippy::too_many_arguments)]
+    fn drifted(
+        &mut self,
+        t: usize,
+        ts: i64,
+        ds: &DayState,
+        net: (u32, u32),
+        country: Arc<str>,
+        agent: Arc<str>,
+        status: &mut u16,
+    ) -> ((u32, u32), Arc<str>, Arc<str>, f64) {
+        let d = self.toks[t].drift.clone();
+        let (mut net, mut country, mut agent) = (net, country, agent);
+        if let Some((from, to, ci)) = d.travel {
+            if ts >= from && ts < to {
+                let c = &COUNTRIES[ci];
+                let isp = c.isps[(t + ci) % c.isps.len()];
+                net = (isp, prefix_for(isp, 7 + (ts - from) as u32 / DAY as u32));
+                country = self.country(c.code);
+            }
+        }
+        if let Some((at, n)) = d.moved {
+            if ts >= at {
+                net = n;
+                let code = cloud_country(n.0, self.toks[t].id.as_ref());
+                country = self.country(code);
+            }
+        }
+        if let Some(a) = self.released_agent(t, ts, &agent) {
+            agent = self.agent(&a);
+        }
+        if ds.storms.iter().any(|&(s, e)| ts >= s && ts < e) && self.drift_rng.gen_bool(0.3) {
+            *status = 503;
+        }
+        let mult = if d.heavy {
+            // Pareto(1.3) sizes: mostly small, now and then 10-100x.
+            let u: f64 = self.drift_rng.gen_range(1e-9..1.0);
+            u.powf(-1.0 / 1.3) * 0.3
+        } else {
+            1.0
+        };
+        (net, country, agent, mult)
     }
 
     /// Most recent calls of a token (to time incidents near its activity).
@@ -1232,6 +1434,10 @@ struct DayState {
     batch_start: i64,
     batch_len: i64,
     sessions: Vec<(i64, i64)>,
+    /// Retry storms of the day (drift).
+    storms: Vec<(i64, i64)>,
+    /// The day is the holiday (drift).
+    holiday: bool,
 }
 
 fn cloud_country(asn: u32, token: &str) -> &'static str {
@@ -1277,6 +1483,8 @@ pub fn run(opts: &Options) -> Result<Summary, Error> {
         opts: opts.clone(),
         outages: Vec::new(),
         incidents: Vec::new(),
+        drift_rng: Xoshiro256PlusPlus::seed_from_u64(opts.seed ^ 0xD21F_7D21_F7D2_1F7D),
+        holiday: None,
     };
     // Two server-side outages a fortnight, anywhere in the period: 5xx for everybody.
     let span = opts.days as i64 * DAY;
@@ -1285,6 +1493,7 @@ pub fn run(opts: &Options) -> Result<Summary, Error> {
         g.outages.push((s, s + g.rng.gen_range(10..30) * MIN));
     }
     g.make_tokens();
+    g.make_drift();
     g.normal_traffic();
     g.inject();
     g.evs.sort_by_key(|e| e.ts);

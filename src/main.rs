@@ -67,8 +67,10 @@ fn run(cli: Cli) -> Result<()> {
             out,
             format,
             scale,
+            no_drift,
         } => {
             let mut o = generate::Options::new(out);
+            o.drift = !no_drift;
             o.tokens = tokens;
             o.days = days;
             o.seed = seed;

@@ -321,7 +321,11 @@ mod tests {
         let r = combine(&mut s, &cfg.score, &cfg.weights);
         assert!((r - 100.0 * cfg.score.prior).abs() < 1e-3, "{r}");
         // Small but not nothing: ranks above a window with no signal at all.
-        assert!(s[0].evidence > 0.0 && s[0].evidence < 0.05, "{}", s[0].evidence);
+        assert!(
+            s[0].evidence > 0.0 && s[0].evidence < 0.05,
+            "{}",
+            s[0].evidence
+        );
         assert!(r > 100.0 * cfg.score.prior);
     }
 

@@ -99,4 +99,3 @@ impl SignalKind {
         self as usize
     }
 }
-

@@ -181,7 +181,12 @@ impl RateModel {
 
     /// Tail probability of a window with `count` calls (rises and drops alike), the
     /// expectation and the standardised residual.
-    pub fn surprise(&self, st: &RateState, count: f64, ctx: &Ctx) -> Option<(f64, Expectation, f64)> {
+    pub fn surprise(
+        &self,
+        st: &RateState,
+        count: f64,
+        ctx: &Ctx,
+    ) -> Option<(f64, Expectation, f64)> {
         let e = self.expectation(st, ctx)?;
         let z = Self::z(count, &e, st.disp);
         let p = if z >= 0.0 {
@@ -300,8 +305,8 @@ impl Model for RateModel {
         // A factor is updated once per window of its hour (weekday): its half-life is
         // `season-half-life` of those updates, and plain averaging while they are few.
         let days = n / per_day;
-        let a_day = Ewma::alpha(self.season_days * per_day / 24.0)
-            .max(1.0 / (days * per_day / 24.0 + 2.0));
+        let a_day =
+            Ewma::alpha(self.season_days * per_day / 24.0).max(1.0 / (days * per_day / 24.0 + 2.0));
         // A weekday factor sees its weekday's windows in one run a week: it must learn within
         // that run (half-life: one day of windows, so a single odd day, a holiday, moves it
         // half way and the next ordinary one mostly back).
@@ -403,7 +408,11 @@ mod tests {
     /// quieter on Sundays.
     fn usual(start: i64, i: u64) -> u32 {
         let how = hour_of_week(start);
-        let base = if (9..18).contains(&(how % 24)) { 70.0 } else { 20.0 };
+        let base = if (9..18).contains(&(how % 24)) {
+            70.0
+        } else {
+            20.0
+        };
         let base = if how / 24 == 6 { base * 0.5 } else { base };
         let noise = ((crate::model::sketch::mix(i) >> 11) as f64 / (1u64 << 53) as f64) - 0.5;
         (base * (1.0 + 0.2 * noise)).round() as u32
@@ -429,9 +438,13 @@ mod tests {
         let (m, st, c) = trained(15);
         let g = Global::default();
         let t = T0 + 15 * 86_400_000; // a Tuesday
-        let day = m.expectation(&st, &ctx(&c, &g, t + 10 * 3_600_000)).unwrap();
+        let day = m
+            .expectation(&st, &ctx(&c, &g, t + 10 * 3_600_000))
+            .unwrap();
         let night = m.expectation(&st, &ctx(&c, &g, t + 3 * 3_600_000)).unwrap();
-        let sunday = m.expectation(&st, &ctx(&c, &g, t + 5 * 86_400_000 + 10 * 3_600_000)).unwrap();
+        let sunday = m
+            .expectation(&st, &ctx(&c, &g, t + 5 * 86_400_000 + 10 * 3_600_000))
+            .unwrap();
         // Within 20%: the weekday factors learn a Sunday only over a few Sundays, and what
         // they have not learned yet pulls the hours of the days after it.
         assert!((day.mean - 70.0).abs() < 14.0, "{day:?}");
@@ -444,7 +457,11 @@ mod tests {
         assert!(at(140, ten) < 1e-3, "{} {st:?}", at(140, ten));
         assert!(at(210, ten) < 1e-5, "{}", at(210, ten));
         assert!(at(140, ten) < at(100, ten) && at(100, ten) < at(80, ten));
-        assert!(at(70, t + 3 * 3_600_000) < 1e-3, "{}", at(70, t + 3 * 3_600_000));
+        assert!(
+            at(70, t + 3 * 3_600_000) < 1e-3,
+            "{}",
+            at(70, t + 3 * 3_600_000)
+        );
         // A drop to a quarter of the daytime level is scored too.
         assert!(at(17, ten) < 1e-3, "{}", at(17, ten));
     }
@@ -482,7 +499,10 @@ mod tests {
         }
         assert!(flagged[0]);
         let adopted = flagged.iter().position(|f| !f).unwrap();
-        assert!((10..=16).contains(&adopted), "adopted after {adopted}: {flagged:?}");
+        assert!(
+            (10..=16).contains(&adopted),
+            "adopted after {adopted}: {flagged:?}"
+        );
         assert!(flagged[adopted + 4..].iter().all(|f| !f), "{flagged:?}");
     }
 }

@@ -127,7 +127,8 @@ impl Tail {
         if x > u {
             // Only one value in 1 / (1 - Q) exceeds: the excess learns at that much the rate.
             // Winsorised: one huge value moves it by at most a few of its own sizes.
-            let ae = (a / (1.0 - Self::Q)).min(0.5);
+            // ...but a side of the tail that has seen few values yet is not thrown by them.
+            let ae = (a / (1.0 - Self::Q)).min(2.0 / (self.n as f64 + 20.0));
             let over = (x - u).min(8.0 * b);
             self.excess = (b + ae * (over - b)) as f32;
             self.u = (u + step * Self::Q) as f32;

@@ -144,7 +144,8 @@ impl Model for TelemetryModel {
         if let Some(z) = self.latency_z(st, w) {
             st.latency_tail.update(z, self.alpha);
         }
-        st.bytes.update(per_call(w).ln_1p(), self.alpha, ctx.windows);
+        st.bytes
+            .update(per_call(w).ln_1p(), self.alpha, ctx.windows);
         if let Some(l) = w.mean_latency() {
             st.latency.update(l.ln_1p(), self.alpha, st.latency_n);
             st.latency_n = st.latency_n.saturating_add(1);

@@ -428,7 +428,11 @@ fn stray_refusals_weighed_by_history_successes_at_once() {
     }
     let next = T0 + 3_100 * W;
     let refused = stray(next, "admin", 403);
-    assert!(p_of(&st, &refused, 3_000) > 1e-3, "{} {st:?}", p_of(&st, &refused, 3_000));
+    assert!(
+        p_of(&st, &refused, 3_000) > 1e-3,
+        "{} {st:?}",
+        p_of(&st, &refused, 3_000)
+    );
     // The same route answered 200: a violation at once.
     assert!(p_of(&st, &stray(next, "admin", 200), 3_000) < 1e-6);
     // A token that never strays: one refusal is weak, a few in an hour add up.
@@ -440,7 +444,11 @@ fn stray_refusals_weighed_by_history_successes_at_once() {
         m.track(&mut st, &w, &env.ctx(w.start, 3_000));
     }
     let fourth = stray(next + 30 * W, "admin", 403);
-    assert!(p_of(&st, &fourth, 3_000) < 1e-6, "{}", p_of(&st, &fourth, 3_000));
+    assert!(
+        p_of(&st, &fourth, 3_000) < 1e-6,
+        "{}",
+        p_of(&st, &fourth, 3_000)
+    );
     // ...and a day later they have decayed away.
     let later = stray(next + 1_440 * W, "admin", 403);
     assert!(p_of(&st, &later, 3_000) > 1e-5);
