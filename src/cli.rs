@@ -73,6 +73,10 @@ pub enum Command {
         /// Event time between an alert's first window and the operator's verdict.
         #[arg(long, default_value = "30m")]
         feedback_delay: Duration,
+        /// Alert policies that decide which windows page someone, as `serve --policies`
+        /// (default: models/policies.toml as built in).
+        #[arg(long)]
+        policies: Option<PathBuf>,
     },
     /// Replay a file through the engine and write window scores (no labels needed).
     Replay {

@@ -183,6 +183,12 @@ pub struct ScoreConfig {
     pub learn_max_risk: f64,
     /// A token younger than this learns every window (its first days are its baseline).
     pub learn_all_for: Duration,
+    /// A move (a new place with the old one absent) lasting this long is learned as the
+    /// token's new place.
+    pub adopt_move_after: Duration,
+    /// A new country is a move (not an addition) only if the token's known place went quiet
+    /// at least this long before it.
+    pub min_travel_gap: Duration,
 }
 
 /// `[weights]`: one weight per signal, named as the signal.

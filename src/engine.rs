@@ -417,12 +417,61 @@ impl Shard {
                 .and_then(|p| p.groups.get(st.peers.group as usize)),
             trusted: false,
         };
+        // A move (new place, the old one absent) that has lasted is adopted: its windows
+        // no longer count the new place as new and are learned with it trusted at once.
+        // An addition never is.
+        let mut adopted = false;
+        if !silent {
+            let now = (agg.start.div_euclid(60_000)).clamp(0, u32::MAX as i64) as u32;
+            let moved = self.models.network.moved(&st.network, agg);
+            let c = &mut st.change;
+            match moved {
+                Some(k) if c.key == k && now.saturating_sub(c.last) <= 1440 => {
+                    c.last = now;
+                    let after = (cfg.score.adopt_move_after.ms / 60_000) as u32;
+                    // A new country is a move only if the old one went quiet long enough
+                    // before it for a journey (a second user appearing while the owner was
+                    // just active is an addition); a new provider within the same country
+                    // (a bot moving region) needs no journey.
+                    let journey = if k & 1 == 1 {
+                        c.since.saturating_sub(c.home)
+                            >= (cfg.score.min_travel_gap.ms / 60_000) as u32
+                    } else {
+                        true
+                    };
+                    if agg.start >= st.feedback.hold_until
+                        && journey
+                        && now.saturating_sub(c.since) >= after
+                    {
+                        adopted = true;
+                    }
+                }
+                Some(k) => {
+                    c.key = k;
+                    c.since = now;
+                    c.last = now;
+                }
+                None if agg.countries.distinct() > 0 => {
+                    c.key = 0;
+                    c.home = now;
+                }
+                None => {}
+            }
+        }
         let scratch = &mut self.scratch;
         scratch.clear();
         if silent {
             self.models.rate.score(&st.rate, agg, &ctx, scratch);
         } else {
             self.models.score(st, agg, &ctx, scratch);
+        }
+        if adopted {
+            scratch.signals.retain(|s| {
+                !matches!(
+                    s.kind,
+                    SignalKind::NewCountry | SignalKind::NewAsn | SignalKind::NewPrefix
+                )
+            });
         }
         let mut risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
         if let (Some(iso), false) = (&global.isolation, silent) {
@@ -454,13 +503,17 @@ impl Shard {
         let learned = if held {
             risk < cfg.feedback.hold_learn_below
         } else {
-            risk < cfg.score.learn_max_risk || young
+            risk < cfg.score.learn_max_risk || young || adopted
         };
         self.models.track(st, agg, &ctx, held);
         if learned && silent {
             self.models.rate.learn(&mut st.rate, agg, &ctx);
         } else if learned {
-            self.models.learn(st, agg, &ctx);
+            let lctx = Ctx {
+                trusted: adopted,
+                ..ctx
+            };
+            self.models.learn(st, agg, &lctx);
             if st.windows > 30 {
                 let h = mix(text_key(&slot.name) ^ (agg.start as u64).rotate_left(17));
                 self.reservoir.offer(h, &scratch.features);

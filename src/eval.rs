@@ -79,6 +79,9 @@ pub struct Options {
     pub feedback_delay_ms: i64,
     /// Write each evaluated alert (first window, last window, the verdict the labels give).
     pub alerts_out: Option<PathBuf>,
+    /// Alert policies, as the server runs them (`respond::policy`): which windows page
+    /// someone. Incidents, alert episodes and false alert episodes are counted from them.
+    pub policies: Vec<crate::respond::policy::Policy>,
 }
 
 impl Options {
@@ -100,6 +103,11 @@ impl Options {
             feedback: None,
             feedback_delay_ms: 30 * 60_000,
             alerts_out: None,
+            policies: crate::respond::policy::parse(
+                crate::respond::policy::DEFAULT_POLICIES,
+                "models/policies.toml",
+            )
+            .unwrap_or_default(),
         }
     }
 }
@@ -156,9 +164,10 @@ pub struct Metrics {
     pub per_kind: Vec<KindRecall>,
     /// Median detection delay over all detected incidents (s).
     pub median_delay_s: Option<f64>,
-    /// Alerts (runs of alerting windows of one token) that touch no labelled window and no
-    /// incident of that token.
+    /// Alert episodes that touch no labelled window and no incident of that token.
     pub false_alerts: u64,
+    /// Alert episodes: runs of paged windows of one token (policies, gap <= 30 min).
+    pub episodes: u64,
     /// Distinct (token, UTC day) pairs with traffic in the evaluation period.
     pub token_days: u64,
     /// false_alerts per 1,000 token-days.
@@ -257,6 +266,8 @@ struct Rec {
     start: i64,
     risk: f32,
     alert: bool,
+    /// An alert policy fired on or updated an alert with this window (someone is paged).
+    paged: bool,
     positive: bool,
     kind: u16,
 }
@@ -319,10 +330,13 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
     let mut any_label = false;
     let mut riskiest: FxHashMap<Arc<str>, WindowScore> = FxHashMap::default();
     let started = Instant::now();
+    // The server's alerting path: the same policies over the same windows, in order.
+    let mut policies = crate::respond::policy::Policies::new(opts.policies.clone(), window_ms);
     let mut handle =
         |scores: Vec<WindowScore>, writer: &mut Option<ScoresWriter>| -> Result<(), Error> {
             for s in scores {
                 let eval = s.start >= split_at;
+                let paged = !policies.judge(&s).is_empty();
                 let phase = match (measure, eval) {
                     (false, _) => "replay",
                     (true, true) => "eval",
@@ -379,6 +393,7 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
                         start: s.start,
                         risk: s.risk,
                         alert: s.alert,
+                        paged,
                         positive: s.labelled > 0,
                         kind,
                     });
@@ -725,7 +740,7 @@ fn compute_metrics(
         entry.0 += 1;
         let first_alert = by_token.get(&t).and_then(|v| {
             v.iter()
-                .find(|r| r.alert && r.start + window_ms > s && r.start <= e)
+                .find(|r| r.paged && r.start + window_ms > s && r.start <= e)
         });
         if let Some(a) = first_alert {
             entry.1 += 1;
@@ -754,8 +769,9 @@ fn compute_metrics(
             median_delay_s: median(&mut delays),
         })
         .collect();
-    // False alerts: runs of alerting windows per token (gap <= alert gap) touching no
-    // labelled window and no incident span of the token.
+    // Alert episodes: runs of paged windows per token (an alert policy fired or updated an
+    // alert with them; gap <= alert gap); false when touching no labelled window and no
+    // incident span of the token.
     let mut token_days = std::collections::HashSet::new();
     for (&t, v) in &by_token {
         let spans: Vec<(i64, i64)> = incidents
@@ -767,7 +783,7 @@ fn compute_metrics(
         let mut run: Option<(i64, i64, bool)> = None;
         for r in v {
             token_days.insert((t, r.start.div_euclid(86_400_000)));
-            if !r.alert {
+            if !r.paged {
                 continue;
             }
             let truth = r.positive
@@ -791,6 +807,7 @@ fn compute_metrics(
     }
     alerts.sort_unstable();
     let false_alerts = alerts.iter().filter(|a| !a.3).count() as u64;
+    let episodes = alerts.len() as u64;
     let token_days = token_days.len() as u64;
     Metrics {
         eval_from: fmt_ts(split_at),
@@ -809,6 +826,7 @@ fn compute_metrics(
         per_kind,
         median_delay_s: median(&mut all_delays),
         false_alerts,
+        episodes,
         token_days,
         verdicts_applied: 0,
         false_alerts_per_1k_token_days: if token_days > 0 {
@@ -897,8 +915,8 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "  false alerts {} over {} token-days = {:.2} per 1,000 token-days",
-                m.false_alerts, m.token_days, m.false_alerts_per_1k_token_days
+                "  alert episodes {} (policies); false alert episodes {} over {} token-days = {:.2} per 1,000 token-days",
+                m.episodes, m.false_alerts, m.token_days, m.false_alerts_per_1k_token_days
             );
             if m.verdicts_applied > 0 {
                 let _ = writeln!(s, "  operator verdicts replayed: {}", m.verdicts_applied);

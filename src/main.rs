@@ -99,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             alerts_out,
             feedback,
             feedback_delay,
+            policies,
         } => {
             let split = match train_until {
                 Some(t) => Split::Until(
@@ -118,6 +119,9 @@ fn run(cli: Cli) -> Result<()> {
             o.alerts_out = alerts_out;
             o.feedback = feedback;
             o.feedback_delay_ms = feedback_delay.ms;
+            if let Some(p) = policies {
+                o.policies = tokenwatch::respond::policy::load(&p)?;
+            }
             let report = eval::run(cfg.clone(), registry, &o)?;
             print!("{}", report.render(&cfg));
             if report.metrics.is_none() {

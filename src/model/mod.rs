@@ -372,8 +372,24 @@ pub struct TokenState {
     pub peers: peers::PeerState,
     /// Out-of-scope history.
     pub registry: registry::RegistryState,
+    /// A move under way (new place, old one absent), adopted after `score.adopt-move-after`.
+    pub change: ChangeState,
     /// What operators said about this token's alerts.
     pub feedback: FeedbackState,
+}
+
+/// A lasting change of place under way: the key of the new place and when (minutes since
+/// the epoch) it was first and last seen without the old one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeState {
+    /// Key of the new place (0: none).
+    pub key: u32,
+    /// First window of the move (minute).
+    pub since: u32,
+    /// Latest window of the move (minute).
+    pub last: u32,
+    /// Latest window from the token's known place (minute).
+    pub home: u32,
 }
 
 /// Operator feedback kept with a token (fixed size, part of the snapshot).
@@ -455,6 +471,9 @@ impl Models {
     pub fn track(&self, st: &mut TokenState, w: &WindowAgg, ctx: &Ctx, held: bool) {
         self.rate.track(&mut st.rate, w, ctx, held);
         self.registry.track(&mut st.registry, w, ctx);
+        if !held {
+            self.telemetry.track(&mut st.telemetry, w, ctx);
+        }
     }
 }
 
@@ -473,6 +492,10 @@ impl TokenState {
         telemetry::TelemetryModel::encode(&self.telemetry, w);
         peers::PeerModel::encode(&self.peers, w);
         registry::RegistryModel::encode(&self.registry, w);
+        w.u32(self.change.key);
+        w.u32(self.change.since);
+        w.u32(self.change.last);
+        w.u32(self.change.home);
         for &n in &self.feedback.false_alarms {
             w.u8(n);
         }
@@ -503,6 +526,12 @@ impl TokenState {
             telemetry: telemetry::TelemetryModel::decode(&mut r)?,
             peers: peers::PeerModel::decode(&mut r)?,
             registry: registry::RegistryModel::decode(&mut r)?,
+            change: ChangeState {
+                key: r.u32()?,
+                since: r.u32()?,
+                last: r.u32()?,
+                home: r.u32()?,
+            },
             feedback: {
                 let mut false_alarms = [0u8; 21];
                 for n in false_alarms.iter_mut() {

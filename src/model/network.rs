@@ -159,6 +159,31 @@ impl NetworkModel {
     }
 }
 
+impl NetworkModel {
+    /// A move, not an addition: every country of the window is new to the token (or, with
+    /// its countries known, every network provider is new and none of its usual ones is
+    /// there), so the old place is absent. Returns a key of the new place. A window that
+    /// mixes the usual place with a new one (a second user, a leaked token used beside its
+    /// owner) is no move and stays suspicious.
+    pub fn moved(&self, st: &NetworkState, w: &WindowAgg) -> Option<u32> {
+        let all_new = |cat: Category| {
+            let c = cat.counts(w);
+            !c.items.is_empty()
+                && c.items
+                    .iter()
+                    .all(|&(k, _)| !st.known.contains(cat.salted(k)))
+        };
+        if all_new(Category::Country) {
+            return w.countries.items.first().map(|&(k, _)| fold(k) | 1);
+        }
+        let usual = st.asns.top(2);
+        if all_new(Category::Asn) && !w.asns.items.iter().any(|&(k, _)| usual.contains(&fold(k))) {
+            return w.asns.items.first().map(|&(k, _)| fold(k) & !1);
+        }
+        None
+    }
+}
+
 impl Model for NetworkModel {
     type State = NetworkState;
 

@@ -99,6 +99,8 @@ pub struct Expectation {
     pub mean: f64,
     /// Standard deviation of ln(count + 1/2) around ln(mean + 1/2).
     pub sd: f64,
+    /// The token's own baseline alone (not blended with its peer group while young).
+    pub own: bool,
 }
 
 /// Rate model parameters.
@@ -161,17 +163,21 @@ impl RateModel {
         // shown that three is extreme.
         let floor = 1.0 / ((mean + 0.5) * (mean + 0.5));
         let sd = ((disp / (mean + 0.5)).max(floor) + spread).sqrt();
-        Some(Expectation { mean, sd })
+        Some(Expectation {
+            mean,
+            sd,
+            own: spread == 0.0,
+        })
     }
 
-    /// Standardised residual of `count` against `e`: on the log scale, and for rises also
-    /// as a Pearson residual in calls (quasi-Poisson with the token's dispersion, never
+    /// Standardised residual of `count` against `e`: on the log scale, and for rises of a
+    /// token past its warm-up also as a Pearson residual in calls (quasi-Poisson with the token's dispersion, never
     /// tighter than Poisson), whichever is larger. The log scale alone compresses a burst on
     /// a quiet token (40 calls where 1 is usual is a few log units); the learned tails see
     /// this same statistic, so it stays calibrated to the token.
     fn z(count: f64, e: &Expectation, disp: f32) -> f64 {
         let z = ((count + 0.5).ln() - (e.mean + 0.5).ln()) / e.sd;
-        if z > 0.0 {
+        if z > 0.0 && e.own {
             let pearson = (count - e.mean) / (e.mean * (disp as f64).max(1.0)).sqrt();
             z.max(pearson)
         } else {

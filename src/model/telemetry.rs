@@ -92,6 +92,21 @@ impl TelemetryModel {
     }
 }
 
+impl TelemetryModel {
+    /// The tails learn from every window, calm or quarantined (not while an operator holds
+    /// the token): a token whose big responses recur must learn that they do.
+    pub fn track(&self, st: &mut TelemetryState, w: &WindowAgg, ctx: &Ctx) {
+        if w.count == 0 || ctx.windows < 10 {
+            return;
+        }
+        let z = self.bytes_z(st, w);
+        st.bytes_tail.update(z, self.alpha);
+        if let Some(z) = self.latency_z(st, w) {
+            st.latency_tail.update(z, self.alpha);
+        }
+    }
+}
+
 impl Model for TelemetryModel {
     type State = TelemetryState;
 
@@ -137,12 +152,6 @@ impl Model for TelemetryModel {
         let n = w.count.max(1) as f64;
         for (i, (cls, _)) in CLASSES.iter().enumerate() {
             st.errors[i].update(w.status[*cls] as f64 / n, self.alpha, ctx.windows);
-        }
-        if ctx.windows >= 10 {
-            st.bytes_tail.update(self.bytes_z(st, w), self.alpha);
-        }
-        if let Some(z) = self.latency_z(st, w) {
-            st.latency_tail.update(z, self.alpha);
         }
         st.bytes
             .update(per_call(w).ln_1p(), self.alpha, ctx.windows);
