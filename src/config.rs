@@ -508,7 +508,10 @@ impl Config {
         if self.rate.season_half_life.ms <= 0 || self.rate.adopt_after.ms <= 0 {
             return bad("rate", "season-half-life and adopt-after must be positive");
         }
-        if !(0.0..=1.0).contains(&self.rate.drop_weight) || !(self.rate.min_drop_expected >= 1.0) {
+        if !(0.0..=1.0).contains(&self.rate.drop_weight)
+            || self.rate.min_drop_expected.is_nan()
+            || self.rate.min_drop_expected < 1.0
+        {
             return bad(
                 "rate",
                 "drop-weight must be in 0..=1, min-drop-expected >= 1",

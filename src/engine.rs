@@ -73,6 +73,9 @@ pub struct WindowScore {
     pub kind: Option<String>,
     /// Contributions with evidence, largest first.
     pub contributions: Vec<Contribution>,
+    /// How much of the token's own history its baseline rests on, 0..=1 (a week of it and
+    /// the rate model's warm-up make 1); below 0.5 the top reason says so.
+    pub confidence: f32,
 }
 
 impl WindowScore {
@@ -536,7 +539,11 @@ impl Shard {
         if alert {
             self.stats.alerts += 1;
         }
-        let contributions = scratch
+        let age_days = (agg.start - st.first_seen) as f64 / 86_400_000.0;
+        let confidence = ((age_days / 7.0).min(1.0)
+            * (st.rate.n as f64 / cfg.rate.warmup_windows.max(1.0)).min(1.0))
+        .clamp(0.0, 1.0) as f32;
+        let mut contributions: Vec<Contribution> = scratch
             .signals
             .iter()
             .filter(|s| s.evidence >= score::SHOWN)
@@ -549,6 +556,14 @@ impl Shard {
                 reason: score::explain(s, agg.start, &self.names, reg),
             })
             .collect();
+        if confidence < 0.5 {
+            if let Some(c) = contributions.first_mut() {
+                c.reason.push_str(&format!(
+                    " (baseline from {}, low confidence)",
+                    score::human_age(age_days)
+                ));
+            }
+        }
         WindowScore {
             token: slot.name.clone(),
             start: agg.start,
@@ -559,6 +574,7 @@ impl Shard {
             labelled: agg.labelled,
             kind: (agg.kind != 0).then(|| self.names.get(agg.kind).unwrap_or("?").to_string()),
             contributions,
+            confidence,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Window-score files (`--scores-out`): CSV or Parquet by extension, one row per
 //! (token, window) with `token_id, window_start, risk, alert, top_signal`, then `events`,
-//! `learned`, `label`, `kind`, `phase` and one evidence column per signal.
+//! `learned`, `label`, `kind`, `phase`, one evidence column per signal, then `confidence`.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -91,6 +91,7 @@ impl ScoresWriter {
         for s in SignalKind::ALL {
             fields.push(Field::new(s.name(), DataType::Float32, false));
         }
+        fields.push(Field::new("confidence", DataType::Float32, false));
         let schema = Arc::new(Schema::new(fields));
         let file = File::create(path).map_err(io)?;
         let sink = if parquet {
@@ -151,6 +152,7 @@ impl ScoresWriter {
             .iter()
             .map(|_| Float32Builder::with_capacity(n))
             .collect();
+        let mut confidence = Float32Builder::with_capacity(n);
         for (s, ph) in &self.pending {
             token.append_value(&s.token);
             if parquet {
@@ -173,6 +175,7 @@ impl ScoresWriter {
             for (b, v) in sig.iter_mut().zip(vals) {
                 b.append_value(v);
             }
+            confidence.append_value(s.confidence);
         }
         let start: ArrayRef = if parquet {
             Arc::new(start_t.finish().with_timezone("UTC"))
@@ -194,6 +197,7 @@ impl ScoresWriter {
         for mut b in sig {
             cols.push(Arc::new(b.finish()));
         }
+        cols.push(Arc::new(confidence.finish()));
         let enc = |e: String| Error::Encode {
             path: self.path.clone(),
             reason: e,

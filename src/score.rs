@@ -124,6 +124,17 @@ pub fn top_signal(signals: &[Signal]) -> &'static str {
         .map_or("none", |s| s.kind.name())
 }
 
+/// An age in days as people say it: "5 hours", "2 days".
+pub fn human_age(days: f64) -> String {
+    if days < 1.0 {
+        let h = (days * 24.0).round().max(1.0);
+        format!("{h:.0} hour{}", if h == 1.0 { "" } else { "s" })
+    } else {
+        let d = days.floor();
+        format!("{d:.0} day{}", if d == 1.0 { "" } else { "s" })
+    }
+}
+
 fn human_bytes(b: f64) -> String {
     let units = ["B", "KB", "MB", "GB", "TB"];
     let mut v = b.max(0.0);

@@ -312,6 +312,7 @@ mod tests {
                 evidence: 5.0,
                 reason: "x".into(),
             }],
+            confidence: 1.0,
         }
     }
 

@@ -186,6 +186,7 @@ impl From<&WindowScore> for pb::TokenRisk {
             alert: s.alert,
             contributions: s.contributions.iter().map(Into::into).collect(),
             events: s.events,
+            confidence: f64::from(s.confidence),
         }
     }
 }
@@ -200,6 +201,7 @@ impl From<&pb::TokenRisk> for pb::Alert {
             missed: 0,
             events: r.events,
             alert_id: String::new(),
+            confidence: r.confidence,
         }
     }
 }
