@@ -20,10 +20,12 @@ use rustc_hash::FxHashMap;
 use crate::config::Config;
 use crate::event::col;
 use crate::model::isolation::{IsolationModel, Reservoir};
-use crate::model::peers::{PeerGroups, PeerPoint, NO_GROUP};
+use crate::model::peers::NO_GROUP;
 use crate::model::registry::Registry;
 use crate::model::sketch::mix;
-use crate::model::{Ctx, Global, Model, Models, Scratch, Signal, SignalKind, TokenState};
+use crate::model::{
+    Ctx, Global, Model, Models, RefitPartial, Scratch, Signal, SignalKind, TokenState,
+};
 use crate::score;
 use crate::window::{text_key, window_start, EventRef, Names, WindowAgg};
 
@@ -915,57 +917,23 @@ impl Engine {
         }
     }
 
-    /// Refit the cross-token models from every shard's state, now (event time `at`).
+    /// Refit the cross-token models, now (event time `at`): every shard gathers its tokens'
+    /// partial statistics (`RefitPartial`, the models' own view of them), the partials are
+    /// merged and fitted once.
     pub fn refit(&mut self, at: i64) {
         let min_w = self.cfg.peers.min_windows;
-        let mut points: Vec<PeerPoint> = Vec::new();
-        let mut rarity = crate::model::endpoints::Rarity::default();
-        let mut novelty_obs: [Vec<(u32, u32)>; 6] = Default::default();
+        let mut merged = RefitPartial::default();
         for sh in &self.shards {
+            let mut part = RefitPartial::default();
             for slot in &sh.slots {
-                let st = &slot.state;
-                if st.windows == 0 {
-                    continue;
-                }
-                rarity.tokens += 1;
-                for s in st.endpoints.top.slots.iter().filter(|s| s.key != 0) {
-                    *rarity.users.entry(s.key).or_insert(0) += 1;
-                }
-                if st.windows as f64 >= min_w {
-                    for (obs, novel) in novelty_obs.iter_mut().zip(st.network.novel) {
-                        obs.push((novel, st.windows));
-                    }
-                    novelty_obs[crate::model::endpoints::NOVELTY_INDEX]
-                        .push((st.endpoints.novel, st.windows));
-                    novelty_obs[crate::model::network::MULTI_INDEX]
-                        .push((st.network.multi, st.windows));
-                    points.push(PeerPoint {
-                        token: slot.name.clone(),
-                        usage: st.peers.usage(),
-                        d_own: st.peers.d_own.mean as f64,
-                        rate_mean: st.rate.mean_count(),
-                        rate_var: st.rate.var_count(),
-                    });
-                }
+                part.add(&slot.name, &slot.state, min_w);
             }
+            merged.merge(part);
         }
         let iso = &self.cfg.isolation;
         let parts: Vec<&Reservoir> = self.shards.iter().map(|s| &s.reservoir).collect();
         let sample = Reservoir::merged(&parts, iso.reservoir);
-        let isolation = IsolationModel::fit(&sample, iso.trees, iso.sample_size, iso.seed);
-        let peers = PeerGroups::fit(&mut points, self.cfg.peers.groups, iso.seed);
-        let priors: Vec<crate::model::BetaPrior> = novelty_obs
-            .iter()
-            .filter_map(|o| crate::model::BetaPrior::fit(o))
-            .collect();
-        let novelty = <[crate::model::BetaPrior; 6]>::try_from(priors).ok();
-        let global = Arc::new(Global {
-            peers,
-            isolation,
-            rarity,
-            novelty,
-            fitted_at: at,
-        });
+        let global = Arc::new(merged.fit(&sample, &self.cfg, at));
         for sh in self.shards.iter_mut() {
             sh.global = global.clone();
             if let Some(p) = &global.peers {

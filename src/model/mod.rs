@@ -264,6 +264,87 @@ impl Global {
     }
 }
 
+/// One shard's (or one partition's) part of a refit of the cross-token models: what each of
+/// its tokens contributes, gathered by the models themselves. Partials are merged (in any
+/// order: the fit sorts what needs sorting) and the merge is fitted once, so nothing outside
+/// the models reads a token's internals and a partition of tokens can send its partial
+/// elsewhere (cluster mode).
+#[derive(Debug, Clone, Default)]
+pub struct RefitPartial {
+    /// Endpoint users and the token count.
+    pub rarity: endpoints::Rarity,
+    /// (novel windows, windows) per token for each novelty prior.
+    pub novelty: [Vec<(u32, u32)>; 6],
+    /// Peer-group points of tokens with enough history.
+    pub points: Vec<peers::PeerPoint>,
+}
+
+impl RefitPartial {
+    /// Add one token's contribution.
+    pub fn add(&mut self, token: &std::sync::Arc<str>, st: &TokenState, min_windows: f64) {
+        if st.windows == 0 {
+            return;
+        }
+        self.rarity.tokens += 1;
+        for s in st.endpoints.top.slots.iter().filter(|s| s.key != 0) {
+            *self.rarity.users.entry(s.key).or_insert(0) += 1;
+        }
+        if (st.windows as f64) < min_windows {
+            return;
+        }
+        for (obs, novel) in self.novelty.iter_mut().zip(st.network.novel) {
+            obs.push((novel, st.windows));
+        }
+        self.novelty[endpoints::NOVELTY_INDEX].push((st.endpoints.novel, st.windows));
+        self.novelty[network::MULTI_INDEX].push((st.network.multi, st.windows));
+        self.points.push(peers::PeerPoint {
+            token: token.clone(),
+            usage: st.peers.usage(),
+            d_own: st.peers.d_own.mean as f64,
+            rate_mean: st.rate.mean_count(),
+            rate_var: st.rate.var_count(),
+        });
+    }
+
+    /// Fold another partial in.
+    pub fn merge(&mut self, other: RefitPartial) {
+        self.rarity.tokens += other.rarity.tokens;
+        for (k, v) in other.rarity.users {
+            *self.rarity.users.entry(k).or_insert(0) += v;
+        }
+        for (a, b) in self.novelty.iter_mut().zip(other.novelty) {
+            a.extend(b);
+        }
+        self.points.extend(other.points);
+    }
+
+    /// Fit the cross-token models from the merged partials and the isolation sample, as of
+    /// event time `at`. Deterministic whatever order the partials came in.
+    pub fn fit(mut self, sample: &[isolation::Point], cfg: &Config, at: i64) -> Global {
+        let iso = &cfg.isolation;
+        let isolation =
+            isolation::IsolationModel::fit(sample, iso.trees, iso.sample_size, iso.seed);
+        let peers = peers::PeerGroups::fit(&mut self.points, cfg.peers.groups, iso.seed);
+        for obs in self.novelty.iter_mut() {
+            // Beta moments are order-free up to float rounding: sort to make them exact.
+            obs.sort_unstable();
+        }
+        let priors: Vec<BetaPrior> = self
+            .novelty
+            .iter()
+            .filter_map(|o| BetaPrior::fit(o))
+            .collect();
+        let novelty = <[BetaPrior; 6]>::try_from(priors).ok();
+        Global {
+            peers,
+            isolation,
+            rarity: self.rarity,
+            novelty,
+            fitted_at: at,
+        }
+    }
+}
+
 /// Beta prior on "a window of this token brings a never-seen item of this kind".
 ///
 /// Fitted across tokens by the method of moments (empirical Bayes), so a token with a short
