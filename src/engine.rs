@@ -426,6 +426,8 @@ impl Shard {
         // no longer count the new place as new and are learned with it trusted at once.
         // An addition never is.
         let mut adopted = false;
+        // Minutes a move to this window's new place has lasted (0: none under way).
+        let mut moving_for = 0u32;
         if !silent {
             let now = (agg.start.div_euclid(60_000)).clamp(0, u32::MAX as i64) as u32;
             let moved = self.models.network.moved(&st.network, agg);
@@ -433,6 +435,7 @@ impl Shard {
             match moved {
                 Some(k) if c.key == k && now.saturating_sub(c.last) <= 1440 => {
                     c.last = now;
+                    moving_for = now.saturating_sub(c.since);
                     let after = (cfg.score.adopt_move_after.ms / 60_000) as u32;
                     // A new country is a move only if the old one went quiet long enough
                     // before it for a journey (a second user appearing while the owner was
@@ -479,6 +482,21 @@ impl Shard {
             });
         }
         let mut risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
+        if moving_for > 0 && !adopted {
+            // Alerts on a move decay while it lasts (half-life a third of the adoption
+            // time): flagged when it starts, not paging for the rest of the day. An addition
+            // resets the move, so it speaks at full strength again.
+            let half = (cfg.score.adopt_move_after.ms as f64 / 60_000.0 / 3.0).max(1.0);
+            let factor = 0.5f64.powf(moving_for as f64 / half);
+            let mask = [
+                SignalKind::NewCountry,
+                SignalKind::NewAsn,
+                SignalKind::NewPrefix,
+            ]
+            .iter()
+            .fold(0u32, |m, k| m | 1 << k.index());
+            risk = score::damp(&mut scratch.signals, mask, factor, &cfg.score);
+        }
         if let (Some(iso), false) = (&global.isolation, silent) {
             // The forest is the costliest model; it is consulted only where the most it can
             // add (its smallest tail probability) could lift the window past 1% risk.
