@@ -235,12 +235,18 @@ pub mod field {
         }
     }
 
-    /// A latency in ms: finite and not negative.
+    /// Largest latency accepted (ms): a day. Anything larger is a broken clock or a hostile
+    /// value, and must not become an infinite `f32` in a token's baseline.
+    pub const MAX_LATENCY_MS: f64 = 86_400_000.0;
+
+    /// A latency in ms: finite, not negative, at most [`MAX_LATENCY_MS`].
     pub fn latency(l: f64) -> Result<f32, String> {
-        if l >= 0.0 && l.is_finite() {
+        if (0.0..=MAX_LATENCY_MS).contains(&l) {
             Ok(l as f32)
         } else {
-            Err(format!("{l} is not a latency (finite, >= 0)"))
+            Err(format!(
+                "{l} is not a latency (finite, 0..={MAX_LATENCY_MS:.0} ms)"
+            ))
         }
     }
 
@@ -575,5 +581,14 @@ mod tests {
         .unwrap();
         let e = normalize(&b, Path::new("y.parquet"), 1, &mut ReadReport::default()).unwrap_err();
         assert!(e.to_string().contains("token_id"), "{e}");
+    }
+
+    #[test]
+    fn a_latency_that_would_overflow_f32_is_rejected() {
+        // 1e300 is a finite f64 but an infinite f32: it must never reach a baseline.
+        assert!(field::latency(1e300).is_err());
+        assert!(field::latency(f64::NAN).is_err());
+        assert!(field::latency(-1.0).is_err());
+        assert_eq!(field::latency(12.5), Ok(12.5));
     }
 }
