@@ -528,7 +528,7 @@ impl Shard {
         } else {
             risk < cfg.score.learn_max_risk || young || adopted
         };
-        self.models.track(st, agg, &ctx, held);
+        self.models.track(st, agg, &ctx, held, scratch);
         if learned && silent {
             self.models.rate.learn(&mut st.rate, agg, &ctx);
         } else if learned {

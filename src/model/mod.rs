@@ -97,6 +97,9 @@ pub struct Scratch {
     pub signals: Vec<Signal>,
     /// Isolation features.
     pub features: [f32; FEATURES],
+    /// The rate model's (tail probability, standardised residual) of the window, kept for
+    /// tracking it without computing the expectation again.
+    pub rate: Option<(f64, f64)>,
 }
 
 impl Scratch {
@@ -104,6 +107,7 @@ impl Scratch {
     pub fn clear(&mut self) {
         self.signals.clear();
         self.features = [0.0; FEATURES];
+        self.rate = None;
     }
 
     /// Raise a signal if it says anything (p < 1).
@@ -549,8 +553,16 @@ impl Models {
     /// Follow a window whether it is learned or quarantined (before any learning): what
     /// must see every window, such as a lasting change of volume or stray refusals adding
     /// up. `held`: an operator confirmed an incident on the token.
-    pub fn track(&self, st: &mut TokenState, w: &WindowAgg, ctx: &Ctx, held: bool) {
-        self.rate.track(&mut st.rate, w, ctx, held);
+    /// `scored` is the scratch the window was scored into (with this same state).
+    pub fn track(
+        &self,
+        st: &mut TokenState,
+        w: &WindowAgg,
+        ctx: &Ctx,
+        held: bool,
+        scored: &Scratch,
+    ) {
+        self.rate.track(&mut st.rate, w, ctx, held, scored.rate);
         self.registry.track(&mut st.registry, w, ctx);
         if !held {
             self.telemetry.track(&mut st.telemetry, w, ctx);

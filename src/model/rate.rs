@@ -214,15 +214,23 @@ impl RateModel {
     pub fn expects_traffic(&self, st: &RateState, ctx: &Ctx) -> bool {
         st.run > -self.adopt_windows
             && st.n as f64 >= self.warmup
-            && self
-                .expectation(st, ctx)
-                .is_some_and(|e| e.mean >= self.min_drop_expected)
+            && ((st.level as f64 + st.season(ctx.start)).exp()).max(self.min_expected)
+                >= self.min_drop_expected
     }
 
     /// Follow a window whether or not it is learned: the recent level, the run of windows
     /// on one side, and adoption of a lasting change (not while `held`: an operator
     /// confirmed an incident, so the old baseline stays).
-    pub fn track(&self, st: &mut RateState, w: &WindowAgg, ctx: &Ctx, held: bool) {
+    /// `scored`: the window's (p, z) as [`Model::score`] found them with this same state, if
+    /// it was scored (saves computing the expectation again).
+    pub fn track(
+        &self,
+        st: &mut RateState,
+        w: &WindowAgg,
+        ctx: &Ctx,
+        held: bool,
+        scored: Option<(f64, f64)>,
+    ) {
         let c = w.count as f64;
         if st.n == 0 {
             return;
@@ -231,7 +239,8 @@ impl RateModel {
         if w.count > 0 {
             st.recent += (self.recent_alpha as f32) * (y - st.recent);
         }
-        let Some((p, _, z)) = self.surprise(st, c, ctx) else {
+        let Some((p, z)) = scored.or_else(|| self.surprise(st, c, ctx).map(|(p, _, z)| (p, z)))
+        else {
             return;
         };
         // The tails learn from every window, calm or quarantined: how often this token's
@@ -283,6 +292,7 @@ impl Model for RateModel {
             return;
         };
         out.features[feature::RATE_Z] = z as f32;
+        out.rate = Some((p, z));
         out.push(Signal::new(SignalKind::Rate, c, e.mean, p));
     }
 
@@ -433,7 +443,7 @@ mod tests {
             let s = T0 + i * W5;
             let w = win(s, usual(s, i as u64));
             let cx = ctx(&c, &g, s);
-            m.track(&mut st, &w, &cx, false);
+            m.track(&mut st, &w, &cx, false, None);
             m.learn(&mut st, &w, &cx);
         }
         (m, st, c)
@@ -485,7 +495,7 @@ mod tests {
             let (p, _, _) = m.surprise(&st, n as f64, &cx).unwrap();
             flagged.push(p < 1e-2);
             // Held by an operator's true-positive verdict: tracked, never adopted.
-            m.track(&mut st, &win(s, n), &cx, true);
+            m.track(&mut st, &win(s, n), &cx, true, None);
         }
         assert!(flagged[0], "{flagged:?}");
         // ...while an operator holds the token, it stays flagged.
@@ -498,7 +508,7 @@ mod tests {
             let cx = ctx(&c, &g, s);
             let (p, _, _) = m.surprise(&st, n as f64, &cx).unwrap();
             flagged.push(p < 1e-2);
-            m.track(&mut st, &win(s, n), &cx, false);
+            m.track(&mut st, &win(s, n), &cx, false, None);
             if p >= 1e-2 {
                 m.learn(&mut st, &win(s, n), &cx);
             }

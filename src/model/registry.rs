@@ -144,7 +144,8 @@ impl RegistryModel {
     }
 
     fn out_of_scope(e: &RegistryEntry, w: &WindowAgg) -> Option<OutOfScope> {
-        if e.scope_keys.is_empty() {
+        // `WindowAgg::observe` counted them against the same registry entry.
+        if e.scope_keys.is_empty() || w.out_of_scope == 0 {
             return None;
         }
         let mut o = OutOfScope {

@@ -95,6 +95,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Policy>, Error> {
         reason,
     };
     let f: PolicyFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+    if f.policy.len() > 64 {
+        return Err(err(format!(
+            "{} policies; at most 64 are supported",
+            f.policy.len()
+        )));
+    }
     let mut names = std::collections::HashSet::new();
     for p in &f.policy {
         if p.name.trim().is_empty() || !names.insert(p.name.clone()) {
@@ -194,7 +200,8 @@ pub struct Policies {
     pub list: Vec<Policy>,
     signals: Vec<Vec<SignalKind>>,
     window_ms: i64,
-    state: FxHashMap<(std::sync::Arc<str>, usize), Track>,
+    /// Per token, one track per policy; a token enters on its first matching window.
+    state: FxHashMap<std::sync::Arc<str>, Vec<Track>>,
 }
 
 impl Policies {
@@ -228,19 +235,31 @@ impl Policies {
     /// Judge one scored window (windows of a token arrive in start order).
     pub fn judge(&mut self, s: &WindowScore) -> Vec<Decision> {
         let mut out = Vec::new();
-        for i in 0..self.list.len() {
-            let hit = self.matches(i, s);
-            let key = (s.token.clone(), i);
-            if !hit && !self.state.contains_key(&key) {
+        let n = self.list.len();
+        // One look-up per window; most windows match nothing for a token never matched.
+        let mut hits = 0u64;
+        for i in 0..n.min(64) {
+            if self.matches(i, s) {
+                hits |= 1 << i;
+            }
+        }
+        let tracks = if hits == 0 {
+            match self.state.get_mut(&*s.token) {
+                Some(t) => t,
+                None => return out,
+            }
+        } else {
+            self.state
+                .entry(s.token.clone())
+                .or_insert_with(|| vec![Track::default(); n])
+        };
+        for (i, t) in tracks.iter_mut().enumerate() {
+            if hits & (1 << i) == 0 {
+                t.streak = 0;
                 continue;
             }
             let window_ms = self.window_ms;
             let (need, cooldown) = (self.list[i].consecutive_windows, self.list[i].cooldown.ms);
-            let t = self.state.entry(key).or_default();
-            if !hit {
-                t.streak = 0;
-                continue;
-            }
             let adjacent = t.streak > 0 && s.start == t.last_start.saturating_add(window_ms);
             t.streak = if adjacent { t.streak + 1 } else { 1 };
             t.last_start = s.start;
