@@ -275,6 +275,12 @@ pub fn explain(
             "mean latency {:.0} ms; usually {:.0} ms",
             s.observed, s.expected
         ),
+        EndpointMix if s.item != 0 => format!(
+            "{:.0} calls to {} in one window; {:.1} expected from its usual share",
+            s.observed,
+            name_or(names, s.item, "endpoint"),
+            s.expected
+        ),
         EndpointMix => format!(
             "endpoint and geo mix {:.2} away from the token's usual (typically {:.2})",
             s.observed, s.expected

@@ -7,7 +7,7 @@ use rustc_hash::FxHashMap;
 
 use super::codec::{Reader, Writer};
 use super::sketch::{Bloom, TopK};
-use super::{feature, BetaPrior, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
+use super::{feature, tail, BetaPrior, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::window::{fold, WindowAgg};
 
@@ -57,6 +57,9 @@ pub struct EndpointModel {
     explore_half_life_min: f64,
 }
 
+/// Calls to one endpoint in a window before a burst on it is judged.
+pub const BURST_MIN_CALLS: u32 = 10;
+
 /// Index of endpoints in [`Global::novelty`](super::Global).
 pub const NOVELTY_INDEX: usize = 4;
 
@@ -70,6 +73,40 @@ impl EndpointModel {
             },
             min_windows: cfg.novelty.min_windows,
             explore_half_life_min: (cfg.novelty.explore_half_life.ms as f64 / 60_000.0).max(1.0),
+        }
+    }
+
+    /// A burst on one known endpoint (quota abuse, pagination scraping, ID enumeration):
+    /// its share of the window's calls against its share of the token's history. The
+    /// binomial tail is taken with the usual share widened (x1.5 + 2 points) and only for at
+    /// least `BURST_MIN_CALLS` calls at twice the usual share, because shares of real
+    /// traffic wander more than independent draws would. Reported as `endpoint_mix`, with
+    /// the endpoint as its item.
+    fn burst(&self, st: &EndpointState, w: &WindowAgg, out: &mut Scratch) {
+        let n = w.count as u64;
+        let total = st.top.total() as f64;
+        if n < BURST_MIN_CALLS as u64 || total <= 0.0 {
+            return;
+        }
+        let mut best: Option<(f64, u32, f64, u64)> = None;
+        for &(k, c) in &w.endpoints.items {
+            if c < BURST_MIN_CALLS || !st.known.contains(k) {
+                continue;
+            }
+            let usual = st.top.count(fold(k)) as f64 / total;
+            if (c as f64) < 2.0 * usual * n as f64 {
+                continue;
+            }
+            let widened = (1.5 * usual + 0.02).min(0.999);
+            let p = tail::binomial_at_least(c as u64, n, widened);
+            if best.is_none_or(|b| p < b.0) {
+                best = Some((p, c, usual, k));
+            }
+        }
+        if let Some((p, c, usual, k)) = best {
+            out.push(
+                Signal::new(SignalKind::EndpointMix, c as f64, usual * n as f64, p).with_item(k),
+            );
         }
     }
 
@@ -90,6 +127,7 @@ impl Model for EndpointModel {
         if (ctx.windows as f64) < self.min_windows {
             return; // a young token is still discovering its endpoints
         }
+        self.burst(st, w, out);
 
         let mut new_calls = 0u32;
         let mut first_new = 0u64;

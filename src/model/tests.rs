@@ -483,3 +483,34 @@ fn peers_group_similar_tokens() {
     assert_eq!(distance(&a, &b), 1.0);
     assert_eq!(distance(&a, &a), 0.0);
 }
+
+#[test]
+fn a_burst_on_one_endpoint_stands_out_when_the_total_would_not() {
+    let env = Env::new();
+    let m = endpoints::EndpointModel::new(&env.cfg);
+    let hist = history(5, 14 * 1440);
+    let st = train(&m, &env, &hist);
+    let n = hist.len() as u32;
+    let at = T0 + 14 * 86_400_000 + 10 * 3_600_000;
+    let burst_p = |w: &WindowAgg| {
+        let mut sc = Scratch::default();
+        m.score(&st, w, &env.ctx(w.start, n), &mut sc);
+        sc.signals
+            .iter()
+            .find(|s| s.kind == SignalKind::EndpointMix)
+            .map_or(1.0, |s| s.p)
+    };
+    // 15 calls spread as usual over its three endpoints: nothing.
+    let usual = window(at, 15, &["/v1/orders", "/v1/orders/{id}", "/v1/products"]);
+    assert_eq!(burst_p(&usual), 1.0);
+    // 30 calls, 28 of them to one endpoint (a third of its usual traffic): a burst on it.
+    let mut odd = window(at, 2, &["/v1/orders"]);
+    let one = window(at, 28, &["/v1/products"]);
+    odd.count += one.count;
+    for &(k, c) in &one.endpoints.items {
+        for _ in 0..c {
+            odd.endpoints.add(k);
+        }
+    }
+    assert!(burst_p(&odd) < 1e-3, "{}", burst_p(&odd));
+}
