@@ -481,53 +481,50 @@ impl Shard {
                 )
             });
         }
-        let mut risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
-        if moving_for > 0 && !adopted {
-            // Alerts on a move decay while it lasts (half-life a third of the adoption
-            // time): flagged when it starts, not paging for the rest of the day. An addition
-            // resets the move, so it speaks at full strength again.
-            let half = (cfg.score.adopt_move_after.ms as f64 / 60_000.0 / 3.0).max(1.0);
-            let factor = 0.5f64.powf(moving_for as f64 / half);
-            let mask = [
-                SignalKind::NewCountry,
-                SignalKind::NewAsn,
-                SignalKind::NewPrefix,
-            ]
-            .iter()
-            .fold(0u32, |m, k| m | 1 << k.index());
-            risk = score::damp(&mut scratch.signals, mask, factor, &cfg.score);
-        }
+        let fb = st.feedback;
+        let scaling = score::Scaling {
+            // Alerts on a move decay while it lasts (half-life: the adoption time): flagged
+            // when it starts, quieter as it goes on. An addition resets the move, so it speaks
+            // at full strength again.
+            moving: (moving_for > 0 && !adopted).then(|| {
+                let half = (cfg.score.adopt_move_after.ms as f64 / 60_000.0).max(1.0);
+                let mask = [
+                    SignalKind::NewCountry,
+                    SignalKind::NewAsn,
+                    SignalKind::NewPrefix,
+                ]
+                .iter()
+                .fold(0u32, |m, k| m | 1 << k.index());
+                (mask, 0.5f64.powf(moving_for as f64 / half))
+            }),
+            damped: (fb.damp_mask != 0 && agg.start < fb.damp_until)
+                .then_some((fb.damp_mask, cfg.feedback.damp_factor)),
+        };
+        let mut risk = score::risk(&mut scratch.signals, &scaling, &cfg.score, &cfg.weights);
         if let (Some(iso), false) = (&global.isolation, silent) {
             // The forest is the costliest model; it is consulted only where the most it can
-            // add (its smallest tail probability) could lift the window past 1% risk.
+            // add (its smallest tail probability) could matter.
             let most =
                 score::evidence(SignalKind::Isolation, iso.min_p(), &cfg.score, &cfg.weights);
             if st.windows >= 10
                 && !IsolationModel::is_ordinary(&scratch.features)
-                && score::logit(risk) + most >= score::logit(1.0)
+                && score::worth_consulting(risk, most)
             {
                 let (s, p) = iso.score(&scratch.features);
                 scratch.push(Signal::new(SignalKind::Isolation, s, 0.5, p));
-                risk = score::combine(&mut scratch.signals, &cfg.score, &cfg.weights);
+                risk = score::risk(&mut scratch.signals, &scaling, &cfg.score, &cfg.weights);
             }
         }
-        let fb = st.feedback;
-        if fb.damp_mask != 0 && agg.start < fb.damp_until {
-            risk = score::damp(
-                &mut scratch.signals,
-                fb.damp_mask,
-                cfg.feedback.damp_factor,
-                &cfg.score,
-            );
-        }
-        let alert = risk >= cfg.score.alert_risk;
+        let alert = score::alerts(risk, &cfg.score);
         let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
         let held = agg.start < fb.hold_until;
-        let learned = if held {
-            risk < cfg.feedback.hold_learn_below
-        } else {
-            risk < cfg.score.learn_max_risk || young || adopted
-        };
+        let learned = score::learned(
+            risk,
+            &cfg.score,
+            young,
+            adopted,
+            held.then_some(cfg.feedback.hold_learn_below),
+        );
         self.models.track(st, agg, &ctx, held, scratch);
         if learned && silent {
             self.models.rate.learn(&mut st.rate, agg, &ctx);

@@ -37,14 +37,7 @@ use crate::window::{country_name, prefix_name, Names};
 /// assert!(signals[0].evidence > 0.0);
 /// ```
 pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> f64 {
-    let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
-    for s in signals.iter_mut() {
-        s.evidence = evidence(s.kind, s.p, cfg, weights);
-        logit += s.evidence;
-    }
-
-    signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
-    risk_of(logit)
+    risk(signals, &Scaling::default(), cfg, weights)
 }
 
 /// Risk (0..100) of posterior log-odds `l`: the posterior probability in percent up to 50,
@@ -57,19 +50,72 @@ pub fn risk_of(l: f64) -> f64 {
     }
 }
 
-/// Scale the evidence of the signals in `mask` (bit = position in [`SignalKind::ALL`]) by
-/// `factor` (operator feedback: a signal that raised repeated false alarms for a token is
-/// damped for it) and return the risk again, contributions re-sorted.
-pub fn damp(signals: &mut [Signal], mask: u32, factor: f64, cfg: &ScoreConfig) -> f64 {
+/// What the token's situation does to some signals' evidence (bits = positions in
+/// [`SignalKind::ALL`], factor applied to their evidence).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scaling {
+    /// A move under way: its novelty evidence decays while it lasts.
+    pub moving: Option<(u32, f64)>,
+    /// Operator feedback: signals that raised repeated false alarms for the token.
+    pub damped: Option<(u32, f64)>,
+}
+
+impl Scaling {
+    fn factor(&self, kind: SignalKind) -> f64 {
+        let bit = 1u32 << kind.index();
+        [self.moving, self.damped]
+            .into_iter()
+            .flatten()
+            .filter(|(mask, _)| mask & bit != 0)
+            .map(|(_, k)| k)
+            .product()
+    }
+}
+
+/// The risk of a window: every signal's evidence ([`evidence`]) times the token's
+/// [`Scaling`], added to the prior log-odds ([`risk_of`]); fills each signal's `evidence` and
+/// sorts the signals by it, largest first. The one function from signals to risk that every
+/// door's windows go through.
+pub fn risk(
+    signals: &mut [Signal],
+    scaling: &Scaling,
+    cfg: &ScoreConfig,
+    weights: &Weights,
+) -> f64 {
     let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
     for s in signals.iter_mut() {
-        if mask & (1 << s.kind.index()) != 0 {
-            s.evidence *= factor;
-        }
+        s.evidence = evidence(s.kind, s.p, cfg, weights) * scaling.factor(s.kind);
         logit += s.evidence;
     }
     signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
     risk_of(logit)
+}
+
+/// Whether a costly model that can add at most `most` nats could lift a window at `risk`
+/// past 1% (below that it cannot change anything anyone sees).
+pub fn worth_consulting(risk: f64, most: f64) -> bool {
+    logit(risk) + most >= logit(1.0)
+}
+
+/// A window at this risk alerts.
+pub fn alerts(risk: f64, cfg: &ScoreConfig) -> bool {
+    risk >= cfg.alert_risk
+}
+
+/// Whether a window is learned into the token's baseline: below `learn-max-risk`, or the
+/// token is young, or the window completes a move being adopted; while an operator's
+/// true-positive hold is on, only calm windows (below `hold_learn_below`).
+pub fn learned(
+    risk: f64,
+    cfg: &ScoreConfig,
+    young: bool,
+    adopted: bool,
+    hold: Option<f64>,
+) -> bool {
+    match hold {
+        Some(below) => risk < below,
+        None => risk < cfg.learn_max_risk || young || adopted,
+    }
 }
 
 /// Evidence (nats) of one signal with tail probability `p`. Likelihood-ratio signals are
@@ -383,6 +429,34 @@ mod tests {
         for r in [0.01, 10.0, 50.0, 80.0, 99.5] {
             assert!((risk_of(logit(r)) - r).abs() < 1e-6, "{r}");
         }
+    }
+
+    #[test]
+    fn scaling_lowers_only_the_signals_it_names() {
+        let cfg = Config::default();
+        let signals = || {
+            vec![
+                Signal::new(SignalKind::NewCountry, 1.0, 1e-4, 1e-6),
+                Signal::new(SignalKind::Rate, 9.0, 1.0, 1e-6),
+            ]
+        };
+        let bit = 1 << SignalKind::NewCountry.index();
+        let mut plain = signals();
+        let mut damped = signals();
+        let r0 = combine(&mut plain, &cfg.score, &cfg.weights);
+        let half = Scaling {
+            moving: None,
+            damped: Some((bit, 0.5)),
+        };
+        let r1 = risk(&mut damped, &half, &cfg.score, &cfg.weights);
+        assert!(r0 > r1, "{r0} {r1}");
+        let ev = |v: &[Signal], k| v.iter().find(|s| s.kind == k).unwrap().evidence;
+        assert_eq!(ev(&plain, SignalKind::Rate), ev(&damped, SignalKind::Rate));
+        let (a, b) = (
+            ev(&damped, SignalKind::NewCountry),
+            ev(&plain, SignalKind::NewCountry),
+        );
+        assert!((a * 2.0 - b).abs() < 1e-9);
     }
 
     #[test]

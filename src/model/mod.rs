@@ -35,7 +35,7 @@ pub struct Signal {
     pub expected: f64,
     /// Tail probability under the token's model (1 = nothing unusual).
     pub p: f64,
-    /// Evidence in nats, filled in by `score::combine`.
+    /// Evidence in nats, filled in by `score::risk`.
     pub evidence: f64,
     /// The item involved (country, ASN, prefix, endpoint key), 0 if none.
     pub item: u64,
