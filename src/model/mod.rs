@@ -647,36 +647,7 @@ impl TokenState {
 
 /// Upper-tail probability helpers shared by the models (statrs distributions).
 pub mod tail {
-    use statrs::distribution::{
-        Binomial, ContinuousCDF, DiscreteCDF, NegativeBinomial, Normal, Poisson,
-    };
-
-    /// P(X >= k) for a count with this mean and variance: Poisson when the variance is
-    /// at most the mean, negative binomial (over-dispersed) otherwise. Only computed
-    /// beyond mean + 2 sd; closer in, the tail is well above any alerting level and 1 is
-    /// returned, which keeps the common case cheap.
-    pub fn count_at_least(k: f64, mean: f64, var: f64) -> f64 {
-        let mean = mean.max(1e-3);
-        let var = var.max(mean);
-        if k <= mean + 2.0 * var.sqrt() || k < 1.0 {
-            return 1.0;
-        }
-        let k = k.floor() as u64;
-        let p = if var <= mean * 1.000_001 {
-            Poisson::new(mean).map(|d| d.sf(k - 1)).unwrap_or(1.0)
-        } else {
-            let r = mean * mean / (var - mean);
-            let prob = r / (r + mean);
-            NegativeBinomial::new(r, prob)
-                .map(|d| d.sf(k - 1))
-                .unwrap_or(1.0)
-        };
-        if p.is_nan() {
-            1.0
-        } else {
-            p
-        }
-    }
+    use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
 
     /// P(X >= k) for X ~ Binomial(n, p), computed only where it can be small.
     pub fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
@@ -708,16 +679,6 @@ pub mod tail {
     #[cfg(test)]
     mod tests {
         use super::*;
-
-        #[test]
-        fn low_volume_is_calm() {
-            // 3 calls where 1 is usual is not an incident.
-            assert!(count_at_least(3.0, 1.0, 1.0) > 0.05);
-            // 40 where 5 is usual is.
-            assert!(count_at_least(40.0, 5.0, 5.0) < 1e-10);
-            // Over-dispersion widens the tail.
-            assert!(count_at_least(20.0, 5.0, 50.0) > count_at_least(20.0, 5.0, 5.0));
-        }
 
         #[test]
         fn binomial_and_normal() {

@@ -108,7 +108,6 @@ pub struct Expectation {
 pub struct RateModel {
     recent_alpha: f64,
     level_alpha: f64,
-    tail_alpha: f64,
     season_days: f64,
     min_expected: f64,
     warmup: f64,
@@ -125,7 +124,6 @@ impl RateModel {
         RateModel {
             recent_alpha: Ewma::alpha(r.short_half_life),
             level_alpha: Ewma::alpha(r.long_half_life),
-            tail_alpha: Ewma::alpha(r.long_half_life),
             season_days: r.season_half_life.ms as f64 / 86_400_000.0,
             min_expected: r.min_expected,
             warmup: r.warmup_windows.max(1.0),
@@ -251,9 +249,9 @@ impl RateModel {
         // Nor while an operator-confirmed incident holds the token.
         if !held && ctx.start - ctx.first_seen >= 86_400_000 {
             if z >= 0.0 {
-                st.up.update(z, self.tail_alpha);
+                st.up.update(z, self.level_alpha);
             } else {
-                st.down.update(-z, self.tail_alpha);
+                st.down.update(-z, self.level_alpha);
             }
         }
         let side: i16 = if p < ctx.cfg.score.quiet_p {
