@@ -425,6 +425,7 @@ impl Shard {
         // A move (new place, the old one absent) that has lasted is adopted: its windows
         // no longer count the new place as new and are learned with it trusted at once.
         // An addition never is.
+        let held = agg.start < st.feedback.hold_until;
         let mut adopted = false;
         // Minutes a move to this window's new place has lasted (0: none under way).
         let mut moving_for = 0u32;
@@ -447,10 +448,7 @@ impl Shard {
                     } else {
                         true
                     };
-                    if agg.start >= st.feedback.hold_until
-                        && journey
-                        && now.saturating_sub(c.since) >= after
-                    {
+                    if !held && journey && now.saturating_sub(c.since) >= after {
                         adopted = true;
                     }
                 }
@@ -474,12 +472,7 @@ impl Shard {
             self.models.score(st, agg, &ctx, scratch);
         }
         if adopted {
-            scratch.signals.retain(|s| {
-                !matches!(
-                    s.kind,
-                    SignalKind::NewCountry | SignalKind::NewAsn | SignalKind::NewPrefix
-                )
-            });
+            scratch.signals.retain(|s| !PLACE.contains(&s.kind));
         }
         let fb = st.feedback;
         let scaling = score::Scaling {
@@ -488,13 +481,7 @@ impl Shard {
             // at full strength again.
             moving: (moving_for > 0 && !adopted).then(|| {
                 let half = (cfg.score.adopt_move_after.ms as f64 / 60_000.0).max(1.0);
-                let mask = [
-                    SignalKind::NewCountry,
-                    SignalKind::NewAsn,
-                    SignalKind::NewPrefix,
-                ]
-                .iter()
-                .fold(0u32, |m, k| m | 1 << k.index());
+                let mask = PLACE.iter().fold(0u32, |m, k| m | 1 << k.index());
                 (mask, 0.5f64.powf(moving_for as f64 / half))
             }),
             damped: (fb.damp_mask != 0 && agg.start < fb.damp_until)
@@ -517,7 +504,6 @@ impl Shard {
         }
         let alert = score::alerts(risk, &cfg.score);
         let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
-        let held = agg.start < fb.hold_until;
         let learned = score::learned(
             risk,
             &cfg.score,
@@ -600,6 +586,13 @@ impl Shard {
 fn is_late(start: i64, w: i64, closed: i64) -> bool {
     start.saturating_add(w) <= closed
 }
+
+/// The signals of a new place: what a move changes and an adopted move no longer counts.
+const PLACE: [SignalKind; 3] = [
+    SignalKind::NewCountry,
+    SignalKind::NewAsn,
+    SignalKind::NewPrefix,
+];
 
 /// Quarantined windows kept per token for feedback, at most.
 const MAX_HELD: usize = 64;
