@@ -189,6 +189,9 @@ pub struct ScoreConfig {
     /// A new country is a move (not an addition) only if the token's known place went quiet
     /// at least this long before it.
     pub min_travel_gap: Duration,
+    /// Half-life, in windows, of a token's own distribution of surprise (what its ordinary
+    /// windows look like), against which each window's statistical evidence is calibrated.
+    pub calibration_windows: f64,
 }
 
 /// `[weights]`: one weight per signal, named as the signal.
@@ -495,6 +498,9 @@ impl Config {
         }
         if !(0.0..=100.0).contains(&self.score.learn_max_risk) {
             return bad("score.learn-max-risk", "must be in 0..=100");
+        }
+        if self.score.calibration_windows.is_nan() || self.score.calibration_windows < 1.0 {
+            return bad("score.calibration-windows", "must be >= 1");
         }
         for s in SignalKind::ALL {
             let v = self.weights.get(s);

@@ -22,9 +22,10 @@ use crate::event::col;
 use crate::model::isolation::{IsolationModel, Reservoir};
 use crate::model::peers::NO_GROUP;
 use crate::model::registry::Registry;
-use crate::model::sketch::mix;
+use crate::model::sketch::{mix, Ewma};
 use crate::model::{
-    Ctx, Global, Model, Models, RefitPartial, Scratch, Signal, SignalKind, TokenState,
+    Ctx, FeedbackState, Global, Model, Models, RefitPartial, Scratch, Signal, SignalKind,
+    TokenState,
 };
 use crate::score;
 use crate::window::{text_key, window_start, EventRef, Names, WindowAgg};
@@ -425,7 +426,7 @@ impl Shard {
         // A move (new place, the old one absent) that has lasted is adopted: its windows
         // no longer count the new place as new and are learned with it trusted at once.
         // An addition never is.
-        let held = agg.start < st.feedback.hold_until;
+        let held = st.feedback.held_at(agg.start);
         let mut adopted = false;
         // Minutes a move to this window's new place has lasted (0: none under way).
         let mut moving_for = 0u32;
@@ -484,10 +485,12 @@ impl Shard {
                 let mask = PLACE.iter().fold(0u32, |m, k| m | 1 << k.index());
                 (mask, 0.5f64.powf(moving_for as f64 / half))
             }),
-            damped: (fb.damp_mask != 0 && agg.start < fb.damp_until)
+            damped: fb
+                .damped_at(agg.start)
                 .then_some((fb.damp_mask, cfg.feedback.damp_factor)),
+            calibration: Some(st.surprise.0),
         };
-        let mut risk = score::risk(&mut scratch.signals, &scaling, &cfg.score, &cfg.weights);
+        let mut r = score::risk(&mut scratch.signals, &scaling, &cfg.score, &cfg.weights);
         if let (Some(iso), false) = (&global.isolation, silent) {
             // The forest is the costliest model; it is consulted only where the most it can
             // add (its smallest tail probability) could matter.
@@ -495,13 +498,14 @@ impl Shard {
                 score::evidence(SignalKind::Isolation, iso.min_p(), &cfg.score, &cfg.weights);
             if st.windows >= 10
                 && !IsolationModel::is_ordinary(&scratch.features)
-                && score::worth_consulting(risk, most)
+                && score::worth_consulting(r.risk, most)
             {
                 let (s, p) = iso.score(&scratch.features);
                 scratch.push(Signal::new(SignalKind::Isolation, s, 0.5, p));
-                risk = score::risk(&mut scratch.signals, &scaling, &cfg.score, &cfg.weights);
+                r = score::risk(&mut scratch.signals, &scaling, &cfg.score, &cfg.weights);
             }
         }
+        let risk = r.risk;
         let alert = score::alerts(risk, &cfg.score);
         let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
         let learned = score::learned(
@@ -511,6 +515,13 @@ impl Shard {
             adopted,
             held.then_some(cfg.feedback.hold_learn_below),
         );
+        // The token's own distribution of surprise learns from its ordinary (learned)
+        // windows, not in its first day (everything is new then).
+        if learned && agg.start - st.first_seen >= 86_400_000 {
+            st.surprise
+                .0
+                .update(r.surprise, Ewma::alpha(cfg.score.calibration_windows));
+        }
         self.models.track(st, agg, &ctx, held, scratch);
         if learned && silent {
             self.models.rate.learn(&mut st.rate, agg, &ctx);
@@ -662,10 +673,9 @@ impl Shard {
         let fb = &mut slot.state.feedback;
         match verdict {
             Verdict::TruePositive => {
-                fb.hold_until = fb
-                    .hold_until
-                    .max(to.saturating_add(cfg.feedback.hold_for.ms));
-                effect.hold_until = Some(fb.hold_until);
+                let until = to.saturating_add(cfg.feedback.hold_for.ms);
+                fb.hold_until = fb.hold_until.max(FeedbackState::minutes(until));
+                effect.hold_until = Some(fb.hold_until as i64 * 60_000);
             }
             Verdict::FalsePositive | Verdict::ExpectedChange => {
                 if verdict == Verdict::FalsePositive {
@@ -675,9 +685,8 @@ impl Shard {
                         if *n >= cfg.feedback.damp_after {
                             *n = 0;
                             fb.damp_mask |= 1 << s.index();
-                            fb.damp_until = fb
-                                .damp_until
-                                .max(to.saturating_add(cfg.feedback.damp_for.ms));
+                            let until = to.saturating_add(cfg.feedback.damp_for.ms);
+                            fb.damp_until = fb.damp_until.max(FeedbackState::minutes(until));
                             effect.damped.push(s);
                         }
                     }

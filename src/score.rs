@@ -19,6 +19,7 @@
 use crate::config::{ScoreConfig, Weights};
 use crate::event::fmt_ts;
 use crate::model::registry::RegistryEntry;
+use crate::model::sketch::Tail;
 use crate::model::{Signal, SignalKind};
 use crate::window::{country_name, prefix_name, Names};
 
@@ -37,7 +38,16 @@ use crate::window::{country_name, prefix_name, Names};
 /// assert!(signals[0].evidence > 0.0);
 /// ```
 pub fn combine(signals: &mut [Signal], cfg: &ScoreConfig, weights: &Weights) -> f64 {
-    risk(signals, &Scaling::default(), cfg, weights)
+    risk(signals, &Scaling::default(), cfg, weights).risk
+}
+
+/// A window's risk and the raw statistical surprise its token's calibration learns from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Risk {
+    /// Risk 0..=100.
+    pub risk: f64,
+    /// Evidence (nats) of the calibrated signals before calibration.
+    pub surprise: f64,
 }
 
 /// Risk (0..100) of posterior log-odds `l`: the posterior probability in percent up to 50,
@@ -58,6 +68,8 @@ pub struct Scaling {
     pub moving: Option<(u32, f64)>,
     /// Operator feedback: signals that raised repeated false alarms for the token.
     pub damped: Option<(u32, f64)>,
+    /// The token's own distribution of surprise (see [`calibrate`]).
+    pub calibration: Option<Tail>,
 }
 
 impl Scaling {
@@ -81,14 +93,39 @@ pub fn risk(
     scaling: &Scaling,
     cfg: &ScoreConfig,
     weights: &Weights,
-) -> f64 {
-    let mut logit = (cfg.prior / (1.0 - cfg.prior)).ln();
+) -> Risk {
+    let mut surprise = 0.0;
     for s in signals.iter_mut() {
         s.evidence = evidence(s.kind, s.p, cfg, weights) * scaling.factor(s.kind);
-        logit += s.evidence;
+        if s.kind.is_calibrated() {
+            surprise += s.evidence;
+        }
     }
+    if let Some(t) = &scaling.calibration {
+        if surprise > 0.0 {
+            let k = calibrate(surprise, t) / surprise;
+            for s in signals.iter_mut().filter(|s| s.kind.is_calibrated()) {
+                s.evidence *= k;
+            }
+        }
+    }
+    let logit =
+        (cfg.prior / (1.0 - cfg.prior)).ln() + signals.iter().map(|s| s.evidence).sum::<f64>();
     signals.sort_by(|a, b| b.evidence.total_cmp(&a.evidence).then(a.kind.cmp(&b.kind)));
-    risk_of(logit)
+    Risk {
+        risk: risk_of(logit),
+        surprise,
+    }
+}
+
+/// Statistical evidence `e` (nats) as the token's own history of ordinary windows `t` makes
+/// it: what lies past the level those windows reach one time in ten (the tail's quantile).
+/// A steady token (level 0) keeps its evidence as it is; a token whose ordinary windows
+/// often carry a few nats of surprise needs that much more before it speaks. Only the level
+/// is taken off, not the spread: dividing by how far its odd windows usually go was tried and
+/// lost more incidents than false alarms (README, calibration).
+pub fn calibrate(e: f64, t: &Tail) -> f64 {
+    (e - (t.u as f64).max(0.0)).max(0.0)
 }
 
 /// Whether a costly model that can add at most `most` nats could lift a window at `risk`
@@ -447,8 +484,9 @@ mod tests {
         let half = Scaling {
             moving: None,
             damped: Some((bit, 0.5)),
+            ..Default::default()
         };
-        let r1 = risk(&mut damped, &half, &cfg.score, &cfg.weights);
+        let r1 = risk(&mut damped, &half, &cfg.score, &cfg.weights).risk;
         assert!(r0 > r1, "{r0} {r1}");
         let ev = |v: &[Signal], k| v.iter().find(|s| s.kind == k).unwrap().evidence;
         assert_eq!(ev(&plain, SignalKind::Rate), ev(&damped, SignalKind::Rate));
@@ -469,5 +507,56 @@ mod tests {
             explain(&s, 0, &names, None),
             "first call from BR; token seen only from DE"
         );
+    }
+
+    /// A token whose ordinary windows often carry surprise needs more of it to page than a
+    /// steady one; facts (scope) are never calibrated away, and a steady token is unchanged.
+    #[test]
+    fn calibration_per_token() {
+        let cfg = Config::default();
+        let window = || {
+            vec![
+                Signal::new(SignalKind::Rate, 40.0, 5.0, 1e-8),
+                Signal::new(SignalKind::BytesOut, 9e6, 1e5, 1e-6),
+            ]
+        };
+        let steady = crate::model::SurpriseState::default().0;
+        let mut noisy = steady;
+        for i in 0..3000 {
+            // One ordinary window in four carries a few nats of surprise.
+            noisy.update(if i % 4 == 0 { 6.0 } else { 0.0 }, 1e-3);
+        }
+        let with = |t: Tail, mut v: Vec<Signal>| {
+            let sc = Scaling {
+                calibration: Some(t),
+                ..Default::default()
+            };
+            let r = risk(&mut v, &sc, &cfg.score, &cfg.weights);
+            (r, v)
+        };
+        let plain = combine(&mut window(), &cfg.score, &cfg.weights);
+        let (s, _) = with(steady, window());
+        let (n, nv) = with(noisy, window());
+        assert_eq!(s.risk, plain);
+        assert!(n.risk < s.risk, "{n:?} {s:?}");
+        // The raw surprise the calibration learns from is the same either way.
+        assert_eq!(n.surprise, s.surprise);
+        assert!(nv.iter().all(|x| x.evidence >= 0.0));
+        // More evidence still ranks higher on the noisy token.
+        let (n2, _) = with(
+            noisy,
+            vec![
+                Signal::new(SignalKind::Rate, 80.0, 5.0, 1e-12),
+                Signal::new(SignalKind::BytesOut, 9e6, 1e5, 1e-6),
+            ],
+        );
+        assert!(n2.risk > n.risk);
+        // A scope violation is a fact: calibration does not touch it.
+        let fact = || vec![Signal::new(SignalKind::ScopeViolation, 2.0, 0.0, 1e-7)];
+        assert_eq!(
+            with(noisy, fact()).0.risk,
+            combine(&mut fact(), &cfg.score, &cfg.weights)
+        );
+        assert!(calibrate(3.0, &steady) == 3.0 && calibrate(3.0, &noisy) < 3.0);
     }
 }

@@ -94,6 +94,25 @@ impl SignalKind {
         matches!(self, SignalKind::Seasonal | SignalKind::EndpointRarity)
     }
 
+    /// Statistical signals, whose evidence is calibrated to the token's own history of
+    /// surprise (see `score::calibrate`); novelty and registry facts are not.
+    pub fn is_calibrated(self) -> bool {
+        use SignalKind::*;
+        matches!(
+            self,
+            Rate | Seasonal
+                | AuthErrors
+                | RateLimited
+                | ServerErrors
+                | ClientErrors
+                | BytesOut
+                | Latency
+                | EndpointMix
+                | PeerDistance
+                | Isolation
+        )
+    }
+
     /// Position in [`SignalKind::ALL`].
     pub fn index(self) -> usize {
         self as usize

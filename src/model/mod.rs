@@ -461,6 +461,8 @@ pub struct TokenState {
     pub change: ChangeState,
     /// What operators said about this token's alerts.
     pub feedback: FeedbackState,
+    /// How odd this token's ordinary windows are.
+    pub surprise: SurpriseState,
 }
 
 /// A lasting change of place under way: the key of the new place and when (minutes since
@@ -484,14 +486,49 @@ pub struct FeedbackState {
     pub false_alarms: [u8; 21],
     /// Signals damped (bit per signal) until `damp_until`.
     pub damp_mask: u32,
-    /// Event time the damping ends.
-    pub damp_until: i64,
-    /// A confirmed incident: no window of this token is learned before this event time.
-    pub hold_until: i64,
+    /// Event time the damping ends (minutes since the epoch).
+    pub damp_until: u32,
+    /// A confirmed incident: no window of this token is learned before this event time
+    /// (minutes since the epoch).
+    pub hold_until: u32,
+}
+
+impl FeedbackState {
+    /// An event time (ms) as the minutes these fields hold, rounded up so a deadline is
+    /// never earlier than asked.
+    pub fn minutes(ms: i64) -> u32 {
+        (ms.max(0) as u64).div_ceil(60_000).min(u32::MAX as u64) as u32
+    }
+
+    /// Whether an operator-confirmed incident holds the token at event time `ms`.
+    pub fn held_at(&self, ms: i64) -> bool {
+        ms < self.hold_until as i64 * 60_000
+    }
+
+    /// Whether the damped signals are damped at event time `ms`.
+    pub fn damped_at(&self, ms: i64) -> bool {
+        self.damp_mask != 0 && ms < self.damp_until as i64 * 60_000
+    }
+}
+
+/// A token's own distribution of statistical surprise (evidence in nats per window), against
+/// which its windows are calibrated (`score::calibrate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SurpriseState(pub sketch::Tail);
+
+/// Prior spread (nats) of a token's surprise past its ordinary level, before its own windows
+/// have moved it (it sets how fast the level is learned).
+pub const MIN_SPREAD: f64 = 1.0;
+
+impl Default for SurpriseState {
+    /// Calm: level 0, spread [`MIN_SPREAD`].
+    fn default() -> Self {
+        SurpriseState(sketch::Tail::new(0.0, MIN_SPREAD as f32))
+    }
 }
 
 /// Version of the encoded [`TokenState`].
-pub const STATE_VERSION: u8 = 3;
+pub const STATE_VERSION: u8 = 4;
 
 /// All per-token models, built from the configuration.
 #[derive(Debug, Clone)]
@@ -593,8 +630,9 @@ impl TokenState {
             w.u8(n);
         }
         w.u32(self.feedback.damp_mask);
-        w.i64(self.feedback.damp_until);
-        w.i64(self.feedback.hold_until);
+        w.u32(self.feedback.damp_until);
+        w.u32(self.feedback.hold_until);
+        self.surprise.0.encode(w);
     }
 
     /// Read back what [`TokenState::encode`] wrote; the whole buffer must be used.
@@ -633,10 +671,11 @@ impl TokenState {
                 FeedbackState {
                     false_alarms,
                     damp_mask: r.u32()?,
-                    damp_until: r.i64()?,
-                    hold_until: r.i64()?,
+                    damp_until: r.u32()?,
+                    hold_until: r.u32()?,
                 }
             },
+            surprise: SurpriseState(sketch::Tail::decode(&mut r)?),
         };
         if r.remaining() != 0 {
             return Err(DecodeError::Trailing(r.remaining()));

@@ -314,13 +314,17 @@ impl Model for RateModel {
         let lim = 2.5 * (noise * st.disp as f64).sqrt();
         let err = (y - pred).clamp(-lim, lim);
         let n = st.n as f64;
-        let a_level = self.level_alpha.max(1.0 / (n + 1.0));
+        // While the history is short, an average that weighs windows by their age in it
+        // (the rate 2/(n+2)) rather than a plain one: the first guesses, made before the
+        // factors knew the rhythm, fade instead of staying in the mean for weeks.
+        let a_level = self.level_alpha.max(2.0 / (n + 2.0));
         let per_day = (86_400_000.0 / ctx.window_ms as f64).max(1.0);
         // A factor is updated once per window of its hour (weekday): its half-life is
-        // `season-half-life` of those updates, and plain averaging while they are few.
+        // `season-half-life` of those updates, and the same age-weighted average as the
+        // level's while they are few.
         let days = n / per_day;
         let a_day =
-            Ewma::alpha(self.season_days * per_day / 24.0).max(1.0 / (days * per_day / 24.0 + 2.0));
+            Ewma::alpha(self.season_days * per_day / 24.0).max(2.0 / (days * per_day / 24.0 + 3.0));
         // A weekday factor sees its weekday's windows in one run a week: it must learn within
         // that run (half-life: one day of windows, so a single odd day, a holiday, moves it
         // half way and the next ordinary one mostly back).

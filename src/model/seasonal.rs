@@ -23,8 +23,9 @@ const HOUR_MS: i64 = 3_600_000;
 pub struct SeasonalState {
     /// Counts of learned windows per bucket.
     pub active: [u8; HOURS],
-    /// Exposure is counted from here (0: from the token's first window).
-    pub since: i64,
+    /// Exposure is counted from here, in hours since the epoch (0: from the token's first
+    /// window).
+    pub since: u32,
 }
 
 impl Default for SeasonalState {
@@ -41,7 +42,7 @@ impl SeasonalState {
         if self.since == 0 {
             first_seen
         } else {
-            self.since.max(first_seen)
+            (self.since as i64 * HOUR_MS).max(first_seen)
         }
     }
 }
@@ -153,7 +154,7 @@ impl Model for SeasonalModel {
             }
             let first = st.start(ctx.first_seen);
             let half = (ctx.start - first).max(0) / 2;
-            st.since = (first + half).div_euclid(HOUR_MS) * HOUR_MS;
+            st.since = (first + half).div_euclid(HOUR_MS).clamp(0, u32::MAX as i64) as u32;
         }
         st.active[b] += 1;
     }
@@ -162,7 +163,7 @@ impl Model for SeasonalModel {
         for a in &st.active {
             w.u8(*a);
         }
-        w.i64(st.since);
+        w.u32(st.since);
     }
 
     fn decode(r: &mut Reader) -> Result<SeasonalState, DecodeError> {
@@ -170,7 +171,7 @@ impl Model for SeasonalModel {
         for a in st.active.iter_mut() {
             *a = r.u8()?;
         }
-        st.since = r.i64()?;
+        st.since = r.u32()?;
         Ok(st)
     }
 }
