@@ -122,7 +122,8 @@ pub fn parse_ts(s: &str) -> Result<i64, String> {
                 }
             }
             Err(format!(
-                "{s:?} is neither RFC 3339 nor epoch milliseconds ({e})"
+                "{} is neither RFC 3339 nor epoch milliseconds ({e})",
+                crate::ingest::validate::shown(s)
             ))
         }
     }

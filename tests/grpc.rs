@@ -236,6 +236,72 @@ async fn malformed_events_are_rejected_one_by_one_with_index_field_and_reason() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_fields_are_rejected_with_the_field_named_and_never_reach_state() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client(Some(INGEST)).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let good = |k: i64| event(now - 3_600_000 + k, "tok-h", "10.0.0.1", "FR", 1, 200);
+    let with = |k: i64, f: &dyn Fn(&mut pb::Event)| {
+        let mut e = good(k);
+        f(&mut e);
+        e
+    };
+    let events = vec![
+        good(0),
+        with(1, &|e| {
+            e.endpoint = format!("/v1/{}", "a".repeat(1_000_000))
+        }),
+        with(2, &|e| e.scope = "s".repeat(1_000_000)),
+        with(3, &|e| e.env = "prod\u{1b}[31m".into()),
+        with(4, &|e| e.method = "FOOBARBAZ".into()),
+        with(5, &|e| e.latency_ms = Some(1e300)),
+        with(6, &|e| e.latency_ms = Some(f64::NAN)),
+        with(7, &|e| e.user_agent = "curl\n/8.0".into()),
+        with(8, &|e| e.token_id = "tok\u{0}x".into()),
+        with(9, &|e| e.method = "patch".into()),
+    ];
+    let r = c
+        .ingest(tokio_stream::iter(vec![pb::IngestRequest { events }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(u64, &str)> = r
+        .errors
+        .iter()
+        .map(|e| (e.index, e.field.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, "endpoint"),
+            (2, "scope"),
+            (3, "env"),
+            (4, "method"),
+            (5, "latency_ms"),
+            (6, "latency_ms"),
+            (7, "user_agent"),
+            (8, "token_id")
+        ],
+        "{r:?}"
+    );
+    assert_eq!(r.accepted, 2, "{r:?}");
+    assert!(
+        r.errors[0].reason.contains("more than 512"),
+        "{:?}",
+        r.errors[0]
+    );
+    assert!(
+        r.errors[2].reason.contains("control character"),
+        "{:?}",
+        r.errors[2]
+    );
+    // A reason never echoes a huge value back.
+    assert!(r.errors.iter().all(|e| e.reason.len() < 300), "{r:?}");
+    let summary = srv.stop().await;
+    assert_eq!(summary.stats.events + summary.stats.late, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_and_roles_give_the_right_codes() {
     let srv = TestServer::start().await;
     let req = || pb::GetTokenRiskRequest {

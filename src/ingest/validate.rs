@@ -130,7 +130,7 @@ fn as_u64(c: Cell<'_>) -> Result<Option<u64>, String> {
                         .map(|f| f as u64)
                 })
                 .map(Some)
-                .ok_or_else(|| format!("{s:?} is not an unsigned integer"))
+                .ok_or_else(|| format!("{} is not an unsigned integer", shown(s)))
         }
         Cell::UInt(v) => Ok(Some(v)),
         Cell::Int(v) if v >= 0 => Ok(Some(v as u64)),
@@ -148,10 +148,22 @@ fn as_f64(c: Cell<'_>) -> Result<Option<f64>, String> {
             .trim()
             .parse::<f64>()
             .map(Some)
-            .map_err(|_| format!("{s:?} is not a number")),
+            .map_err(|_| format!("{} is not a number", shown(s))),
         Cell::UInt(v) => Ok(Some(v as f64)),
         Cell::Int(v) => Ok(Some(v as f64)),
         Cell::Float(f) => Ok(Some(f)),
+    }
+}
+
+/// A value as an error message shows it: quoted, at most 40 characters (a hostile cell must
+/// not be echoed back whole).
+pub fn shown(s: &str) -> String {
+    let mut it = s.chars();
+    let head: String = it.by_ref().take(40).collect();
+    if it.next().is_some() {
+        format!("{head:?}... ({} bytes)", s.len())
+    } else {
+        format!("{head:?}")
     }
 }
 
@@ -191,38 +203,85 @@ pub mod field {
         }
     }
 
-    /// A token id: 1..=256 bytes.
-    pub fn token_id(token: &str) -> Result<(), String> {
-        if token.is_empty() {
-            return Err("token_id is empty".into());
+    /// Longest route template accepted (bytes).
+    pub const MAX_ENDPOINT_BYTES: usize = 512;
+    /// Longest user agent accepted (bytes).
+    pub const MAX_USER_AGENT_BYTES: usize = 512;
+    /// Longest scope accepted (bytes).
+    pub const MAX_SCOPE_BYTES: usize = 128;
+    /// Longest environment name accepted (bytes).
+    pub const MAX_ENV_BYTES: usize = 32;
+    /// Longest incident kind accepted (bytes, labelled data only).
+    pub const MAX_KIND_BYTES: usize = 64;
+    /// Largest response size accepted (1 TiB): beyond it a value is broken, not a response.
+    pub const MAX_BYTES_OUT: u64 = 1 << 40;
+    /// The HTTP methods (RFC 9110 and PATCH, RFC 5789).
+    pub const METHODS: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+
+    /// Text of a field: at most `max` bytes, printable (no control characters: they would
+    /// reach logs, consoles and CSV files as they are).
+    pub fn text(name: &str, s: &str, max: usize) -> Result<(), String> {
+        if s.len() > max {
+            return Err(format!("{name} is {} bytes, more than {max}", s.len()));
         }
-        if token.len() > MAX_TOKEN_ID_BYTES {
+        if let Some((at, c)) = s.char_indices().find(|(_, c)| c.is_control()) {
             return Err(format!(
-                "token_id is {} bytes, more than {MAX_TOKEN_ID_BYTES}",
-                token.len()
+                "{name} has a control character (U+{:04X}) at byte {at}",
+                c as u32
             ));
         }
         Ok(())
     }
 
-    /// An HTTP method, upper-cased into a fixed buffer (no allocation).
-    pub fn method(m: &str) -> Result<([u8; 16], usize), String> {
-        if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-            return Err(format!("{m:?} is not an HTTP method"));
+    /// A token id: 1..=256 bytes, printable.
+    pub fn token_id(token: &str) -> Result<(), String> {
+        if token.is_empty() {
+            return Err("token_id is empty".into());
         }
-        let mut method = [0u8; 16];
-        for (d, s) in method.iter_mut().zip(m.bytes()) {
-            *d = s.to_ascii_uppercase();
-        }
-        Ok((method, m.len()))
+        text("token_id", token, MAX_TOKEN_ID_BYTES)
     }
 
-    /// A route template.
+    /// An HTTP method (any case), upper-cased into a fixed buffer (no allocation).
+    pub fn method(m: &str) -> Result<([u8; 16], usize), String> {
+        let Some(known) = METHODS.iter().find(|k| k.eq_ignore_ascii_case(m)) else {
+            return Err(format!(
+                "{} is not an HTTP method ({})",
+                super::shown(m),
+                METHODS.join(", ")
+            ));
+        };
+        let mut method = [0u8; 16];
+        method[..known.len()].copy_from_slice(known.as_bytes());
+        Ok((method, known.len()))
+    }
+
+    /// A route template: 1..=512 bytes, printable.
     pub fn endpoint(ep: &str) -> Result<(), String> {
         if ep.is_empty() {
-            Err("endpoint is empty".into())
+            return Err("endpoint is empty".into());
+        }
+        text("endpoint", ep, MAX_ENDPOINT_BYTES)
+    }
+
+    /// The optional text fields (user agent, scope, env, kind) by column, with their limits.
+    pub fn optional_text(column: usize, s: &str) -> Result<(), String> {
+        let (name, max) = match column {
+            col::USER_AGENT => ("user_agent", MAX_USER_AGENT_BYTES),
+            col::SCOPE => ("scope", MAX_SCOPE_BYTES),
+            col::ENV => ("env", MAX_ENV_BYTES),
+            _ => ("kind", MAX_KIND_BYTES),
+        };
+        text(name, s, max)
+    }
+
+    /// A response size in bytes, at most [`MAX_BYTES_OUT`].
+    pub fn bytes_out(b: u64) -> Result<u64, String> {
+        if b <= MAX_BYTES_OUT {
+            Ok(b)
         } else {
-            Ok(())
+            Err(format!("{b} bytes is more than {MAX_BYTES_OUT} (1 TiB)"))
         }
     }
 
@@ -245,7 +304,7 @@ pub mod field {
             Ok(l as f32)
         } else {
             Err(format!(
-                "{l} is not a latency (finite, 0..={MAX_LATENCY_MS:.0} ms)"
+                "{l:?} is not a latency (finite, 0..={MAX_LATENCY_MS:.0} ms)"
             ))
         }
     }
@@ -254,7 +313,7 @@ pub mod field {
     pub fn src_ip(ip: &str) -> Result<IpAddr, String> {
         ip.trim()
             .parse::<IpAddr>()
-            .map_err(|_| format!("{ip:?} is not an IPv4 or IPv6 address"))
+            .map_err(|_| format!("{} is not an IPv4 or IPv6 address", super::shown(ip)))
     }
 
     /// An ISO 3166-1 alpha-2 code, upper-cased; empty text is "unknown".
@@ -264,7 +323,10 @@ pub mod field {
             return Ok(None);
         }
         if b.len() != 2 || !b.iter().all(|c| c.is_ascii_alphabetic()) {
-            return Err(format!("{s:?} is not an ISO 3166-1 alpha-2 code"));
+            return Err(format!(
+                "{} is not an ISO 3166-1 alpha-2 code",
+                super::shown(s)
+            ));
         }
         Ok(Some([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
     }
@@ -297,7 +359,7 @@ fn check_row(cols: &[ColView], i: usize) -> Result<Row, (usize, String)> {
         Err(e) => return Err((col::STATUS, e)),
     };
     let bytes_out = match as_u64(cols[col::BYTES_OUT].get(i)) {
-        Ok(Some(b)) => b,
+        Ok(Some(b)) => field::bytes_out(b).map_err(|e| (col::BYTES_OUT, e))?,
         Ok(None) => return Err((col::BYTES_OUT, "bytes_out is missing".into())),
         Err(e) => return Err((col::BYTES_OUT, e)),
     };
@@ -319,8 +381,12 @@ fn check_row(cols: &[ColView], i: usize) -> Result<Row, (usize, String)> {
         Err(e) => return Err((col::ASN, e)),
     };
     for c in [col::USER_AGENT, col::SCOPE, col::ENV, col::KIND] {
-        if let Cell::Int(_) | Cell::UInt(_) | Cell::Float(_) = cols[c].get(i) {
-            return Err((c, format!("{} must be text", COLUMNS[c])));
+        match cols[c].get(i) {
+            Cell::Int(_) | Cell::UInt(_) | Cell::Float(_) => {
+                return Err((c, format!("{} must be text", COLUMNS[c])));
+            }
+            Cell::Str(s) => field::optional_text(c, s).map_err(|e| (c, e))?,
+            Cell::Null => {}
         }
     }
     let label = match as_u64(cols[col::LABEL].get(i)) {
@@ -587,6 +653,18 @@ mod tests {
     fn a_latency_that_would_overflow_f32_is_rejected() {
         // 1e300 is a finite f64 but an infinite f32: it must never reach a baseline.
         assert!(field::latency(1e300).is_err());
+        assert!(field::method("FOOBARBAZ").is_err());
+        assert_eq!(
+            field::method("patch").map(|(m, n)| m[..n].to_vec()),
+            Ok(b"PATCH".to_vec())
+        );
+        assert!(field::endpoint(&"x".repeat(513)).is_err());
+        assert!(field::endpoint("/v1/a\tb").is_err());
+        assert!(field::optional_text(col::ENV, "prod").is_ok());
+        assert!(field::optional_text(col::ENV, &"e".repeat(33)).is_err());
+        assert!(field::optional_text(col::USER_AGENT, "Mozilla/5.0 (X11; Linux) é").is_ok());
+        assert!(field::bytes_out(u64::MAX).is_err());
+        assert!(shown(&"z".repeat(10_000)).len() < 80);
         assert!(field::latency(f64::NAN).is_err());
         assert!(field::latency(-1.0).is_err());
         assert_eq!(field::latency(12.5), Ok(12.5));

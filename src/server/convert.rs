@@ -11,7 +11,7 @@ use arrow::record_batch::RecordBatch;
 
 use super::pb;
 use crate::engine::{Contribution, WindowScore};
-use crate::event::{event_schema, fmt_ts};
+use crate::event::{col, event_schema, fmt_ts};
 use crate::ingest::validate::field;
 
 /// Where a batch of proto events stands against the clock.
@@ -154,6 +154,14 @@ fn check(e: &pb::Event, horizon: i64) -> Result<Checked, (&'static str, String)>
     };
     field::src_ip(&e.src_ip).map_err(|r| ("src_ip", r))?;
     let c = field::country(&e.country).map_err(|r| ("country", r))?;
+    field::bytes_out(e.bytes_out).map_err(|r| ("bytes_out", r))?;
+    for (name, column, v) in [
+        ("user_agent", col::USER_AGENT, &e.user_agent),
+        ("scope", col::SCOPE, &e.scope),
+        ("env", col::ENV, &e.env),
+    ] {
+        field::optional_text(column, v).map_err(|r| (name, r))?;
+    }
     Ok((t, m, s, lat, c, e.asn))
 }
 
