@@ -143,6 +143,8 @@ pub struct ServerConfig {
     pub alert_buffer: usize,
     /// Event errors listed in one IngestResponse (the rest are only counted).
     pub max_listed_errors: usize,
+    /// An Ingest stream with no message for this long is ended (DEADLINE_EXCEEDED).
+    pub stream_idle_timeout: Duration,
 }
 
 /// `[window]`
@@ -543,6 +545,9 @@ impl Config {
                 "server",
                 "max-ingest-streams must be at least 1 and max-message-bytes at least 1024",
             );
+        }
+        if self.server.stream_idle_timeout.ms <= 0 {
+            return bad("server.stream-idle-timeout", "must be positive");
         }
         if self.server.max_future_skew.ms < 0 || self.server.idle_close.ms <= 0 {
             return bad(

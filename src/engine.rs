@@ -764,6 +764,15 @@ impl Engine {
     /// Apply a batch of validated events (the canonical schema); returns the windows the
     /// advancing watermark closed, ordered by (window start, token).
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<Vec<WindowScore>, Error> {
+        self.apply_at(batch, i64::MAX)
+    }
+
+    /// [`Engine::apply`] with a trusted clock (the server's, epoch ms): event time is taken
+    /// to have reached no further than `now`, so the watermark never passes `now` minus the
+    /// lateness. An event stamped ahead of the clock waits in its open window; it cannot
+    /// make every other client's events late. Files (replay, eval) have no such clock and
+    /// follow their newest event.
+    pub fn apply_at(&mut self, batch: &RecordBatch, now: i64) -> Result<Vec<WindowScore>, Error> {
         let cols = Cols::new(batch)?;
         let n = batch.num_rows();
         if n == 0 {
@@ -799,7 +808,7 @@ impl Engine {
                 }
             });
         }
-        self.max_ts = self.max_ts.max(bmax);
+        self.max_ts = self.max_ts.max(bmax.min(now));
         let wm = self.max_ts.saturating_sub(self.cfg.window.lateness.ms);
         Ok(self.advance(wm))
     }

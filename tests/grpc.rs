@@ -36,15 +36,21 @@ struct TestServer {
 
 impl TestServer {
     async fn start() -> TestServer {
+        TestServer::start_with(|_| {}, keys()).await
+    }
+
+    /// A server with the default configuration changed by `f`, accepting `keys`.
+    async fn start_with(f: impl FnOnce(&mut tokenwatch::Config), keys: Keys) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let mut config = tokenwatch::Config::default();
         config.engine.shards = 2;
+        f(&mut config);
         let opts = server::Options {
             config,
             registry: Default::default(),
-            keys: Some(keys()),
+            keys: Some(keys),
             tls: None,
             shutdown_grace: Duration::from_secs(10),
             data_dir: None,
@@ -302,6 +308,107 @@ async fn hostile_fields_are_rejected_with_the_field_named_and_never_reach_state(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_skewed_event_does_not_make_other_clients_late() {
+    // The widest skew a deployment might allow, wider than the default.
+    let srv = TestServer::start_with(|c| c.server.max_future_skew.ms = 300_000, keys()).await;
+    let mut a = srv.client(Some(INGEST)).await;
+    let mut b = srv.client(Some(INGEST)).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    // Client A's clock runs 290 s ahead (inside the allowed skew, so it is accepted).
+    let skewed = event(now + 290_000, "tok-skew", "10.0.0.9", "FR", 1, 200);
+    let r = a
+        .ingest(tokio_stream::iter(vec![pb::IngestRequest {
+            events: vec![skewed],
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.accepted, 1, "{r:?}");
+    // Client B's events are 30-90 s old, well inside the lateness: none may be late.
+    let events: Vec<pb::Event> = (0..60)
+        .map(|k| event(now - 90_000 + k * 1000, "tok-b", "10.0.0.1", "FR", 1, 200))
+        .collect();
+    let r = b
+        .ingest(tokio_stream::iter(vec![pb::IngestRequest { events }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.late), (60, 0), "{r:?}");
+    let summary = srv.stop().await;
+    assert_eq!(summary.stats.late, 0);
+    assert_eq!(summary.stats.events, 61);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_of_one_key_do_not_lock_out_other_clients() {
+    const A: &str = "ingest-key-aaaaaaaaaaaa01";
+    const B: &str = "ingest-key-bbbbbbbbbbbb02";
+    let keys = Keys::parse(
+        &format!("ingest {A} name=gw-a streams=4\ningest {B} name=gw-b\nread {READ}\n"),
+        std::path::Path::new("test-keys"),
+    )
+    .unwrap();
+    let srv = TestServer::start_with(|c| c.server.stream_idle_timeout.ms = 1500, keys).await;
+    // Key A opens six streams that never send anything.
+    let mut idle = Vec::new();
+    for _ in 0..6 {
+        let mut c = srv.client(Some(A)).await;
+        idle.push(tokio::spawn(async move {
+            c.ingest(tokio_stream::pending::<pb::IngestRequest>())
+                .await
+                .map(|r| r.into_inner())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another key is served at once.
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut b = srv.client(Some(B)).await;
+    let events: Vec<pb::Event> = (0..10)
+        .map(|k| event(now - 60_000 + k, "tok-b", "10.0.0.1", "FR", 1, 200))
+        .collect();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.ingest(tokio_stream::iter(vec![pb::IngestRequest { events }])),
+    )
+    .await
+    .expect("a second key must not wait for the first key's idle streams")
+    .unwrap()
+    .into_inner();
+    assert_eq!(r.accepted, 10);
+    // Key A got four streams (its limit) and two refusals; the four end when idle.
+    let mut codes = Vec::new();
+    for h in idle {
+        let r = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("an idle stream must be ended")
+            .unwrap();
+        codes.push(r.unwrap_err().code());
+    }
+    codes.sort_by_key(|c| *c as i32);
+    assert_eq!(
+        codes,
+        [
+            Code::DeadlineExceeded,
+            Code::DeadlineExceeded,
+            Code::DeadlineExceeded,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::ResourceExhausted
+        ]
+    );
+    // Its slots are free again.
+    let mut a = srv.client(Some(A)).await;
+    let events = vec![event(now - 30_000, "tok-a", "10.0.0.2", "FR", 1, 200)];
+    let r = a
+        .ingest(tokio_stream::iter(vec![pb::IngestRequest { events }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.accepted, 1);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_and_roles_give_the_right_codes() {
     let srv = TestServer::start().await;
     let req = || pb::GetTokenRiskRequest {
@@ -377,7 +484,7 @@ fn sigterm_shuts_down_gracefully() {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    std::fs::write(&keys, format!("ingest {INGEST}\nread {READ}\n")).unwrap();
+    common::write_secret(&keys, &format!("ingest {INGEST}\nread {READ}\n"));
     // A free port for the metrics listener (the exporter cannot report one it picked).
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -479,7 +586,7 @@ fn python_client_ingests_a_file_and_lists_the_riskiest() {
     }
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    std::fs::write(&keys, format!("admin {ADMIN}\n")).unwrap();
+    common::write_secret(&keys, &format!("admin {ADMIN}\n"));
     let events = dir.path().join("events.csv");
     let mut csv = String::from("ts,token_id,method,endpoint,status,bytes_out,src_ip,country\n");
     for m in 0..30 {

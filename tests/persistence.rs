@@ -2,6 +2,8 @@
 //! nothing it acknowledged and comes back with the same risk; a retrain from the Parquet
 //! history gives the live models' scores.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -59,7 +61,7 @@ fn traffic(
 }
 
 fn start(dir: &Path) -> (Child, String) {
-    std::fs::write(dir.join("keys"), format!("admin {KEY}\n")).unwrap();
+    common::write_secret(&dir.join("keys"), &format!("admin {KEY}\n"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
         .args(["serve", "--listen", "127.0.0.1:0", "--keys"])
         .arg(dir.join("keys"))

@@ -460,7 +460,10 @@ impl Worker {
             }
         }
         let late = self.engine.stats().late;
-        match self.engine.apply(&batch) {
+        match self
+            .engine
+            .apply_at(&batch, chrono::Utc::now().timestamp_millis())
+        {
             Ok(scores) => self.emit(scores),
             // Batches come from `convert::to_batch` in the canonical schema; a mismatch
             // is a bug, logged rather than taking the server down.

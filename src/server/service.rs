@@ -8,7 +8,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::{require, Role};
+use super::auth::{require, Caller, Role};
 use super::convert::{to_batch, Clock, Rejections};
 use super::host::{Board, Cmd};
 use super::pb;
@@ -38,6 +38,20 @@ fn now_ms() -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
+impl Service {
+    /// Wait until everything queued so far is durable and applied.
+    async fn flush(&self) -> Result<(), Status> {
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Cmd::Flush(tx))
+            .await
+            .map_err(|_| engine_gone())?;
+        rx.await
+            .map_err(|_| engine_gone())?
+            .map_err(Status::unavailable)
+    }
+}
+
 fn engine_gone() -> Status {
     Status::unavailable("the engine has stopped (server shutting down)")
 }
@@ -55,6 +69,21 @@ impl pb::token_watch_server::TokenWatch for Service {
         if *closing.borrow() {
             return Err(Status::unavailable("server shutting down"));
         }
+        let caller = req.extensions().get::<Arc<Caller>>().cloned();
+        // The key's own limit first, so one key cannot take every slot of the server's.
+        let _key_permit = match &caller {
+            Some(c) => Some(c.streams.clone().try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "key `{}` already has {} ingest streams open (its limit); retry later",
+                    c.name, c.limits.streams
+                ))
+            })?),
+            None => None,
+        };
+        let key: Arc<str> = caller
+            .as_ref()
+            .map_or_else(|| "none".into(), |c| c.name.clone());
+        let idle = std::time::Duration::from_millis(self.cfg.stream_idle_timeout.ms as u64);
         let _permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "more than {} ingest streams open; retry later",
@@ -73,12 +102,22 @@ impl pb::token_watch_server::TokenWatch for Service {
             let msg = tokio::select! {
                 // A shutdown stops reading between messages: what was read is applied.
                 _ = closing.changed() => break,
-                m = stream.message() => m,
+                m = tokio::time::timeout(idle, stream.message()) => m,
             };
             let msg = match msg {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(status) => {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break,
+                Err(_) => {
+                    // Idle: end the stream, keeping (and making durable) what it sent.
+                    self.flush().await?;
+                    metrics::counter!("tokenwatch_ingest_idle_closed_total", "key" => key.to_string())
+                        .increment(1);
+                    return Err(Status::deadline_exceeded(format!(
+                        "no message for {} s: the ingest stream is closed; the {accepted} events accepted before are durable",
+                        idle.as_secs()
+                    )));
+                }
+                Ok(Err(status)) => {
                     // The client went away or sent garbage: what was accepted stays.
                     tracing::debug!(%status, accepted, "ingest stream ended with an error");
                     return Err(status);
@@ -95,6 +134,10 @@ impl pb::token_watch_server::TokenWatch for Service {
                 .increment(rejected.count - before);
             index += msg.events.len() as u64;
             let rows = batch.num_rows() as u64;
+            if let Some(c) = &caller {
+                // The key's event budget: past it, this stream waits (and is not read).
+                c.admit(rows as usize).await;
+            }
             if rows > 0 {
                 // Bounded queue: when the engine is behind, this waits, the stream is not
                 // read, and HTTP/2 flow control pushes back on the client.
@@ -110,14 +153,12 @@ impl pb::token_watch_server::TokenWatch for Service {
             // short read calls queued behind it their turn between messages.
             tokio::task::yield_now().await;
         }
-        let (tx, rx) = oneshot::channel();
-        self.engine
-            .send(Cmd::Flush(tx))
-            .await
-            .map_err(|_| engine_gone())?;
-        rx.await
-            .map_err(|_| engine_gone())?
-            .map_err(Status::unavailable)?;
+        self.flush().await?;
+        let late = late.load(std::sync::atomic::Ordering::Relaxed);
+        if late > 0 {
+            metrics::counter!("tokenwatch_events_late_by_key_total", "key" => key.to_string())
+                .increment(late);
+        }
         if rejected.count > 0 {
             tracing::info!(
                 accepted,
@@ -129,7 +170,7 @@ impl pb::token_watch_server::TokenWatch for Service {
             accepted,
             rejected: rejected.count,
             errors: rejected.listed,
-            late: late.load(std::sync::atomic::Ordering::Relaxed),
+            late,
         }))
     }
 

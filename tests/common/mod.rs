@@ -55,3 +55,14 @@ pub fn burst(token: &str, at: i64) -> pb::IngestRequest {
             .collect(),
     }
 }
+
+/// Write a secret file (a keys file) readable by its owner only, as the server demands.
+#[allow(dead_code)]
+pub fn write_secret(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+}
