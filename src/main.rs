@@ -356,6 +356,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             data_dir: Some(args.data_dir.clone()),
             policies,
             dry_run: args.dry_run,
+            faults: None,
         };
         let summary = server::run(listener, opts, server::shutdown_signal()).await?;
         // Whoever started us may have stopped reading stdout: not worth failing the stop.

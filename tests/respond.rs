@@ -93,6 +93,7 @@ async fn run_scenario(dir: &std::path::Path, policies: &str, dry_run: bool) {
         data_dir: Some(dir.to_path_buf()),
         policies: tokenwatch::respond::policy::parse(policies, "test").unwrap(),
         dry_run,
+        faults: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;
@@ -278,6 +279,7 @@ async fn verdict_then_same_behaviour(verdict: &str) -> (pb::FeedbackResponse, pb
         )
         .unwrap(),
         dry_run: false,
+        faults: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;

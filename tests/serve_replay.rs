@@ -137,6 +137,7 @@ async fn serve_and_replay_give_the_same_scores_and_alerts() {
         data_dir: None,
         policies,
         dry_run: false,
+        faults: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = stopped.await;

@@ -20,12 +20,32 @@ use crate::store::{LogPos, Store};
 pub type PathReply = oneshot::Sender<Result<std::path::PathBuf, String>>;
 
 /// Work for the engine thread.
+/// What one ingest stream learns about the batches it queued.
+#[derive(Debug, Default)]
+pub struct Ack {
+    /// Events that arrived behind the watermark (accepted and kept, too late for their
+    /// window to be scored).
+    pub late: AtomicU64,
+    /// A write of the log that held some of its events failed (they are not durable and
+    /// were not applied).
+    pub failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Ack {
+    /// The failure, if one of this stream's writes failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 pub enum Cmd {
-    /// Validated events, and the counter of the stream's events that arrived behind the
-    /// watermark (accepted, but too late for their window to be scored).
-    Batch(RecordBatch, Arc<AtomicU64>),
-    /// Answer once everything queued before this is applied and durable (Err: the log
-    /// could not be written since the last flush).
+    /// Validated events, and what their stream learns about them.
+    Batch(RecordBatch, Arc<Ack>),
+    /// Answer once everything queued before this is processed (each stream then reads its
+    /// own [`Ack`]).
     Flush(oneshot::Sender<Result<(), String>>),
     /// Processing time passed (idle close, periodic snapshot).
     Tick,
@@ -226,8 +246,6 @@ struct Worker {
     last_arrival: Instant,
     newest_at_arrival: Option<i64>,
     store: Option<Store>,
-    /// The log could not be written since the last flush: the next flush says so.
-    log_failed: Option<String>,
     snapshot_every: Duration,
     last_snapshot: Instant,
     config: Config,
@@ -246,7 +264,6 @@ impl Worker {
             last_arrival: Instant::now(),
             newest_at_arrival: None,
             store: setup.store,
-            log_failed: None,
             snapshot_every: setup.snapshot_every,
             last_snapshot: Instant::now(),
             config: setup.config,
@@ -268,16 +285,18 @@ impl Worker {
                 },
             };
             match cmd {
-                Cmd::Batch(b, late) => {
+                Cmd::Batch(b, ack) => {
                     let mut rows = b.num_rows();
-                    self.count_late(&b, &late);
+                    self.count_late(&b, &ack.late);
                     let mut batches = vec![b];
+                    let mut acks = vec![ack];
                     while rows < COALESCE_ROWS {
                         match rx.try_recv() {
-                            Ok(Cmd::Batch(b, late)) => {
+                            Ok(Cmd::Batch(b, ack)) => {
                                 rows += b.num_rows();
-                                self.count_late(&b, &late);
+                                self.count_late(&b, &ack.late);
                                 batches.push(b);
+                                acks.push(ack);
                             }
                             Ok(other) => {
                                 next = Some(other);
@@ -286,10 +305,10 @@ impl Worker {
                             Err(_) => break,
                         }
                     }
-                    self.apply(batches);
+                    self.apply(batches, &acks);
                 }
                 Cmd::Flush(tx) => {
-                    let _ = tx.send(self.log_failed.take().map_or(Ok(()), Err));
+                    let _ = tx.send(Ok(()));
                 }
                 Cmd::Tick => self.tick(),
                 Cmd::Snapshot(tx) => {
@@ -441,7 +460,7 @@ impl Worker {
         }
     }
 
-    fn apply(&mut self, batches: Vec<RecordBatch>) {
+    fn apply(&mut self, batches: Vec<RecordBatch>, acks: &[Arc<Ack>]) {
         let batch = if batches.len() == 1 {
             batches.into_iter().next()
         } else {
@@ -454,8 +473,14 @@ impl Worker {
         let t0 = Instant::now();
         if let Some(store) = self.store.as_mut() {
             if let Err(e) = store.append(&batch).and_then(|_| store.commit()) {
-                tracing::error!(error = %e, "write-ahead log failed; ingest is refused until it works");
-                self.log_failed = Some(format!("events could not be made durable: {e}"));
+                // Exactly the streams whose events this write held fail; the log goes on
+                // in a new segment (never after the failed write).
+                tracing::error!(error = %e, streams = acks.len(), "write-ahead log failed; those events are refused");
+                metrics::counter!("tokenwatch_log_write_failures_total").increment(1);
+                let msg = format!("events could not be made durable: {e}");
+                for a in acks {
+                    *a.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
+                }
                 return;
             }
         }

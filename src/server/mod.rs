@@ -72,6 +72,8 @@ pub struct Options {
     pub policies: Vec<crate::respond::policy::Policy>,
     /// Record revocations instead of sending them.
     pub dry_run: bool,
+    /// Test hook: failures injected into the write-ahead log (`None` in production).
+    pub faults: Option<Arc<crate::store::wal::Faults>>,
 }
 
 /// What a server did, returned after a clean shutdown.
@@ -103,10 +105,11 @@ pub async fn run(
         Some(dir) => {
             let (cfg, reg) = (opts.config.clone(), opts.registry.clone());
             let t0 = std::time::Instant::now();
-            let (store, rec) =
+            let (mut store, rec) =
                 tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, &cfg, reg))
                     .await
                     .map_err(|e| Error::Task(e.to_string()))??;
+            store.set_faults(opts.faults.clone());
             for w in &rec.warnings {
                 tracing::warn!("{w}");
             }

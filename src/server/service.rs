@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{require, Caller, Role};
 use super::convert::{to_batch, Clock, Rejections};
-use super::host::{Board, Cmd};
+use super::host::{Ack, Board, Cmd};
 use super::pb;
 use crate::config::ServerConfig;
 
@@ -93,7 +93,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         let mut stream = req.into_inner();
         let mut index = 0u64;
         let mut accepted = 0u64;
-        let late = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ack = Arc::new(Ack::default());
         let mut rejected = Rejections {
             limit: self.cfg.max_listed_errors,
             ..Default::default()
@@ -142,7 +142,7 @@ impl pb::token_watch_server::TokenWatch for Service {
                 // Bounded queue: when the engine is behind, this waits, the stream is not
                 // read, and HTTP/2 flow control pushes back on the client.
                 self.engine
-                    .send(Cmd::Batch(batch, late.clone()))
+                    .send(Cmd::Batch(batch, ack.clone()))
                     .await
                     .map_err(|_| engine_gone())?;
                 accepted += rows;
@@ -154,7 +154,10 @@ impl pb::token_watch_server::TokenWatch for Service {
             tokio::task::yield_now().await;
         }
         self.flush().await?;
-        let late = late.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(e) = ack.failure() {
+            return Err(Status::unavailable(e));
+        }
+        let late = ack.late.load(std::sync::atomic::Ordering::Relaxed);
         if late > 0 {
             metrics::counter!("tokenwatch_events_late_by_key_total", "key" => key.to_string())
                 .increment(late);

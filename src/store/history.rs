@@ -64,7 +64,7 @@ pub fn compact(wal: &Path, events: &Path, seq: u64) -> Result<u64, Error> {
         return Ok(0);
     }
     remove_parts(events, seq)?;
-    let (batches, _torn) = read_segment(&segment_path(wal, seq))?;
+    let batches = read_segment(&segment_path(wal, seq))?.into_batches();
     // Rows of each date, in log order.
     let mut by_date: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     for b in &batches {

@@ -319,19 +319,23 @@ impl Store {
                 None => 0,
             };
             let path = wal::segment_path(&wal_d, seg);
-            let (batches, torn) = wal::read_segment(&path)?;
-            if let Some(t) = torn {
+            let read = wal::read_segment(&path)?;
+            if let Some(t) = &read.torn {
                 warnings.push(format!(
                     "{}: torn tail after {} whole batches ({t}); nothing after them was acknowledged",
                     path.display(),
-                    batches.len()
+                    read.batches.len()
                 ));
             }
-            for (k, b) in batches.iter().enumerate().skip(skip as usize) {
+            if !read.damage.is_empty() || read.invalid_rows > 0 {
+                warnings.push(quarantine(&wal_d, seg, &read)?);
+            }
+            for (k, b) in read.since(skip) {
+                let b = &b;
                 // Verdicts given when the log held k batches of this segment come first.
                 let here = LogPos {
                     segment: seg,
-                    batches: k as u64,
+                    batches: k,
                 };
                 while let Some(f) = pending.next_if(|f| f.log_pos() <= here) {
                     f.apply(&mut engine);
@@ -370,6 +374,11 @@ impl Store {
     /// Append a batch to the log (durable at the next [`Store::commit`]).
     pub fn append(&mut self, batch: &RecordBatch) -> Result<(), Error> {
         self.wal.append(batch)
+    }
+
+    /// Install a fault injector into the log (tests).
+    pub fn set_faults(&mut self, f: Option<std::sync::Arc<wal::Faults>>) {
+        self.wal.set_faults(f);
     }
 
     /// Make every appended batch durable; a segment past its size is sealed and compacted.
@@ -438,8 +447,8 @@ impl Store {
                 continue;
             }
             let skip = if seg == from.segment { from.batches } else { 0 };
-            let (b, _) = wal::read_segment(&wal::segment_path(&wal_d, seg))?;
-            out.extend(b.into_iter().skip(skip as usize));
+            let read = wal::read_segment(&wal::segment_path(&wal_d, seg))?;
+            out.extend(read.since(skip).map(|(_, b)| b));
         }
         Ok(out)
     }
@@ -480,6 +489,49 @@ impl Store {
     }
 }
 
+/// Copy a damaged segment to `wal/quarantine/` (kept for ever: nothing there is deleted) with
+/// a report of what was read and what was not; the recovery's warning. The segment itself
+/// goes on as usual: its intact records are replayed and compacted into the history.
+fn quarantine(wal_d: &Path, seg: u64, read: &wal::Segment) -> Result<String, Error> {
+    let q = wal_d.join("quarantine");
+    std::fs::create_dir_all(&q).map_err(io(&q))?;
+    let src = wal::segment_path(wal_d, seg);
+    let dst = q.join(src.file_name().unwrap_or_default());
+    if !dst.exists() {
+        std::fs::copy(&src, &dst).map_err(io(&dst))?;
+    }
+    let events: usize = read.batches.iter().map(|(_, b)| b.num_rows()).sum();
+    let mut report = format!(
+        "segment {}\nintact records: {} ({events} events), replayed\n",
+        src.display(),
+        read.batches.len()
+    );
+    for d in &read.damage {
+        report.push_str(&format!(
+            "damaged: {d}; events in those bytes were acknowledged and are lost\n"
+        ));
+    }
+    if read.invalid_rows > 0 {
+        report.push_str(&format!(
+            "rows failing validation in intact records: {} (dropped)\n",
+            read.invalid_rows
+        ));
+    }
+    if let Some(t) = &read.torn {
+        report.push_str(&format!("torn tail: {t} (never acknowledged)\n"));
+    }
+    let rp = q.join(format!("{seg:020}.report.txt"));
+    std::fs::write(&rp, &report).map_err(io(&rp))?;
+    sync_dir(&q)?;
+    Ok(format!(
+        "{}: DAMAGED: {}; {} intact records ({events} events) replayed; copied to {} with a report",
+        src.display(),
+        read.damage.join("; "),
+        read.batches.len(),
+        dst.display()
+    ))
+}
+
 /// Rebuild an engine from the history under `dir` (and the log segments below
 /// `below_segment` not yet in it), events in `[from, to)`, in log order; `progress` is told
 /// the events applied so far. Returns the engine and the log position it covers.
@@ -516,7 +568,7 @@ pub fn rebuild(
             continue;
         }
         let path = wal::segment_path(&wal_d, seg);
-        let (batches, _) = wal::read_segment(&path)?;
+        let batches = wal::read_segment(&path)?.into_batches();
         for b in batches {
             let b = filter_time(&b, from, to).map_err(|e| format(&path)(e))?;
             events += b.num_rows() as u64;

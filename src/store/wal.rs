@@ -1,10 +1,13 @@
-//! The write-ahead log: validated batches appended as Arrow IPC stream messages, flushed
-//! and fsync'd before the Ingest that carried them is acknowledged. A new segment starts at
-//! every open and when the current one passes its size limit; a torn tail (a crash during a
-//! write) ends the segment's replay at the last whole batch, which was the last one acked.
+//! The write-ahead log: validated batches appended as records (magic, length, index,
+//! CRC-32, then the batch as an Arrow IPC stream), flushed and fsync'd before the Ingest that
+//! carried them is acknowledged. A new segment starts at every open, when the current one
+//! passes its size limit, and after a failed write. A torn tail (a crash during a write)
+//! ends the segment's replay at the last whole record, the last one acked; damage in the
+//! middle is skipped by searching for the next valid record, so it never hides the records
+//! after it (the store quarantines such a segment with a report).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use arrow::ipc::reader::StreamReader;
@@ -44,30 +47,176 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, Error> {
     Ok(out)
 }
 
-/// Read a segment: its whole batches, and a description of a torn tail if there is one.
-pub fn read_segment(path: &Path) -> Result<(Vec<RecordBatch>, Option<String>), Error> {
-    let f = File::open(path).map_err(io(path))?;
-    if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
-        return Ok((Vec::new(), None));
+/// First bytes of a segment written in the framed format (version 1).
+pub const SEGMENT_MAGIC: &[u8; 8] = b"TWLOG\x01\n\0";
+/// First bytes of every record: lets a reader find the next record after damage.
+const RECORD_MAGIC: u32 = 0x5457_5243; // "TWRC"
+/// Record header: magic, payload length, record index in the segment, CRC-32 of index and
+/// payload.
+const HEADER: usize = 16;
+/// Largest record payload a reader believes (a length past it is damage).
+const MAX_RECORD: usize = 1 << 30;
+
+/// What reading a segment found.
+#[derive(Debug, Default)]
+pub struct Segment {
+    /// The intact batches, in log order, each with its index in the segment (the count of
+    /// batches appended before it, so a damaged record does not shift the ones after it).
+    pub batches: Vec<(u64, RecordBatch)>,
+    /// An incomplete last record (a crash during a write: it was never acknowledged).
+    pub torn: Option<String>,
+    /// Damage inside the segment: bytes that are not a whole record with a valid checksum,
+    /// followed by intact records. What was there had been acknowledged.
+    pub damage: Vec<String>,
+    /// Rows of intact records that failed validation again (a hand-made or hostile file).
+    pub invalid_rows: u64,
+}
+
+impl Segment {
+    /// Only the batches (in order).
+    pub fn into_batches(self) -> Vec<RecordBatch> {
+        self.batches.into_iter().map(|(_, b)| b).collect()
     }
-    let reader = match StreamReader::try_new(BufReader::new(f), None) {
+
+    /// Batches with an index at or after `from`.
+    pub fn since(self, from: u64) -> impl Iterator<Item = (u64, RecordBatch)> {
+        self.batches.into_iter().filter(move |(i, _)| *i >= from)
+    }
+}
+
+fn crc(index: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&index.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Read a segment: its intact batches (checksums verified, rows validated again), a torn
+/// tail if there is one, and any damage in the middle (which never hides the records after
+/// it). Segments of the first format (a plain Arrow IPC stream, no checksums) are read as
+/// before.
+pub fn read_segment(path: &Path) -> Result<Segment, Error> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let mut seg = Segment::default();
+    if bytes.is_empty() {
+        return Ok(seg);
+    }
+    if !bytes.starts_with(SEGMENT_MAGIC) {
+        return read_stream_segment(path, &bytes);
+    }
+    let mut at = SEGMENT_MAGIC.len();
+    // Bytes not accounted for by an intact record: where they start, and whether they
+    // start like the last record of a crash (a header or a record cut short by the end).
+    let mut bad: Option<(usize, bool)> = None;
+    while at < bytes.len() {
+        let rest = bytes.len() - at;
+        if rest < HEADER {
+            bad.get_or_insert((at, true));
+            break;
+        }
+        let (m, len) = (u32_at(&bytes, at), u32_at(&bytes, at + 4) as usize);
+        let (index, sum) = (u32_at(&bytes, at + 8) as u64, u32_at(&bytes, at + 12));
+        if m == RECORD_MAGIC && len <= MAX_RECORD {
+            if rest - HEADER >= len {
+                let payload = &bytes[at + HEADER..at + HEADER + len];
+                if crc(index, payload) == sum {
+                    if let Some((from, _)) = bad.take() {
+                        seg.damage.push(format!(
+                            "bytes {from}..{at} are damaged (no valid record); the records after them are intact"
+                        ));
+                    }
+                    decode_record(path, payload, index, &mut seg)?;
+                    at += HEADER + len;
+                    continue;
+                }
+            } else {
+                bad.get_or_insert((at, true));
+            }
+        }
+        // Not a valid record here: look for the next record magic.
+        bad.get_or_insert((at, false));
+        at += 1;
+    }
+    match bad {
+        Some((from, true)) => {
+            seg.torn = Some(format!(
+                "the last record, from byte {from}, is incomplete ({} bytes)",
+                bytes.len() - from
+            ))
+        }
+        Some((from, false)) => seg.damage.push(format!(
+            "bytes {from}..{} are damaged (no valid record up to the end of the segment)",
+            bytes.len()
+        )),
+        None => {}
+    }
+    Ok(seg)
+}
+
+/// One record's payload (an Arrow IPC stream of one batch), validated again.
+fn decode_record(path: &Path, payload: &[u8], index: u64, seg: &mut Segment) -> Result<(), Error> {
+    let reader = StreamReader::try_new(payload, None).map_err(|e| {
+        format(path)(format!(
+            "record {index}: checksum valid but not Arrow IPC: {e}"
+        ))
+    })?;
+    for b in reader {
+        let b = b.map_err(|e| format(path)(format!("record {index}: {e}")))?;
+        let mut report = crate::ingest::ReadReport::default();
+        let valid = crate::ingest::validate::normalize(&b, path, 1, &mut report)
+            .map_err(|e| format(path)(format!("record {index}: {e}")))?;
+        seg.invalid_rows += report.bad_rows;
+        seg.batches.push((index, valid));
+    }
+    Ok(())
+}
+
+/// A segment of the first format: one Arrow IPC stream; a broken message ends it.
+fn read_stream_segment(path: &Path, bytes: &[u8]) -> Result<Segment, Error> {
+    let mut seg = Segment::default();
+    let reader = match StreamReader::try_new(bytes, None) {
         Ok(r) => r,
         // Crashed before the schema message was whole: nothing in it was acknowledged.
-        Err(e) => return Ok((Vec::new(), Some(e.to_string()))),
+        Err(e) => {
+            seg.torn = Some(e.to_string());
+            return Ok(seg);
+        }
     };
     if reader.schema().fields() != event_schema().fields() {
         return Err(format(path)(
             "the log's schema is not this version's event schema".into(),
         ));
     }
-    let mut out = Vec::new();
-    for b in reader {
+    for (i, b) in reader.enumerate() {
         match b {
-            Ok(b) => out.push(b),
-            Err(e) => return Ok((out, Some(e.to_string()))),
+            Ok(b) => seg.batches.push((i as u64, b)),
+            Err(e) => {
+                seg.torn = Some(e.to_string());
+                break;
+            }
         }
     }
-    Ok((out, None))
+    Ok(seg)
+}
+
+/// Test hook: make the next `n` log commits fail as a full or broken disk would.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Commits left to fail.
+    pub fail_commits: std::sync::atomic::AtomicU32,
+}
+
+impl Faults {
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
 }
 
 /// The log being written.
@@ -78,7 +227,10 @@ pub struct Wal {
     bytes: u64,
     max_bytes: u64,
     fsync: bool,
-    writer: Option<StreamWriter<BufWriter<File>>>,
+    writer: Option<BufWriter<File>>,
+    /// Encoding buffer of one record (reused).
+    buf: Vec<u8>,
+    faults: Option<std::sync::Arc<Faults>>,
 }
 
 impl Wal {
@@ -94,7 +246,14 @@ impl Wal {
             max_bytes,
             fsync,
             writer: None,
+            buf: Vec::new(),
+            faults: None,
         })
+    }
+
+    /// Install a fault injector (tests).
+    pub fn set_faults(&mut self, f: Option<std::sync::Arc<Faults>>) {
+        self.faults = f;
     }
 
     /// Position after the last appended batch.
@@ -105,7 +264,8 @@ impl Wal {
         }
     }
 
-    /// Append a batch (buffered); [`Wal::commit`] makes it durable.
+    /// Append a batch (buffered) as one checksummed record; [`Wal::commit`] makes it
+    /// durable.
     pub fn append(&mut self, batch: &RecordBatch) -> Result<(), Error> {
         let path = segment_path(&self.dir, self.seq);
         if self.writer.is_none() {
@@ -115,34 +275,73 @@ impl Wal {
                 .open(&path)
                 .map_err(io(&path))?;
             sync_dir(&self.dir)?;
-            let w = StreamWriter::try_new(BufWriter::with_capacity(1 << 20, f), &event_schema())
-                .map_err(|e| format(&path)(e.to_string()))?;
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            w.write_all(SEGMENT_MAGIC).map_err(io(&path))?;
             self.writer = Some(w);
         }
+        self.buf.clear();
+        {
+            let mut sw = StreamWriter::try_new(&mut self.buf, &event_schema())
+                .map_err(|e| format(&path)(e.to_string()))?;
+            sw.write(batch).map_err(|e| format(&path)(e.to_string()))?;
+            sw.finish().map_err(|e| format(&path)(e.to_string()))?;
+        }
+        let index = self.batches;
+        let mut header = [0u8; HEADER];
+        header[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        header[4..8].copy_from_slice(&(self.buf.len() as u32).to_le_bytes());
+        header[8..12].copy_from_slice(&(index as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&crc(index, &self.buf).to_le_bytes());
         if let Some(w) = self.writer.as_mut() {
-            w.write(batch).map_err(|e| format(&path)(e.to_string()))?;
+            if let Err(e) = w.write_all(&header).and_then(|_| w.write_all(&self.buf)) {
+                self.abandon();
+                return Err(io(&path)(e));
+            }
         }
         self.batches += 1;
-        self.bytes += batch.get_array_memory_size() as u64;
+        self.bytes += (HEADER + self.buf.len()) as u64;
         Ok(())
     }
 
     /// Flush and fsync what was appended (group commit: one fsync for many batches).
     /// Returns the sealed segment's number when the segment passed its size limit.
+    ///
+    /// After a failed write or fsync the segment is abandoned (nothing is appended after a
+    /// failure: the kernel may have dropped the dirty pages) and the next append starts a
+    /// new one.
     pub fn commit(&mut self) -> Result<Option<u64>, Error> {
         let path = segment_path(&self.dir, self.seq);
-        if let Some(w) = self.writer.as_mut() {
-            w.flush().map_err(|e| format(&path)(e.to_string()))?;
-            let f = w.get_mut();
-            f.flush().map_err(io(&path))?;
-            if self.fsync {
-                f.get_ref().sync_data().map_err(io(&path))?;
-            }
+        let r = self.flush_sync(&path);
+        if r.is_err() {
+            self.abandon();
+            return r.map(|_| None);
         }
         if self.bytes >= self.max_bytes {
             return self.seal();
         }
         Ok(None)
+    }
+
+    /// Give up the current segment after a failure: nothing more is written to it (what
+    /// it holds up to the failure is read back as usual, its last record torn at worst).
+    fn abandon(&mut self) {
+        self.writer = None;
+        self.seq += 1;
+        self.batches = 0;
+        self.bytes = 0;
+    }
+
+    fn flush_sync(&mut self, path: &Path) -> Result<(), Error> {
+        if self.faults.as_ref().is_some_and(|f| f.take()) {
+            return Err(io(path)(std::io::Error::other("injected write failure")));
+        }
+        if let Some(w) = self.writer.as_mut() {
+            w.flush().map_err(io(path))?;
+            if self.fsync {
+                w.get_ref().sync_data().map_err(io(path))?;
+            }
+        }
+        Ok(())
     }
 
     /// End the current segment (if it holds anything) and start the next; the sealed
@@ -152,11 +351,9 @@ impl Wal {
             return Ok(None);
         };
         let path = segment_path(&self.dir, self.seq);
-        w.finish().map_err(|e| format(&path)(e.to_string()))?;
-        let mut f = w.into_inner().map_err(|e| format(&path)(e.to_string()))?;
-        f.flush().map_err(io(&path))?;
+        w.flush().map_err(io(&path))?;
         if self.fsync {
-            f.get_ref().sync_data().map_err(io(&path))?;
+            w.get_ref().sync_data().map_err(io(&path))?;
         }
         let sealed = self.seq;
         self.seq += 1;
@@ -192,6 +389,13 @@ mod tests {
         crate::server::convert::to_batch(&events, 0, clock, &mut Default::default())
     }
 
+    fn rows(seg: &Segment) -> Vec<(u64, usize)> {
+        seg.batches
+            .iter()
+            .map(|(i, b)| (*i, b.num_rows()))
+            .collect()
+    }
+
     #[test]
     fn appends_survive_and_a_torn_tail_keeps_the_whole_batches() {
         let dir = tempfile::tempdir().unwrap();
@@ -209,17 +413,24 @@ mod tests {
         );
         drop(w); // a crash: never sealed
         let p = segment_path(dir.path(), 1);
-        let (b, torn) = read_segment(&p).unwrap();
-        assert_eq!(b.iter().map(|b| b.num_rows()).collect::<Vec<_>>(), [3, 2]);
-        assert!(torn.is_none(), "{torn:?}");
+        let seg = read_segment(&p).unwrap();
+        assert_eq!(rows(&seg), [(0, 3), (1, 2)]);
+        assert!(seg.torn.is_none() && seg.damage.is_empty(), "{seg:?}");
         // Cut the file in the middle of the second batch.
         let len = std::fs::metadata(&p).unwrap().len();
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(len - 40).unwrap();
-        let (b, torn) = read_segment(&p).unwrap();
-        assert_eq!(b.len(), 1);
-        assert!(torn.is_some());
-        assert_eq!(b[0].column(col::TOKEN_ID).as_string::<i32>().value(2), "t2");
+        let seg = read_segment(&p).unwrap();
+        assert_eq!(rows(&seg), [(0, 3)]);
+        assert!(seg.torn.is_some() && seg.damage.is_empty(), "{seg:?}");
+        assert_eq!(
+            seg.batches[0]
+                .1
+                .column(col::TOKEN_ID)
+                .as_string::<i32>()
+                .value(2),
+            "t2"
+        );
         // A reopened log starts a new segment and never appends to a torn one.
         let mut w = Wal::open(dir.path(), u64::MAX, true).unwrap();
         w.append(&batch(1, 3_000)).unwrap();
@@ -227,5 +438,51 @@ mod tests {
         assert_eq!(segments(dir.path()).unwrap(), [1, 2]);
         assert_eq!(w.seal().unwrap(), Some(2));
         assert_eq!(w.seal().unwrap(), None);
+    }
+
+    #[test]
+    fn damage_in_the_middle_hides_no_record_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open(dir.path(), u64::MAX, true).unwrap();
+        for k in 0..5 {
+            w.append(&batch(10 + k, 1_000 * k as i64)).unwrap();
+        }
+        w.commit().unwrap();
+        w.seal().unwrap();
+        let p = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let whole = read_segment(&p).unwrap();
+        assert_eq!(whole.batches.len(), 5);
+        // Flip bytes inside the second record's payload (its checksum no longer holds).
+        let at = bytes.len() * 3 / 10;
+        for b in &mut bytes[at..at + 8] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&p, &bytes).unwrap();
+        let seg = read_segment(&p).unwrap();
+        let got = rows(&seg);
+        assert_eq!(got.len(), 4, "{got:?} {seg:?}");
+        // The records after the damage keep their indices (log positions stay true).
+        assert!(got.iter().all(|&(i, n)| n == 10 + i as usize), "{got:?}");
+        assert_eq!(seg.damage.len(), 1, "{seg:?}");
+        assert!(seg.torn.is_none());
+        // Garbage appended after the last record is damage at the end, not a torn record.
+        bytes.extend_from_slice(&[0xab; 64]);
+        std::fs::write(&p, &bytes).unwrap();
+        let seg = read_segment(&p).unwrap();
+        assert_eq!(seg.batches.len(), 4);
+        assert_eq!(seg.damage.len(), 2, "{seg:?}");
+    }
+
+    #[test]
+    fn segments_of_the_first_format_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = segment_path(dir.path(), 7);
+        let mut sw = StreamWriter::try_new(File::create(&p).unwrap(), &event_schema()).unwrap();
+        sw.write(&batch(4, 1_000)).unwrap();
+        sw.write(&batch(2, 2_000)).unwrap();
+        sw.finish().unwrap();
+        let seg = read_segment(&p).unwrap();
+        assert_eq!(rows(&seg), [(0, 4), (1, 2)]);
     }
 }
