@@ -904,11 +904,21 @@ impl Engine {
         // Refits happen at fixed event times (never past the newest event), so a large
         // batch and many small ones give the same scores.
         let limit = wm.min(self.max_ts);
+        let every = self.cfg.engine.refit_every.ms.max(1);
         while let Some(r) = self.next_refit.filter(|&r| r <= limit) {
             self.close_all(r, &mut out);
             self.watermark = self.watermark.max(r);
             self.refit(r);
-            self.next_refit = Some(r.saturating_add(self.cfg.engine.refit_every.ms));
+            let next = r.saturating_add(every);
+            // Event time that jumped far ahead (a long gap in traffic, or one broken clock)
+            // is caught up with one more refit at the last point of the grid before it, not
+            // one per interval of the gap: nothing arrived in between to refit on.
+            let skip = limit.saturating_sub(next) / every;
+            self.next_refit = Some(if skip >= 2 {
+                next.saturating_add(skip.saturating_mul(every))
+            } else {
+                next
+            });
         }
         self.close_all(wm, &mut out);
         self.watermark = wm;
@@ -1020,7 +1030,7 @@ impl Engine {
 }
 
 /// Version of [`EngineSnapshot::header`]; a snapshot of another version is refused.
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
 
 /// A consistent copy of the whole engine: restoring it and applying the same later batches
 /// gives the same scores as if the engine had never stopped.
@@ -1208,5 +1218,50 @@ impl Engine {
             }
         }
         Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(ts: &[i64]) -> RecordBatch {
+        let events: Vec<crate::server::pb::Event> = ts
+            .iter()
+            .map(|&t| crate::server::pb::Event {
+                ts_ms: t,
+                token_id: "tok".into(),
+                method: "GET".into(),
+                endpoint: "/a".into(),
+                status: 200,
+                bytes_out: 10,
+                src_ip: "10.0.0.1".into(),
+                ..Default::default()
+            })
+            .collect();
+        let clock = crate::server::convert::Clock {
+            now_ms: i64::MAX / 2,
+            max_future_skew_ms: 0,
+        };
+        crate::server::convert::to_batch(&events, 0, clock, &mut Default::default())
+    }
+
+    /// One event stamped decades ahead (a broken clock, an edited log) costs one catch-up
+    /// refit, not one per day of the jump.
+    #[test]
+    fn an_event_time_jump_does_not_make_refits_loop() {
+        let mut e = Engine::new(Config::default(), Registry::default());
+        let t0 = 1_772_409_600_000; // 2026-03-02
+        let ts: Vec<i64> = (0..4 * 1440).map(|m| t0 + m * 60_000).collect();
+        e.apply(&batch(&ts)).unwrap();
+        let before = e.stats().refits;
+        assert!(before >= 1);
+        let y2100 = 4_102_444_800_000;
+        e.apply(&batch(&[y2100])).unwrap();
+        let after = e.stats().refits;
+        assert!(after - before <= 3, "{before} -> {after} refits");
+        // Refits go on as usual after the jump.
+        e.apply(&batch(&[y2100 + 2 * 86_400_000])).unwrap();
+        assert!(e.stats().refits > after);
     }
 }

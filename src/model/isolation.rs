@@ -109,6 +109,27 @@ impl Tree {
         me
     }
 
+    /// A tree as [`Tree::build`] makes it: every child after its parent and inside the tree
+    /// (so no path can loop), thresholds finite.
+    fn validate(&self) -> Result<(), String> {
+        if self.nodes.is_empty() {
+            return Err("no nodes".into());
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Node::Split { t, l, r, .. } = n {
+                for c in [*l, *r] {
+                    if c as usize <= i || c as usize >= self.nodes.len() {
+                        return Err(format!("node {i} points to {c} (of {})", self.nodes.len()));
+                    }
+                }
+                if !t.is_finite() {
+                    return Err(format!("node {i} has threshold {t}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn path(&self, x: &Point) -> f32 {
         let mut i = 0usize;
         let mut depth = 0.0f32;
@@ -240,12 +261,24 @@ impl IsolationModel {
                     _ => leaf(r.u32()? as usize),
                 });
             }
-            trees.push(Tree { nodes });
+            let tree = Tree { nodes };
+            tree.validate().map_err(|e| {
+                DecodeError::Invalid(format!("isolation tree {}: {e}", trees.len()))
+            })?;
+            trees.push(tree);
         }
         let nc = r.u32()? as usize;
         let mut calib = Vec::with_capacity(nc.min(1 << 20));
         for _ in 0..nc {
             calib.push(r.f32()?);
+        }
+        if calib.iter().any(|c| !c.is_finite()) || calib.windows(2).any(|w| w[0] > w[1]) {
+            return Err(DecodeError::Invalid(
+                "isolation calibration scores are not finite and ascending".into(),
+            ));
+        }
+        if psi < 2 {
+            return Err(DecodeError::Invalid(format!("isolation sample size {psi}")));
         }
         Ok(IsolationModel { trees, psi, calib })
     }
@@ -391,6 +424,39 @@ mod tests {
         let back = IsolationModel::decode(&mut Reader::new(&w.buf)).unwrap();
         assert_eq!(m, back);
         assert!(IsolationModel::decode(&mut Reader::new(&w.buf[..w.buf.len() / 2])).is_err());
+    }
+
+    #[test]
+    fn a_cyclic_or_out_of_range_tree_is_refused() {
+        let bad = |nodes: Vec<Node>| {
+            let m = IsolationModel {
+                trees: vec![Tree { nodes }],
+                psi: 64,
+                calib: vec![0.1, 0.2],
+            };
+            let mut w = Writer::default();
+            m.encode(&mut w);
+            IsolationModel::decode(&mut Reader::new(&w.buf))
+        };
+        let split = |l, r| Node::Split { f: 0, t: 0.5, l, r };
+        // A node pointing to itself (it would loop for ever at scoring), back to its parent,
+        // or past the end.
+        for nodes in [
+            vec![split(0, 0)],
+            vec![split(1, 2), split(0, 2), leaf(1)],
+            vec![split(1, 9), leaf(1)],
+            vec![],
+        ] {
+            assert!(matches!(bad(nodes), Err(DecodeError::Invalid(_))));
+        }
+        let nan = Node::Split {
+            f: 0,
+            t: f32::NAN,
+            l: 1,
+            r: 2,
+        };
+        assert!(bad(vec![nan, leaf(1), leaf(1)]).is_err());
+        assert!(bad(vec![split(1, 2), leaf(1), leaf(1)]).is_ok());
     }
 
     #[test]

@@ -416,6 +416,10 @@ pub enum DecodeError {
     /// A token twice in one snapshot.
     #[error("token {0:?} appears twice")]
     Duplicate(String),
+    /// Decoded, but not a state this code could have written (an index out of range, a
+    /// cycle, a number that is not finite).
+    #[error("model state is invalid: {0}")]
+    Invalid(String),
 }
 
 /// The contract every per-token model follows (see the contract suite in the tests).
@@ -635,6 +639,40 @@ impl TokenState {
         self.surprise.0.encode(w);
     }
 
+    /// Every number of the state is finite (a decoded state that is not could only come
+    /// from a damaged or hand-made file, and would disable a signal for good).
+    fn check_finite(&self) -> Result<(), DecodeError> {
+        let tails = [
+            ("rate.up", &self.rate.up),
+            ("rate.down", &self.rate.down),
+            ("telemetry.bytes", &self.telemetry.bytes_tail),
+            ("telemetry.latency", &self.telemetry.latency_tail),
+            ("surprise", &self.surprise.0),
+        ];
+        let ewmas = self
+            .telemetry
+            .errors
+            .iter()
+            .chain([&self.telemetry.bytes, &self.telemetry.latency])
+            .chain([&self.peers.d_own, &self.peers.d_peer]);
+        let ok = [self.rate.level, self.rate.recent, self.rate.disp]
+            .iter()
+            .all(|v| v.is_finite())
+            && tails
+                .iter()
+                .all(|(_, t)| t.u.is_finite() && t.excess.is_finite() && t.max.is_finite())
+            && ewmas
+                .into_iter()
+                .all(|e| e.mean.is_finite() && e.var.is_finite());
+        if ok {
+            Ok(())
+        } else {
+            Err(DecodeError::Invalid(
+                "a number of the token's state is not finite".into(),
+            ))
+        }
+    }
+
     /// Read back what [`TokenState::encode`] wrote; the whole buffer must be used.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
@@ -680,6 +718,7 @@ impl TokenState {
         if r.remaining() != 0 {
             return Err(DecodeError::Trailing(r.remaining()));
         }
+        st.check_finite()?;
         Ok(st)
     }
 }

@@ -26,6 +26,24 @@ use crate::engine::{EngineSnapshot, TokenSnapshot, SNAPSHOT_VERSION};
 const KEY_VERSION: &str = "tokenwatch.snapshot_version";
 const KEY_SEGMENT: &str = "tokenwatch.wal_segment";
 const KEY_BATCHES: &str = "tokenwatch.wal_batches";
+const KEY_CHECKSUM: &str = "tokenwatch.crc32";
+
+/// CRC-32 of everything a snapshot holds, in its row order (checked before any state is
+/// decoded, so a damaged file is refused whole and the previous one used).
+fn checksum(header: &[u8], tokens: &[TokenSnapshot]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(header);
+    for t in tokens {
+        for part in [t.token.as_bytes(), &t.state, &t.open, &t.extra] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.update(&t.first_seen.to_le_bytes());
+        h.update(&t.last_seen.to_le_bytes());
+        h.update(&t.windows.to_le_bytes());
+    }
+    h.finalize()
+}
 /// Snapshots kept; older ones are deleted after a new one is written.
 pub const KEEP: usize = 3;
 const ROWS_PER_BATCH: usize = 64 * 1024;
@@ -84,6 +102,10 @@ pub fn write(dir: &Path, snap: &EngineSnapshot, pos: LogPos) -> Result<PathBuf, 
         KeyValue::new(KEY_VERSION.into(), SNAPSHOT_VERSION.to_string()),
         KeyValue::new(KEY_SEGMENT.into(), pos.segment.to_string()),
         KeyValue::new(KEY_BATCHES.into(), pos.batches.to_string()),
+        KeyValue::new(
+            KEY_CHECKSUM.into(),
+            checksum(&snap.header, &snap.tokens).to_string(),
+        ),
     ];
     let props = WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
@@ -236,6 +258,12 @@ pub fn read(path: &Path) -> Result<(EngineSnapshot, LogPos), Error> {
     }
     if first {
         return Err(bad("empty snapshot".into()));
+    }
+    let want: u32 = get(KEY_CHECKSUM)?
+        .parse()
+        .map_err(|_| bad("bad checksum".into()))?;
+    if checksum(&snap.header, &snap.tokens) != want {
+        return Err(bad("checksum mismatch: the snapshot is damaged".into()));
     }
     Ok((snap, pos))
 }
