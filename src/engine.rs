@@ -911,9 +911,22 @@ impl Engine {
             self.refit(r);
             let next = r.saturating_add(every);
             // Event time that jumped far ahead (a long gap in traffic, or one broken clock)
-            // is caught up with one more refit at the last point of the grid before it, not
-            // one per interval of the gap: nothing arrived in between to refit on.
-            let skip = limit.saturating_sub(next) / every;
+            // is caught up with one refit at the last point of the grid before the next open
+            // window, not one per interval of the gap: with no window open in between, those
+            // refits would all see the same state (so the scores are the same either way,
+            // whatever the batching).
+            let earliest = self
+                .shards
+                .iter()
+                .filter_map(|s| {
+                    let q = s.queue.keys().next().copied();
+                    let w = s.silence.keys().next().copied();
+                    q.into_iter().chain(w).min()
+                })
+                .min()
+                .unwrap_or(limit)
+                .min(limit);
+            let skip = earliest.saturating_sub(next) / every;
             self.next_refit = Some(if skip >= 2 {
                 next.saturating_add(skip.saturating_mul(every))
             } else {

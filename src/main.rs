@@ -345,8 +345,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             tls = tls.is_some(),
             "tokenwatch serving"
         );
-        // The one line scripts and tests wait for.
-        println!("listening on {addr}");
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "serving without TLS on a non-loopback address: bearer keys and events cross the network in clear (use --tls-cert/--tls-key)");
+        }
+        // The one line scripts and tests wait for: printed once state is recovered and every
+        // RPC is served.
+        let (ready, is_ready) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if is_ready.await.is_ok() {
+                println!("listening on {addr}");
+            }
+        });
         let opts = server::Options {
             config: cfg,
             registry,
@@ -357,6 +366,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             policies,
             dry_run: args.dry_run,
             faults: None,
+            ready: Some(ready),
         };
         let summary = server::run(listener, opts, server::shutdown_signal()).await?;
         // Whoever started us may have stopped reading stdout: not worth failing the stop.

@@ -65,11 +65,23 @@ impl TestServer {
             policies: Vec::new(),
             dry_run: false,
             faults: None,
+            ready: None,
         };
         f(&mut opts);
+        // Wait for readiness unless the test watches it itself.
+        let ready = if opts.ready.is_none() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            opts.ready = Some(tx);
+            Some(rx)
+        } else {
+            None
+        };
         let task = tokio::spawn(server::run(listener, opts, async {
             let _ = rx.await;
         }));
+        if let Some(r) = ready {
+            r.await.expect("the server did not become ready");
+        }
         TestServer {
             addr,
             stop: Some(tx),
@@ -558,6 +570,89 @@ async fn a_damaged_log_segment_is_quarantined_and_every_intact_record_recovered(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_until_a_slow_recovery_has_finished() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    // A long log to replay: 300 records of 1,000 events.
+    let mut wal =
+        tokenwatch::store::wal::Wal::open(&dir.path().join("wal"), u64::MAX, false).unwrap();
+    let clock = tokenwatch::server::convert::Clock {
+        now_ms: i64::MAX / 2,
+        max_future_skew_ms: 0,
+    };
+    for b in 0..300i64 {
+        let events: Vec<pb::Event> = (0..1000)
+            .map(|k| {
+                event(
+                    T0 + b * 60_000 + k,
+                    &format!("tok-{}", k % 200),
+                    "10.0.0.1",
+                    "FR",
+                    1,
+                    200,
+                )
+            })
+            .collect();
+        let batch =
+            tokenwatch::server::convert::to_batch(&events, 0, clock, &mut Default::default());
+        wal.append(&batch).unwrap();
+    }
+    wal.commit().unwrap();
+    drop(wal);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let d = dir.path().to_path_buf();
+    let srv = TestServer::start_opts(move |o| {
+        o.data_dir = Some(d);
+        o.ready = Some(ready_tx);
+    })
+    .await;
+    let ch = loop {
+        match Channel::from_shared(format!("http://{}", srv.addr))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(ch) => break ch,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let status = |h: &mut tonic_health::pb::health_client::HealthClient<Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: "tokenwatch.v1.TokenWatch".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+        }
+    };
+    assert_eq!(status(&mut health).await, ServingStatus::NotServing as i32);
+    // RPCs say why they cannot answer yet.
+    let e = srv
+        .client(Some(READ))
+        .await
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("recovering"), "{e:?}");
+    ready_rx.await.unwrap();
+    assert_eq!(status(&mut health).await, ServingStatus::Serving as i32);
+    let st = srv
+        .client(Some(READ))
+        .await
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.events + st.late_events, 300_000);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_and_roles_give_the_right_codes() {
     let srv = TestServer::start().await;
     let req = || pb::GetTokenRiskRequest {
@@ -821,6 +916,7 @@ async fn tls_serves_clients_that_trust_the_certificate() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let opts = server::Options {
         config: tokenwatch::Config::default(),
         registry: Default::default(),
@@ -831,10 +927,12 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         policies: Vec::new(),
         dry_run: false,
         faults: None,
+        ready: Some(ready_tx),
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;
     }));
+    ready_rx.await.expect("the server did not become ready");
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&pem))
         .domain_name("localhost");

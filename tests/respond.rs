@@ -84,6 +84,7 @@ async fn run_scenario(dir: &std::path::Path, policies: &str, dry_run: bool) {
     config.respond.backoff = tokenwatch::config::Duration { ms: 10 };
     config.respond.timeout = tokenwatch::config::Duration { ms: 2_000 };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let opts = server::Options {
         config,
         registry: Default::default(),
@@ -94,10 +95,12 @@ async fn run_scenario(dir: &std::path::Path, policies: &str, dry_run: bool) {
         policies: tokenwatch::respond::policy::parse(policies, "test").unwrap(),
         dry_run,
         faults: None,
+        ready: Some(ready_tx),
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;
     }));
+    ready_rx.await.expect("the server did not become ready");
     let ch = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -266,6 +269,7 @@ async fn verdict_then_same_behaviour(verdict: &str) -> (pb::FeedbackResponse, pb
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let opts = server::Options {
         config: tokenwatch::Config::default(),
         registry: Default::default(),
@@ -280,10 +284,12 @@ async fn verdict_then_same_behaviour(verdict: &str) -> (pb::FeedbackResponse, pb
         .unwrap(),
         dry_run: false,
         faults: None,
+        ready: Some(ready_tx),
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;
     }));
+    ready_rx.await.expect("the server did not become ready");
     let ch = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()

@@ -128,6 +128,7 @@ async fn serve_and_replay_give_the_same_scores_and_alerts() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let opts = server::Options {
         config: cfg.clone(),
         registry,
@@ -138,10 +139,12 @@ async fn serve_and_replay_give_the_same_scores_and_alerts() {
         policies,
         dry_run: false,
         faults: None,
+        ready: Some(ready_tx),
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = stopped.await;
     }));
+    ready_rx.await.expect("the server did not become ready");
     let ch = Channel::from_shared(format!("http://{addr}")).unwrap();
     let ch = loop {
         match ch.connect().await {

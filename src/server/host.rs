@@ -192,8 +192,6 @@ const COALESCE_ROWS: usize = 65_536;
 
 /// What the engine thread needs besides the engine.
 pub struct Setup {
-    /// Batches queued towards the engine.
-    pub queue: usize,
     /// Idle close after this much processing time without events.
     pub idle_close: Duration,
     /// Durable store (None: in memory only).
@@ -208,17 +206,32 @@ pub struct Setup {
     pub responder: Option<crate::respond::actions::Responder>,
 }
 
+/// Wall-clock time in ms since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl Host {
-    /// Start the engine thread; `board` may already hold restored scores.
-    pub fn start(engine: Engine, board: Arc<Board>, setup: Setup) -> Host {
-        let (tx, rx) = mpsc::channel(setup.queue);
+    /// Start the engine thread on a queue made earlier (the service holds its sender before
+    /// the engine exists, while state is recovered); `board` may already hold restored
+    /// scores. The thread stores its progress (ms since the epoch when it last took a
+    /// command) in `heartbeat` for the watchdog.
+    pub fn start_on(
+        (tx, rx): (mpsc::Sender<Cmd>, mpsc::Receiver<Cmd>),
+        engine: Engine,
+        board: Arc<Board>,
+        setup: Setup,
+        heartbeat: Arc<AtomicU64>,
+    ) -> Host {
         let b = board.clone();
         let me = tx.clone();
         let thread = std::thread::Builder::new()
             .name("tokenwatch-engine".into())
             .spawn(move || {
                 lower_priority();
-                Worker::new(engine, b, setup, me).run(rx)
+                Worker::new(engine, b, setup, me).run(rx, &heartbeat)
             })
             .ok();
         Host { tx, board, thread }
@@ -274,9 +287,10 @@ impl Worker {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Cmd>, heartbeat: &AtomicU64) {
         let mut next: Option<Cmd> = None;
         loop {
+            heartbeat.store(now_ms(), Ordering::Relaxed);
             let cmd = match next.take() {
                 Some(c) => c,
                 None => match rx.blocking_recv() {

@@ -74,7 +74,14 @@ pub struct Options {
     pub dry_run: bool,
     /// Test hook: failures injected into the write-ahead log (`None` in production).
     pub faults: Option<Arc<crate::store::wal::Faults>>,
+    /// Told once state is recovered and every RPC is served (the readiness line waits for
+    /// it); until then health says NOT_SERVING and RPCs answer UNAVAILABLE.
+    pub ready: Option<oneshot::Sender<()>>,
 }
+
+/// The engine thread counts as stuck when it has not finished a command (it gets a tick
+/// every second) for this long: health says NOT_SERVING until it moves again.
+const WATCHDOG_AFTER: Duration = Duration::from_secs(60);
 
 /// What a server did, returned after a clean shutdown.
 #[derive(Debug, Clone, Default)]
@@ -87,6 +94,22 @@ pub struct Summary {
     pub alerts: u64,
 }
 
+/// Health of the service and of the server as a whole (the empty service name).
+async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let s = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    h.set_service_status("", s).await;
+    h.set_service_status(
+        <pb::token_watch_server::TokenWatchServer<service::Service> as tonic::server::NamedService>::NAME,
+        s,
+    )
+    .await;
+}
+
 /// Serve on `listener` until `shutdown` resolves; then stop accepting, let in-flight
 /// requests finish (at most `shutdown_grace`), close every open window and return.
 pub async fn run(
@@ -96,36 +119,99 @@ pub async fn run(
 ) -> Result<Summary, Error> {
     let scfg = opts.config.server.clone();
     let board = Arc::new(host::Board::new(scfg.alert_buffer));
-    let (engine, store, replayed) = match opts.data_dir.clone() {
-        None => (
-            Engine::new(opts.config.clone(), opts.registry.clone()),
-            None,
-            0,
-        ),
-        Some(dir) => {
-            let (cfg, reg) = (opts.config.clone(), opts.registry.clone());
-            let t0 = std::time::Instant::now();
-            let (mut store, rec) =
-                tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, &cfg, reg))
-                    .await
-                    .map_err(|e| Error::Task(e.to_string()))??;
-            store.set_faults(opts.faults.clone());
-            for w in &rec.warnings {
-                tracing::warn!("{w}");
+    // The engine's queue exists before the engine: the service is reachable (and says it is
+    // recovering) while state is read back.
+    let (etx, erx) = tokio::sync::mpsc::channel(scfg.queue_batches.max(1));
+    let (close_tx, close_rx) = watch::channel(false);
+    let (finished_tx, finished_rx) = watch::channel(false);
+    let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let svc = service::Service {
+        engine: etx.clone(),
+        board: board.clone(),
+        ready: ready_rx,
+        cfg: scfg.clone(),
+        streams: streams.clone(),
+        closing: close_rx,
+        finished: finished_rx,
+    };
+    let authn = auth::Authenticate {
+        keys: opts.keys.map(Arc::new),
+    };
+    let api = pb::token_watch_server::TokenWatchServer::new(svc)
+        .max_decoding_message_size(scfg.max_message_bytes)
+        .max_encoding_message_size(scfg.max_message_bytes);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    // NOT_SERVING (the service and the server as a whole) until state is recovered.
+    set_health(&health, false).await;
+
+    let mut builder = Server::builder()
+        .max_concurrent_streams(Some(256))
+        .concurrency_limit_per_connection(256)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some((cert, key)) = opts.tls {
+        builder =
+            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut server = tokio::spawn(
+        builder
+            .add_service(health_svc)
+            .add_service(InterceptedService::new(reflection, authn.clone()))
+            .add_service(InterceptedService::new(api, authn))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+    let recovered = async {
+        let (engine, store, replayed) = match opts.data_dir.clone() {
+            None => (
+                Engine::new(opts.config.clone(), opts.registry.clone()),
+                None,
+                0,
+            ),
+            Some(dir) => {
+                let (cfg, reg) = (opts.config.clone(), opts.registry.clone());
+                let t0 = std::time::Instant::now();
+                let (mut store, rec) =
+                    tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, &cfg, reg))
+                        .await
+                        .map_err(|e| Error::Task(e.to_string()))??;
+                store.set_faults(opts.faults.clone());
+                for w in &rec.warnings {
+                    tracing::warn!("{w}");
+                }
+                board.restore(rec.extras.iter().filter_map(|(t, b)| {
+                    let r: pb::TokenRisk = prost::Message::decode(b.as_slice()).ok()?;
+                    Some((t.clone(), r))
+                }));
+                board.publish_quietly(&rec.scores);
+                tracing::info!(
+                    snapshot = ?rec.snapshot,
+                    batches = rec.replayed_batches,
+                    events = rec.replayed_events,
+                    seconds = t0.elapsed().as_secs_f64(),
+                    "state recovered"
+                );
+                (rec.engine, Some(store), rec.replayed_batches)
             }
-            board.restore(rec.extras.iter().filter_map(|(t, b)| {
-                let r: pb::TokenRisk = prost::Message::decode(b.as_slice()).ok()?;
-                Some((t.clone(), r))
-            }));
-            board.publish_quietly(&rec.scores);
-            tracing::info!(
-                snapshot = ?rec.snapshot,
-                batches = rec.replayed_batches,
-                events = rec.replayed_events,
-                seconds = t0.elapsed().as_secs_f64(),
-                "state recovered"
-            );
-            (rec.engine, Some(store), rec.replayed_batches)
+        };
+        Ok::<_, Error>((engine, store, replayed))
+    }
+    .await;
+    let (engine, store, replayed) = match recovered {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = stop_tx.send(());
+            let _ = server.await;
+            return Err(e);
         }
     };
     let (responder, deliveries) = if opts.policies.is_empty() {
@@ -147,11 +233,12 @@ pub async fn run(
         let task = tokio::spawn(crate::respond::actions::run(rx, actions));
         (Some(responder), Some(task))
     };
-    let host = host::Host::start(
+    let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(host::now_ms()));
+    let host = host::Host::start_on(
+        (etx, erx),
         engine,
         board,
         host::Setup {
-            queue: scfg.queue_batches,
             idle_close: Duration::from_millis(scfg.idle_close.ms as u64),
             snapshot_every: Duration::from_millis(
                 opts.config.store.snapshot_every.ms.max(1000) as u64
@@ -161,6 +248,7 @@ pub async fn run(
             registry: opts.registry.clone(),
             responder,
         },
+        heartbeat.clone(),
     );
     if replayed > 0 {
         // Start from a fresh snapshot, so the next restart replays nothing twice over.
@@ -171,41 +259,14 @@ pub async fn run(
             }
         }
     }
-    let (close_tx, close_rx) = watch::channel(false);
-    let (finished_tx, finished_rx) = watch::channel(false);
-    let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));
-    let svc = service::Service {
-        engine: host.tx.clone(),
-        board: host.board.clone(),
-        cfg: scfg.clone(),
-        streams: streams.clone(),
-        closing: close_rx,
-        finished: finished_rx,
-    };
-    let authn = auth::Authenticate {
-        keys: opts.keys.map(Arc::new),
-    };
-    let api = pb::token_watch_server::TokenWatchServer::new(svc)
-        .max_decoding_message_size(scfg.max_message_bytes)
-        .max_encoding_message_size(scfg.max_message_bytes);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Reflection(e.to_string()))?;
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::token_watch_server::TokenWatchServer<service::Service>>()
-        .await;
-
-    let mut builder = Server::builder()
-        .max_concurrent_streams(Some(256))
-        .concurrency_limit_per_connection(256)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some((cert, key)) = opts.tls {
-        builder =
-            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    if replayed > 0 {
+        // Start from a fresh snapshot, so the next restart replays nothing twice over.
+        let (tx, rx) = oneshot::channel();
+        if host.tx.send(host::Cmd::Snapshot(tx)).await.is_ok() {
+            if let Ok(Err(e)) = rx.await {
+                tracing::warn!(error = %e, "snapshot after recovery failed");
+            }
+        }
     }
     // Idle close runs on processing time; a full queue means the engine is busy anyway.
     let ticker = {
@@ -223,23 +284,44 @@ pub async fn run(
             }
         })
     };
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut server = tokio::spawn(
-        builder
-            .add_service(health_svc)
-            .add_service(InterceptedService::new(reflection, authn.clone()))
-            .add_service(InterceptedService::new(api, authn))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let watchdog = {
+        let health = health.clone();
+        let heartbeat = heartbeat.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            let mut stuck = false;
+            loop {
+                every.tick().await;
+                let idle = host::now_ms()
+                    .saturating_sub(heartbeat.load(std::sync::atomic::Ordering::Relaxed));
+                let now_stuck = idle > WATCHDOG_AFTER.as_millis() as u64;
+                if now_stuck != stuck {
+                    stuck = now_stuck;
+                    if stuck {
+                        tracing::error!(
+                            seconds = idle / 1000,
+                            "the engine thread makes no progress: health is NOT_SERVING"
+                        );
+                    } else {
+                        tracing::warn!("the engine thread moves again: health is SERVING");
+                    }
+                    set_health(&health, !stuck).await;
+                }
+            }
+        })
+    };
+    let _ = ready_tx.send(true);
+    set_health(&health, true).await;
+    if let Some(r) = opts.ready {
+        let _ = r.send(());
+    }
     let early = tokio::select! {
         r = &mut server => Some(r),
         _ = shutdown => None,
     };
     if let Some(r) = early {
         ticker.abort();
+        watchdog.abort();
         let _ = host.stop().await;
         return match r {
             Ok(Ok(())) => Err(Error::Task("server stopped by itself".into())),

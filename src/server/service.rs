@@ -29,6 +29,8 @@ pub struct Service {
     pub(super) closing: watch::Receiver<bool>,
     /// Becomes true once the last windows are published: alert streams drain and end.
     pub(super) finished: watch::Receiver<bool>,
+    /// Becomes true once state is recovered: until then every RPC is UNAVAILABLE.
+    pub(super) ready: watch::Receiver<bool>,
 }
 
 fn now_ms() -> i64 {
@@ -39,6 +41,17 @@ fn now_ms() -> i64 {
 }
 
 impl Service {
+    /// UNAVAILABLE while state is being recovered.
+    fn ready(&self) -> Result<(), Status> {
+        if *self.ready.borrow() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "recovering state after a restart; retry shortly (health says SERVING when done)",
+            ))
+        }
+    }
+
     /// Wait until everything queued so far is durable and applied.
     async fn flush(&self) -> Result<(), Status> {
         let (tx, rx) = oneshot::channel();
@@ -65,6 +78,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         require(&req, Role::Ingest)?;
+        self.ready()?;
         let mut closing = self.closing.clone();
         if *closing.borrow() {
             return Err(Status::unavailable("server shutting down"));
@@ -182,6 +196,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::GetTokenRiskRequest>,
     ) -> Result<Response<pb::TokenRisk>, Status> {
         require(&req, Role::Read)?;
+        self.ready()?;
         let token = &req.get_ref().token_id;
         match self.board.get(token) {
             Some(r) => Ok(Response::new(r.as_ref().clone())),
@@ -196,6 +211,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::ListRiskyTokensRequest>,
     ) -> Result<Response<pb::ListRiskyTokensResponse>, Status> {
         require(&req, Role::Read)?;
+        self.ready()?;
         let r = req.get_ref();
         if !r.min_risk.is_finite() {
             return Err(Status::invalid_argument("min_risk must be a number"));
@@ -220,6 +236,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::WatchAlertsRequest>,
     ) -> Result<Response<AlertStream>, Status> {
         require(&req, Role::Read)?;
+        self.ready()?;
         let min_risk = req.get_ref().min_risk;
         if !min_risk.is_finite() {
             return Err(Status::invalid_argument("min_risk must be a number"));
@@ -263,6 +280,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::RetrainRequest>,
     ) -> Result<Response<pb::RetrainResponse>, Status> {
         require(&req, Role::Admin)?;
+        self.ready()?;
         let r = req.get_ref();
         let (tx, rx) = oneshot::channel();
         self.engine
@@ -283,6 +301,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         require(&req, Role::Admin)?;
+        self.ready()?;
         let (tx, rx) = oneshot::channel();
         self.engine
             .send(Cmd::Snapshot(tx))
@@ -302,6 +321,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::FeedbackRequest>,
     ) -> Result<Response<pb::FeedbackResponse>, Status> {
         require(&req, Role::Admin)?;
+        self.ready()?;
         let r = req.into_inner();
         let verdict = crate::engine::Verdict::parse(&r.verdict).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -336,6 +356,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         req: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         require(&req, Role::Read)?;
+        self.ready()?;
         let (tx, rx) = oneshot::channel();
         self.engine
             .send(Cmd::Stats(tx))
