@@ -210,9 +210,13 @@ pub struct ServeArgs {
     /// make none.
     #[arg(long)]
     pub dry_run: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). With
+    /// `--keys`, a scrape needs a bearer key of any role.
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve /metrics without a key even when the API has keys.
+    #[arg(long)]
+    pub metrics_public: bool,
 }
 
 /// Flags shared by `eval` and `replay`.

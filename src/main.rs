@@ -332,8 +332,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         if let Some(m) = args.metrics_listen {
-            tokenwatch::server::telemetry::install(m).map_err(anyhow::Error::msg)?;
-            tracing::info!(addr = %m, "metrics at /metrics");
+            let mkeys = (!args.metrics_public)
+                .then(|| keys.clone().map(std::sync::Arc::new))
+                .flatten();
+            let bound = tokenwatch::server::telemetry::install(m, mkeys.clone())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(addr = %bound, key = mkeys.is_some(), "metrics at /metrics");
         }
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await

@@ -771,19 +771,23 @@ fn sigterm_shuts_down_gracefully() {
             .into_inner()
     });
     assert_eq!(r.accepted, 60);
-    // Prometheus text at /metrics.
-    let text = {
+    // Prometheus text at /metrics, for a bearer key only (the server has keys).
+    let scrape = |auth: &str| {
         use std::io::{Read, Write};
         let mut conn = std::net::TcpStream::connect(&metrics).unwrap();
         write!(
             conn,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
         )
         .unwrap();
         let mut t = String::new();
         conn.read_to_string(&mut t).unwrap();
         t
     };
+    assert!(scrape("").starts_with("HTTP/1.1 401"), "{}", scrape(""));
+    assert!(scrape("Authorization: Bearer not-a-key-at-all-0000\r\n").starts_with("HTTP/1.1 401"));
+    let text = scrape(&format!("Authorization: Bearer {READ}\r\n"));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     for name in [
         "tokenwatch_events_accepted_total 60",
         "tokenwatch_events_rejected_total 0",

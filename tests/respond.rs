@@ -19,18 +19,26 @@ use tonic::transport::Channel;
 struct Receiver {
     addr: String,
     seen: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+    /// Every call as it came.
+    raw: Arc<Mutex<Vec<RawCall>>>,
 }
+
+/// (path, timestamp header, signature header, raw body) of one call.
+type RawCall = (String, String, String, Vec<u8>);
 
 impl Receiver {
     fn start() -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let raw = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let raw_log = raw.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 let log = log.clone();
+                let raw_log = raw_log.clone();
                 std::thread::spawn(move || {
                     let mut r = BufReader::new(conn.try_clone().unwrap());
                     loop {
@@ -40,19 +48,30 @@ impl Receiver {
                         }
                         let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
                         let mut len = 0;
+                        let (mut ts, mut sig) = (String::new(), String::new());
                         loop {
                             let mut h = String::new();
                             r.read_line(&mut h).unwrap();
                             if h == "\r\n" || h.is_empty() {
                                 break;
                             }
-                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
-                            {
+                            let lower = h.to_ascii_lowercase();
+                            if let Some(v) = lower.strip_prefix("content-length:") {
                                 len = v.trim().parse().unwrap();
+                            }
+                            if let Some(v) = lower.strip_prefix("x-tokenwatch-timestamp:") {
+                                ts = v.trim().to_string();
+                            }
+                            if let Some(v) = lower.strip_prefix("x-tokenwatch-signature:") {
+                                sig = v.trim().to_string();
                             }
                         }
                         let mut body = vec![0; len];
                         r.read_exact(&mut body).unwrap();
+                        raw_log
+                            .lock()
+                            .unwrap()
+                            .push((path.clone(), ts, sig, body.clone()));
                         let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                         log.lock().unwrap().push((path.clone(), json));
                         let status = if path.starts_with("/fail") {
@@ -65,7 +84,7 @@ impl Receiver {
                 });
             }
         });
-        Receiver { addr, seen }
+        Receiver { addr, seen, raw }
     }
 
     fn on(&self, path: &str) -> Vec<serde_json::Value> {
@@ -92,7 +111,11 @@ async fn run_scenario(dir: &std::path::Path, policies: &str, dry_run: bool) {
         tls: None,
         shutdown_grace: Duration::from_secs(20),
         data_dir: Some(dir.to_path_buf()),
-        policies: tokenwatch::respond::policy::parse(policies, "test").unwrap(),
+        policies: {
+            let mut p = tokenwatch::respond::policy::parse(policies, "test").unwrap();
+            tokenwatch::respond::policy::resolve_secrets(&mut p, "test").unwrap();
+            p
+        },
         dry_run,
         faults: None,
         ready: Some(ready_tx),
@@ -152,6 +175,9 @@ fn audit(dir: &std::path::Path) -> Vec<serde_json::Value> {
 async fn policies_fire_dedup_retry_dead_letter_revoke_and_audit() {
     let rx = Receiver::start();
     let dir = tempfile::tempdir().unwrap();
+    const KEY: &str = "hook-signing-key-0123456789";
+    let secret = dir.path().join("hook.secret");
+    common::write_secret(&secret, &format!("{KEY}\n"));
     let policies = format!(
         r#"
 [[policy]]
@@ -161,6 +187,7 @@ consecutive_windows = 3
 cooldown = "30m"
 severity = "critical"
 webhook = "http://{0}/hook"
+secret_file = "{1}"
 
 [[policy]]
 name = "broken-receiver"
@@ -175,7 +202,8 @@ min_risk = 50
 cooldown = "6h"
 revoke_url = "http://{0}/revoke"
 "#,
-        rx.addr
+        rx.addr,
+        secret.display()
     );
     let t0 = Instant::now();
     run_scenario(dir.path(), &policies, false).await;
@@ -189,6 +217,25 @@ revoke_url = "http://{0}/revoke"
         .map(|h| (h["event"].as_str().unwrap(), h["windows"].as_u64().unwrap()))
         .collect();
     assert_eq!(events, [("fired", 1), ("updated", 2)], "{hooks:#?}");
+    // Each call is signed: HMAC-SHA256 of "timestamp.body" under the policy's key, as a
+    // receiver checks it; the unsigned policies send no signature.
+    for (path, ts, sig, body) in rx.raw.lock().unwrap().iter() {
+        if path != "/hook" {
+            assert!(sig.is_empty(), "{path} {sig}");
+            continue;
+        }
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, KEY.as_bytes());
+        let hex = sig.strip_prefix("sha256=").expect(sig);
+        let tag: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let msg = [ts.as_bytes(), b".", body].concat();
+        ring::hmac::verify(&key, &msg, &tag).expect("the signature verifies");
+        let forged = [ts.as_bytes(), b".", b"{}"].concat();
+        assert!(ring::hmac::verify(&key, &forged, &tag).is_err());
+        let age = chrono::Utc::now().timestamp() - ts.parse::<i64>().unwrap();
+        assert!((0..300).contains(&age), "{ts}");
+    }
     assert_eq!(hooks[0]["alert_id"], hooks[1]["alert_id"]);
     assert_eq!(hooks[0]["token_id"], "svc-03");
     assert_eq!(hooks[0]["severity"], "critical");

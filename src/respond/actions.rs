@@ -145,6 +145,7 @@ async fn post(
     cfg: &RespondConfig,
     url: &str,
     body: &serde_json::Value,
+    secret: &crate::respond::policy::Secret,
 ) -> Result<String, String> {
     let bytes = Bytes::from(body.to_string());
     let mut wait = Duration::from_millis(cfg.backoff.ms.max(0) as u64);
@@ -155,9 +156,19 @@ async fn post(
             tokio::time::sleep(wait).await;
             wait *= 2;
         }
-        let req = hyper::Request::post(url)
+        let mut req = hyper::Request::post(url)
             .header("content-type", "application/json")
-            .header("user-agent", "tokenwatch")
+            .header("user-agent", "tokenwatch");
+        // Signed at each attempt: a receiver may refuse stale timestamps (replays).
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some((ts, sig)) = secret.sign(&bytes, unix_s) {
+            req = req
+                .header("x-tokenwatch-timestamp", ts)
+                .header("x-tokenwatch-signature", sig);
+        }
+        let req = req
             .body(Full::new(bytes.clone()))
             .map_err(|e| format!("bad request for {url}: {e}"))?;
         match tokio::time::timeout(timeout, client.request(req)).await {
@@ -215,7 +226,7 @@ async fn deliver(client: &HttpClient, actions: &Actions, job: Job) {
     }
     if let Some(url) = p.webhook.as_deref().filter(|_| notify(d)) {
         let body = payload(&job);
-        match post(client, &actions.cfg, url, &body).await {
+        match post(client, &actions.cfg, url, &body, &p.secret).await {
             Ok(r) => actions.audit_record(&job, "webhook", &r),
             Err(e) => {
                 tracing::warn!(policy = %p.name, alert = %d.alert_id, error = %e, "webhook dead-lettered");
@@ -244,7 +255,7 @@ async fn deliver(client: &HttpClient, actions: &Actions, job: Job) {
     } else if actions.dry_run {
         actions.audit_record(&job, "revoke", &format!("dry_run: would POST to {url}"));
     } else {
-        match post(client, &actions.cfg, url, &body).await {
+        match post(client, &actions.cfg, url, &body, &p.secret).await {
             Ok(r) => {
                 tracing::warn!(policy = %p.name, alert = %d.alert_id, "token revocation requested");
                 actions.audit_record(&job, "revoke", &r)

@@ -53,6 +53,48 @@ pub struct Policy {
     /// POST a revocation request for the token here (enforce mode only).
     #[serde(default)]
     pub revoke_url: Option<String>,
+    /// Name of an environment variable holding the key that signs this policy's calls.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// A file holding the key that signs this policy's calls (one line; keep it chmod 600).
+    #[serde(default)]
+    pub secret_file: Option<String>,
+    /// The signing key, read from `secret_env` or `secret_file` when the policies are
+    /// loaded (never printed).
+    #[serde(skip)]
+    pub secret: Secret,
+}
+
+/// A signing key that never shows in logs or debug output.
+#[derive(Clone, Default, PartialEq)]
+pub struct Secret(pub Option<std::sync::Arc<[u8]>>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Secret(<redacted>)"
+        } else {
+            "Secret(none)"
+        })
+    }
+}
+
+impl Secret {
+    /// Headers that let a receiver verify a call: the unix time in seconds, and
+    /// `sha256=` + hex HMAC-SHA256 of `"{timestamp}.{body}"` under the key. `None` without
+    /// a key.
+    pub fn sign(&self, body: &[u8], unix_s: u64) -> Option<(String, String)> {
+        let key = self.0.as_ref()?;
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        let ts = unix_s.to_string();
+        let mut ctx = ring::hmac::Context::with_key(&k);
+        ctx.update(ts.as_bytes());
+        ctx.update(b".");
+        ctx.update(body);
+        let tag = ctx.sign();
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Some((ts, format!("sha256={hex}")))
+    }
 }
 
 fn default_mode() -> Mode {
@@ -134,6 +176,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Policy>, Error> {
                 )));
             }
         }
+        if p.secret_env.is_some() && p.secret_file.is_some() {
+            return Err(err(format!(
+                "policy {}: give secret_env or secret_file, not both",
+                p.name
+            )));
+        }
         if p.revoke_url.is_some() && p.mode != Mode::Enforce {
             tracing::info!(policy = %p.name, "revoke_url set on an alert-mode policy: revocations are only recorded");
         }
@@ -147,7 +195,49 @@ pub fn load(path: &Path) -> Result<Vec<Policy>, Error> {
         origin: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    parse(&text, &path.display().to_string())
+    let mut policies = parse(&text, &path.display().to_string())?;
+    resolve_secrets(&mut policies, &path.display().to_string())?;
+    Ok(policies)
+}
+
+/// Read each policy's signing key from its `secret_env` or `secret_file` (relative paths
+/// are taken from the working directory). The key itself is never part of an error.
+pub fn resolve_secrets(policies: &mut [Policy], origin: &str) -> Result<(), Error> {
+    let err = |reason: String| Error {
+        origin: origin.into(),
+        reason,
+    };
+    for p in policies.iter_mut() {
+        let key = if let Some(var) = &p.secret_env {
+            Some(
+                std::env::var(var)
+                    .map_err(|_| err(format!("policy {}: secret_env {var} is not set", p.name)))?,
+            )
+        } else if let Some(file) = &p.secret_file {
+            Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| err(format!("policy {}: secret_file {file}: {e}", p.name)))?,
+            )
+        } else {
+            None
+        };
+        p.secret = match key.map(|k| k.trim().to_string()) {
+            Some(k) if k.len() < 16 => {
+                return Err(err(format!(
+                    "policy {}: the signing key is shorter than 16 characters",
+                    p.name
+                )))
+            }
+            Some(k) => Secret(Some(k.into_bytes().into())),
+            None => {
+                if p.webhook.is_some() || p.revoke_url.is_some() {
+                    tracing::warn!(policy = %p.name, "no secret_env/secret_file: its calls are unsigned, receivers cannot tell them from forged ones");
+                }
+                Secret(None)
+            }
+        };
+    }
+    Ok(())
 }
 
 /// Fired (new) or updated (grown) alert.
