@@ -16,7 +16,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use super::wal::{compacted_marker, read_segment, segment_path};
+use super::wal::{compacted_marker, read_segment_with, segment_path};
 use super::{format, io, sync_dir, Error};
 use crate::event::{col, event_schema};
 
@@ -57,14 +57,15 @@ fn remove_parts(events: &Path, seq: u64) -> Result<(), Error> {
 }
 
 /// Write segment `seq` of `wal` into the history under `events`, once. Returns the rows
-/// written (0 if it was already there).
-pub fn compact(wal: &Path, events: &Path, seq: u64) -> Result<u64, Error> {
+/// written (0 if it was already there). `validate`: check its rows again (a segment found
+/// at start); a segment this process wrote holds only rows it validated at ingest.
+pub fn compact(wal: &Path, events: &Path, seq: u64, validate: bool) -> Result<u64, Error> {
     let marker = compacted_marker(wal, seq);
     if marker.exists() {
         return Ok(0);
     }
     remove_parts(events, seq)?;
-    let batches = read_segment(&segment_path(wal, seq))?.into_batches();
+    let batches = read_segment_with(&segment_path(wal, seq), validate)?.into_batches();
     // Rows of each date, in log order.
     let mut by_date: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     for b in &batches {

@@ -356,7 +356,7 @@ impl Store {
             feedback: JsonLog::new(Some(dir.join(FEEDBACK_LOG))),
         };
         // Segments of earlier runs are whole (torn tails end at the last whole batch).
-        store.compact_sealed()?;
+        store.compact_sealed(true)?;
         Ok((
             store,
             Recovered {
@@ -384,7 +384,7 @@ impl Store {
     /// Make every appended batch durable; a segment past its size is sealed and compacted.
     pub fn commit(&mut self) -> Result<(), Error> {
         if self.wal.commit()?.is_some() {
-            self.compact_sealed()?;
+            self.compact_sealed(false)?;
         }
         Ok(())
     }
@@ -398,7 +398,7 @@ impl Store {
     ) -> Result<PathBuf, Error> {
         self.wal.seal()?;
         let path = snapshot::write(&snapshots_dir(&self.dir), snap, self.wal.pos())?;
-        self.compact_sealed()?;
+        self.compact_sealed(false)?;
         // A segment may go once it is in the history and the oldest kept snapshot (the
         // last fallback) is past it.
         let snaps = snapshot::list(&snapshots_dir(&self.dir))?;
@@ -422,7 +422,7 @@ impl Store {
     /// Seal the log and put every sealed segment into the history (server stop).
     pub fn close(mut self) -> Result<(), Error> {
         self.wal.seal()?;
-        self.compact_sealed()
+        self.compact_sealed(false)
     }
 
     /// Log position after the last appended batch.
@@ -434,7 +434,7 @@ impl Store {
     /// holds everything before [`Store::pos`].
     pub fn seal(&mut self) -> Result<LogPos, Error> {
         self.wal.seal()?;
-        self.compact_sealed()?;
+        self.compact_sealed(false)?;
         Ok(self.wal.pos())
     }
 
@@ -477,12 +477,14 @@ impl Store {
         &self.dir
     }
 
-    fn compact_sealed(&self) -> Result<(), Error> {
+    /// Put every sealed segment into the history; `validate`: check rows again (segments of
+    /// earlier runs, at start).
+    fn compact_sealed(&self, validate: bool) -> Result<(), Error> {
         let wal_d = wal_dir(&self.dir);
         let current = self.wal.pos().segment;
         for seg in wal::segments(&wal_d)? {
             if seg < current {
-                history::compact(&wal_d, &events_dir(&self.dir), seg)?;
+                history::compact(&wal_d, &events_dir(&self.dir), seg, validate)?;
             }
         }
         Ok(())
