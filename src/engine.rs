@@ -214,12 +214,15 @@ struct Shard {
     stats: Stats,
     /// Recently quarantined windows per token (slot), for false-positive verdicts.
     held: FxHashMap<u32, Vec<WindowAgg>>,
+    /// Learning rate of each token's surprise distribution (`score.calibration-windows`).
+    calibration_alpha: f64,
 }
 
 impl Shard {
     fn new(cfg: Arc<Config>, registry: Arc<Registry>, global: Arc<Global>) -> Self {
         Shard {
             models: Models::new(&cfg),
+            calibration_alpha: Ewma::alpha(cfg.score.calibration_windows),
             reservoir: Reservoir::new(cfg.isolation.reservoir),
             cfg,
             registry,
@@ -520,7 +523,7 @@ impl Shard {
         if learned && agg.start - st.first_seen >= 86_400_000 {
             st.surprise
                 .0
-                .update(r.surprise, Ewma::alpha(cfg.score.calibration_windows));
+                .update(r.surprise, self.calibration_alpha);
         }
         self.models.track(st, agg, &ctx, held, scratch);
         if learned && silent {
