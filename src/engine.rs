@@ -521,9 +521,7 @@ impl Shard {
         // The token's own distribution of surprise learns from its ordinary (learned)
         // windows, not in its first day (everything is new then).
         if learned && agg.start - st.first_seen >= 86_400_000 {
-            st.surprise
-                .0
-                .update(r.surprise, self.calibration_alpha);
+            st.surprise.0.update(r.surprise, self.calibration_alpha);
         }
         self.models.track(st, agg, &ctx, held, scratch);
         if learned && silent {
