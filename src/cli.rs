@@ -145,6 +145,9 @@ pub enum Command {
         /// GetTokenRisk calls per second during the load (0 = none).
         #[arg(long, default_value_t = 1_000)]
         risk_rate: u32,
+        /// ListRiskyTokens calls (limit 20) after the load, one after another (0 = none).
+        #[arg(long, default_value_t = 0)]
+        list_calls: u32,
         /// Random seed of the generated traffic.
         #[arg(long, default_value_t = 7)]
         seed: u64,

@@ -31,6 +31,8 @@ pub struct Options {
     pub key: Option<String>,
     /// GetTokenRisk calls per second while ingesting.
     pub risk_rate: u32,
+    /// ListRiskyTokens calls after ingesting, one after another.
+    pub list_calls: u32,
     /// Seed of the generated traffic.
     pub seed: u64,
 }
@@ -54,6 +56,10 @@ pub struct Report {
     pub risk_errors: u64,
     /// GetTokenRisk latency percentiles p50, p99, p99.9, max.
     pub latency: [Duration; 4],
+    /// ListRiskyTokens calls made after the load.
+    pub list_calls: u64,
+    /// ListRiskyTokens latency percentiles p50, p99, p99.9, max.
+    pub list_latency: [Duration; 4],
 }
 
 impl Report {
@@ -80,6 +86,22 @@ impl Report {
             ms(self.latency[1]),
             ms(self.latency[2]),
             ms(self.latency[3]),
+        )
+    }
+
+    /// The ListRiskyTokens line, if any were called.
+    pub fn render_list(&self) -> String {
+        if self.list_calls == 0 {
+            return String::new();
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        format!(
+            "ListRiskyTokens: {} calls, latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms\n",
+            self.list_calls,
+            ms(self.list_latency[0]),
+            ms(self.list_latency[1]),
+            ms(self.list_latency[2]),
+            ms(self.list_latency[3])
         )
     }
 }
@@ -380,6 +402,31 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
         percentile(&lat, 0.999),
         lat.last().copied().unwrap_or_default(),
     ];
+    if opts.list_calls > 0 {
+        let mut c = connect(opts).await?;
+        let mut lat = Vec::with_capacity(opts.list_calls as usize);
+        for _ in 0..opts.list_calls {
+            let t0 = Instant::now();
+            c.list_risky_tokens(pb::ListRiskyTokensRequest {
+                limit: 20,
+                ..Default::default()
+            })
+            .await
+            .map_err(|status| Error::Rpc {
+                rpc: "ListRiskyTokens",
+                status,
+            })?;
+            lat.push(t0.elapsed());
+        }
+        lat.sort_unstable();
+        report.list_calls = lat.len() as u64;
+        report.list_latency = [
+            percentile(&lat, 0.50),
+            percentile(&lat, 0.99),
+            percentile(&lat, 0.999),
+            lat.last().copied().unwrap_or_default(),
+        ];
+    }
     Ok(report)
 }
 
@@ -397,6 +444,7 @@ mod tests {
             tokens: 20,
             key: None,
             risk_rate: 0,
+            list_calls: 0,
             seed: 1,
         };
         let now = 1_800_000_000_000;

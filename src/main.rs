@@ -224,6 +224,7 @@ fn run(cli: Cli) -> Result<()> {
             tokens,
             key,
             risk_rate,
+            list_calls,
             seed,
         } => {
             let o = tokenwatch::loadgen::Options {
@@ -234,11 +235,12 @@ fn run(cli: Cli) -> Result<()> {
                 tokens,
                 key,
                 risk_rate,
+                list_calls,
                 seed,
             };
             let rt = tokenwatch::loadgen::runtime().context("starting the async runtime")?;
             let report = rt.block_on(tokenwatch::loadgen::run(&o))?;
-            print!("{}", report.render());
+            print!("{}{}", report.render(), report.render_list());
         }
         Command::Demo { data, scores_out } => {
             let dir = find_data(&data)?;

@@ -76,7 +76,7 @@ pub enum Cmd {
 pub struct Board {
     // A read-mostly map: readers (GetTokenRisk) take the read lock for one lookup; the
     // engine thread takes the write lock in short chunks, so a reader never waits long.
-    latest: RwLock<FxHashMap<Arc<str>, Arc<pb::TokenRisk>>>,
+    latest: RwLock<Latest>,
     /// Alert feed; each subscriber has its own bounded buffer (lagging is reported).
     pub alerts: broadcast::Sender<Arc<pb::Alert>>,
     /// Windows scored.
@@ -88,11 +88,35 @@ pub struct Board {
 /// Entries written per write-lock acquisition.
 const PUBLISH_CHUNK: usize = 256;
 
+/// Each token's latest score, and the same ordered by risk (highest first, then token id),
+/// so ListRiskyTokens reads its top k without scanning every token.
+#[derive(Default)]
+struct Latest {
+    map: FxHashMap<Arc<str>, Arc<pb::TokenRisk>>,
+    by_risk: std::collections::BTreeSet<(std::cmp::Reverse<u64>, Arc<str>)>,
+}
+
+/// A risk (0..=100, finite) as a key whose order is the risk's: the bits of a non-negative
+/// float order as the float does.
+fn risk_key(r: f64) -> std::cmp::Reverse<u64> {
+    std::cmp::Reverse(if r.is_finite() { r.max(0.0) } else { 0.0 }.to_bits())
+}
+
+impl Latest {
+    fn insert(&mut self, token: Arc<str>, risk: Arc<pb::TokenRisk>) {
+        let key = risk_key(risk.risk);
+        if let Some(old) = self.map.insert(token.clone(), risk) {
+            self.by_risk.remove(&(risk_key(old.risk), token.clone()));
+        }
+        self.by_risk.insert((key, token));
+    }
+}
+
 impl Board {
     /// An empty board.
     pub fn new(alert_buffer: usize) -> Self {
         Board {
-            latest: RwLock::new(FxHashMap::default()),
+            latest: RwLock::new(Latest::default()),
             alerts: broadcast::channel(alert_buffer).0,
             windows: AtomicU64::new(0),
             alerted: AtomicU64::new(0),
@@ -101,45 +125,36 @@ impl Board {
 
     /// The latest scored window of a token.
     pub fn get(&self, token: &str) -> Option<Arc<pb::TokenRisk>> {
-        let map = self.latest.read().unwrap_or_else(|p| p.into_inner());
-        map.get(token).cloned()
+        let l = self.latest.read().unwrap_or_else(|p| p.into_inner());
+        l.map.get(token).cloned()
     }
 
     /// The riskiest tokens (latest window each), highest first.
+    /// O(limit log n): read from the risk-ordered index, not a scan of every token.
     pub fn riskiest(&self, limit: usize, min_risk: f64) -> Vec<Arc<pb::TokenRisk>> {
-        let mut all: Vec<Arc<pb::TokenRisk>> = {
-            let map = self.latest.read().unwrap_or_else(|p| p.into_inner());
-            map.values()
-                .filter(|r| r.risk >= min_risk)
-                .cloned()
-                .collect()
-        };
-        let by_risk = |a: &Arc<pb::TokenRisk>, b: &Arc<pb::TokenRisk>| {
-            b.risk
-                .total_cmp(&a.risk)
-                .then_with(|| a.token_id.cmp(&b.token_id))
-        };
-        if all.len() > limit {
-            all.select_nth_unstable_by(limit, by_risk);
-            all.truncate(limit);
-        }
-        all.sort_by(by_risk);
-        all
+        let l = self.latest.read().unwrap_or_else(|p| p.into_inner());
+        l.by_risk
+            .iter()
+            .filter_map(|(_, t)| l.map.get(t))
+            .take_while(|r| r.risk >= min_risk)
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     /// Put restored latest scores on the board (start after a restart); no alert is sent.
     pub fn restore(&self, latest: impl IntoIterator<Item = (Arc<str>, pb::TokenRisk)>) {
-        let mut map = self.latest.write().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
         for (t, r) in latest {
-            map.insert(t, Arc::new(r));
+            l.insert(t, Arc::new(r));
         }
     }
 
     /// Publish windows without alerting (replayed after a restart: alerted before it).
     pub fn publish_quietly(&self, scores: &[WindowScore]) {
-        let mut map = self.latest.write().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
         for s in scores {
-            map.insert(s.token.clone(), Arc::new(pb::TokenRisk::from(s)));
+            l.insert(s.token.clone(), Arc::new(pb::TokenRisk::from(s)));
         }
     }
 
@@ -155,9 +170,9 @@ impl Board {
         self.windows
             .fetch_add(scores.len() as u64, Ordering::Relaxed);
         for chunk in built.chunks(PUBLISH_CHUNK) {
-            let mut map = self.latest.write().unwrap_or_else(|p| p.into_inner());
+            let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
             for (token, risk) in chunk {
-                map.insert(token.clone(), risk.clone());
+                l.insert(token.clone(), risk.clone());
             }
         }
         for (s, (_, risk)) in scores.iter().zip(&built) {
@@ -643,4 +658,60 @@ const ENGINE_NICE: i32 = 5;
 
 fn lower_priority() {
     crate::sys::lower_thread_priority(ENGINE_NICE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The risk-ordered index gives what a full sort of every token's latest score gives,
+    /// through updates that move tokens up and down.
+    #[test]
+    fn riskiest_from_the_index_equals_a_full_sort() {
+        let board = Board::new(16);
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for round in 0..5 {
+            let batch: Vec<(Arc<str>, pb::TokenRisk)> = (0..2000)
+                .map(|_| {
+                    let t = format!("tok-{}", next() % 700);
+                    // Ties on purpose: a few distinct risks.
+                    let risk = (next() % 40) as f64 * 2.5;
+                    let r = pb::TokenRisk {
+                        token_id: t.clone(),
+                        risk,
+                        window_start_ms: round,
+                        ..Default::default()
+                    };
+                    (Arc::from(t.as_str()), r)
+                })
+                .collect();
+            board.restore(batch);
+            let mut all: Vec<Arc<pb::TokenRisk>> = {
+                let l = board.latest.read().unwrap();
+                assert_eq!(l.map.len(), l.by_risk.len());
+                l.map.values().cloned().collect()
+            };
+            all.sort_by(|a, b| b.risk.total_cmp(&a.risk).then(a.token_id.cmp(&b.token_id)));
+            for (limit, min) in [(20, 0.0), (1000, 0.0), (50, 60.0), (5, 97.5), (10, 200.0)] {
+                let want: Vec<String> = all
+                    .iter()
+                    .filter(|r| r.risk >= min)
+                    .take(limit)
+                    .map(|r| r.token_id.clone())
+                    .collect();
+                let got: Vec<String> = board
+                    .riskiest(limit, min)
+                    .iter()
+                    .map(|r| r.token_id.clone())
+                    .collect();
+                assert_eq!(got, want, "limit {limit} min {min}");
+            }
+        }
+    }
 }
