@@ -145,6 +145,8 @@ pub struct ServerConfig {
     pub max_listed_errors: usize,
     /// An Ingest stream with no message for this long is ended (DEADLINE_EXCEEDED).
     pub stream_idle_timeout: Duration,
+    /// Most recent (token_id, event_id) pairs remembered to drop resent events (0: off).
+    pub dedup_ids: usize,
 }
 
 /// `[window]`

@@ -202,6 +202,7 @@ fn build(opts: &Options, now_ms: i64) -> (Vec<Vec<pb::IngestRequest>>, Vec<Strin
             user_agent: t.agent.clone(),
             scope: String::new(),
             env: "prod".into(),
+            event_id: String::new(),
         });
         if current[s].len() == batch {
             let events = std::mem::replace(&mut current[s], Vec::with_capacity(batch));

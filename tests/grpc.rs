@@ -653,6 +653,49 @@ async fn health_is_not_serving_until_a_slow_recovery_has_finished() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_with_event_ids_is_counted_once() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client(Some(INGEST)).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let with_ids: Vec<pb::Event> = events_of("tok-id", now - 120_000, 40)
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut e)| {
+            e.event_id = format!("req-{k}");
+            e
+        })
+        .collect();
+    let r = ingest_one(&mut c, with_ids.clone()).await.unwrap();
+    assert_eq!((r.accepted, r.duplicates), (40, 0), "{r:?}");
+    // The acknowledgement was lost: the client sends the same events again, plus new ones.
+    let mut again = with_ids;
+    again.extend(
+        events_of("tok-id", now - 60_000, 5)
+            .into_iter()
+            .map(|mut e| {
+                e.event_id = format!("new-{}", e.ts_ms);
+                e
+            }),
+    );
+    let r = ingest_one(&mut c, again).await.unwrap();
+    assert_eq!((r.accepted, r.duplicates), (5, 40), "{r:?}");
+    // Without ids nothing is de-duplicated (behaviour as before).
+    let plain = events_of("tok-plain", now - 60_000, 10);
+    assert_eq!(
+        ingest_one(&mut c, plain.clone()).await.unwrap().accepted,
+        10
+    );
+    assert_eq!(ingest_one(&mut c, plain).await.unwrap().accepted, 10);
+    // An id that breaks the limits is rejected with the field named.
+    let mut bad = events_of("tok-id", now - 30_000, 1);
+    bad[0].event_id = "x".repeat(200);
+    let r = ingest_one(&mut c, bad).await.unwrap();
+    assert_eq!(r.errors[0].field, "event_id", "{r:?}");
+    let summary = srv.stop().await;
+    assert_eq!(summary.stats.events + summary.stats.late, 65);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_and_roles_give_the_right_codes() {
     let srv = TestServer::start().await;
     let req = || pb::GetTokenRiskRequest {

@@ -53,6 +53,7 @@ fn traffic(
                         user_agent: "sync/1".into(),
                         scope: String::new(),
                         env: String::new(),
+                        event_id: String::new(),
                     }
                 })
                 .collect(),

@@ -63,6 +63,7 @@ fn events_of(batch: &arrow::record_batch::RecordBatch) -> Vec<pb::Event> {
             user_agent: text(&agent, i),
             scope: text(&scope, i),
             env: text(&env, i),
+            event_id: String::new(),
         })
         .collect()
 }

@@ -56,6 +56,18 @@ pub fn to_batch(
     clock: Clock,
     rejected: &mut Rejections,
 ) -> RecordBatch {
+    to_batch_with(events, first_index, clock, rejected, &mut |_| true)
+}
+
+/// [`to_batch`], keeping only the valid events for which `keep` says yes (it is asked
+/// after an event passed validation: the de-duplication of resent events).
+pub fn to_batch_with(
+    events: &[pb::Event],
+    first_index: u64,
+    clock: Clock,
+    rejected: &mut Rejections,
+    keep: &mut dyn FnMut(&pb::Event) -> bool,
+) -> RecordBatch {
     let n = events.len();
     let text = |f: fn(&pb::Event) -> &str| events.iter().map(f).map(str::len).sum::<usize>();
     let mut ts = Vec::with_capacity(n);
@@ -82,6 +94,9 @@ pub fn to_batch(
                 continue;
             }
         };
+        if !keep(e) {
+            continue;
+        }
         ts.push(t);
         token.append_value(&e.token_id);
         // The method bytes are ASCII letters (checked).
@@ -155,6 +170,9 @@ fn check(e: &pb::Event, horizon: i64) -> Result<Checked, (&'static str, String)>
     field::src_ip(&e.src_ip).map_err(|r| ("src_ip", r))?;
     let c = field::country(&e.country).map_err(|r| ("country", r))?;
     field::bytes_out(e.bytes_out).map_err(|r| ("bytes_out", r))?;
+    if !e.event_id.is_empty() {
+        field::text("event_id", &e.event_id, 128).map_err(|r| ("event_id", r))?;
+    }
     for (name, column, v) in [
         ("user_agent", col::USER_AGENT, &e.user_agent),
         ("scope", col::SCOPE, &e.scope),
@@ -235,6 +253,7 @@ mod tests {
             user_agent: "curl/8".into(),
             scope: String::new(),
             env: "prod".into(),
+            event_id: String::new(),
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod dedup;
 mod host;
 mod service;
 pub mod telemetry;
@@ -127,6 +128,7 @@ pub async fn run(
     let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));
     let (ready_tx, ready_rx) = watch::channel(false);
     let svc = service::Service {
+        dedup: Arc::new(std::sync::Mutex::new(dedup::Dedup::new(scfg.dedup_ids))),
         engine: etx.clone(),
         board: board.clone(),
         ready: ready_rx,

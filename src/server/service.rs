@@ -9,7 +9,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{require, Caller, Role};
-use super::convert::{to_batch, Clock, Rejections};
+use super::convert::{to_batch_with, Clock, Rejections};
 use super::host::{Ack, Board, Cmd};
 use super::pb;
 use crate::config::ServerConfig;
@@ -31,6 +31,8 @@ pub struct Service {
     pub(super) finished: watch::Receiver<bool>,
     /// Becomes true once state is recovered: until then every RPC is UNAVAILABLE.
     pub(super) ready: watch::Receiver<bool>,
+    /// Recently accepted event ids (resent events are dropped).
+    pub(super) dedup: Arc<std::sync::Mutex<super::dedup::Dedup>>,
 }
 
 fn now_ms() -> i64 {
@@ -107,6 +109,7 @@ impl pb::token_watch_server::TokenWatch for Service {
         let mut stream = req.into_inner();
         let mut index = 0u64;
         let mut accepted = 0u64;
+        let mut duplicates = 0u64;
         let ack = Arc::new(Ack::default());
         let mut rejected = Rejections {
             limit: self.cfg.max_listed_errors,
@@ -143,7 +146,18 @@ impl pb::token_watch_server::TokenWatch for Service {
             };
             let t0 = std::time::Instant::now();
             let before = rejected.count;
-            let batch = to_batch(&msg.events, index, clock, &mut rejected);
+            let mut dup = 0u64;
+            let batch = if msg.events.iter().any(|e| !e.event_id.is_empty()) {
+                let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+                to_batch_with(&msg.events, index, clock, &mut rejected, &mut |e| {
+                    let first = d.first(&e.token_id, &e.event_id);
+                    dup += u64::from(!first);
+                    first
+                })
+            } else {
+                to_batch_with(&msg.events, index, clock, &mut rejected, &mut |_| true)
+            };
+            duplicates += dup;
             metrics::counter!("tokenwatch_events_rejected_total")
                 .increment(rejected.count - before);
             index += msg.events.len() as u64;
@@ -169,6 +183,9 @@ impl pb::token_watch_server::TokenWatch for Service {
         }
         self.flush().await?;
         if let Some(e) = ack.failure() {
+            // The events of the failed write will be resent: they must not look like
+            // duplicates then.
+            self.dedup.lock().unwrap_or_else(|e| e.into_inner()).clear();
             return Err(Status::unavailable(e));
         }
         let late = ack.late.load(std::sync::atomic::Ordering::Relaxed);
@@ -188,6 +205,7 @@ impl pb::token_watch_server::TokenWatch for Service {
             rejected: rejected.count,
             errors: rejected.listed,
             late,
+            duplicates,
         }))
     }
 

@@ -22,6 +22,7 @@ pub fn event(ts: i64, token: &str, ip: &str, country: &str, asn: u32, status: u3
         user_agent: "billing-sync/2.1".into(),
         scope: String::new(),
         env: "prod".into(),
+        event_id: String::new(),
     }
 }
 
