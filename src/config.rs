@@ -107,6 +107,9 @@ pub struct RespondConfig {
     pub backoff: Duration,
     /// Actions waiting to be delivered; beyond it they are dead-lettered at once.
     pub queue: usize,
+    /// PEM file of the CA certificates https:// actions trust (default: the system's bundle).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 /// `[store]`: the data directory of `tokenwatch serve`.

@@ -97,9 +97,19 @@ impl Receiver {
 }
 
 async fn run_scenario(dir: &std::path::Path, policies: &str, dry_run: bool) {
+    run_scenario_with(dir, policies, dry_run, None).await
+}
+
+async fn run_scenario_with(
+    dir: &std::path::Path,
+    policies: &str,
+    dry_run: bool,
+    ca_file: Option<String>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut config = tokenwatch::Config::default();
+    config.respond.ca_file = ca_file;
     config.respond.backoff = tokenwatch::config::Duration { ms: 10 };
     config.respond.timeout = tokenwatch::config::Duration { ms: 2_000 };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -615,4 +625,146 @@ fn repeated_false_alarms_damp_a_signal_and_retrain_applies_verdicts_again() {
         live.token_state("svc-03").unwrap().feedback
     );
     assert_ne!(live.token_state("svc-03").unwrap().feedback.damp_mask, 0);
+}
+
+/// An https:// webhook, with the receiver's CA configured (`respond.ca-file`), is delivered
+/// over TLS and its signature verifies; without that CA the call fails and is
+/// dead-lettered. Needs `openssl` for the throwaway certificates (says so and passes without).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_to_a_configured_ca_is_delivered_and_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |args: &str| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(args)
+            .current_dir(d)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let made = sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=tw-test-ca 2>/dev/null \
+        && openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=127.0.0.1 2>/dev/null \
+        && printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf \
+        && openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 1 -extfile ext.cnf 2>/dev/null");
+    if !made {
+        eprintln!("SKIPPED: openssl is not available to make test certificates");
+        return;
+    }
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(d.join("srv.crt"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(d.join("srv.key")).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // (timestamp header, signature header, body) of each call.
+    type Call = (String, String, Vec<u8>);
+    let got: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let log = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                        .unwrap_or_default()
+                };
+                let len: usize = header("content-length:").parse().unwrap_or(0);
+                while buf.len() < head_end + len {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = buf[head_end..head_end + len].to_vec();
+                log.lock().unwrap().push((
+                    header("x-tokenwatch-timestamp:"),
+                    header("x-tokenwatch-signature:"),
+                    body,
+                ));
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    const KEY: &str = "tls-hook-signing-key-0001";
+    common::write_secret(&d.join("hook.secret"), KEY);
+    let policies = format!(
+        "[[policy]]\nname = \"tls\"\nmin_risk = 50\ncooldown = \"6h\"\nwebhook = \"https://{addr}/hook\"\nsecret_file = \"{}\"\n",
+        d.join("hook.secret").display()
+    );
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    run_scenario_with(
+        &data,
+        &policies,
+        false,
+        Some(d.join("ca.crt").display().to_string()),
+    )
+    .await;
+    let calls = got.lock().unwrap().clone();
+    assert!(!calls.is_empty(), "no https call arrived");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, KEY.as_bytes());
+    for (ts, sig, body) in &calls {
+        let hex = sig.strip_prefix("sha256=").expect(sig);
+        let tag: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        ring::hmac::verify(&key, &[ts.as_bytes(), b".", body].concat(), &tag)
+            .expect("the signature verifies");
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["policy"], "tls");
+    }
+    let log = audit(&data);
+    assert!(log
+        .iter()
+        .any(|r| r["what"] == "webhook" && r["result"].as_str().unwrap().starts_with("ok 200")));
+    // Without the receiver's CA (the system's roots do not know it) the call is refused.
+    let other = d.join("data2");
+    std::fs::create_dir_all(&other).unwrap();
+    let before = got.lock().unwrap().len();
+    run_scenario_with(&other, &policies, false, None).await;
+    assert_eq!(
+        got.lock().unwrap().len(),
+        before,
+        "an unverified TLS peer got the call"
+    );
+    let dead = std::fs::read_to_string(other.join("dead_letter.jsonl")).unwrap_or_default();
+    assert!(dead.contains("TLS") || dead.contains("CA"), "{dead}");
 }

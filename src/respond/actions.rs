@@ -139,9 +139,106 @@ fn notify(d: &Decision) -> bool {
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// What sends an action's calls: a pooled HTTP/1 client for http://, rustls for https://.
+#[derive(Clone)]
+struct Sender {
+    http: HttpClient,
+    /// `None`: no CA roots could be loaded; https:// calls then fail (and say why).
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// Places where Linux distributions keep the system's CA bundle.
+const SYSTEM_CA_FILES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// TLS client for https:// actions, trusting the CAs of `ca_file` (PEM), else the system's.
+fn tls_connector(ca_file: Option<&str>) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    use tokio_rustls::rustls;
+    let file = match ca_file {
+        Some(f) => f.to_string(),
+        None => SYSTEM_CA_FILES
+            .iter()
+            .find(|f| Path::new(f).exists())
+            .ok_or("no CA bundle found (set respond.ca-file)")?
+            .to_string(),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&file).map_err(|e| format!("{file}: {e}"))?;
+    for c in certs {
+        let c = c.map_err(|e| format!("{file}: {e}"))?;
+        // A bundle may hold certificates this TLS stack does not accept; skip them.
+        let _ = roots.add(c);
+    }
+    if roots.is_empty() {
+        return Err(format!("{file}: no CA certificate"));
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// One https:// call on its own connection (actions are rare; no pool), certificate and
+/// host name verified by rustls.
+async fn send_tls(
+    tls: &tokio_rustls::TlsConnector,
+    req: hyper::Request<Full<Bytes>>,
+) -> Result<hyper::StatusCode, String> {
+    let uri = req.uri().clone();
+    let host = uri
+        .host()
+        .ok_or("no host in the URL")?
+        .trim_matches(['[', ']']);
+    let port = uri.port_u16().unwrap_or(443);
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host}: {e}"))?;
+    let stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {host}: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP with {host}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let authority = uri.authority().map_or(host, |a| a.as_str()).to_string();
+    parts.headers.insert(
+        hyper::header::HOST,
+        hyper::header::HeaderValue::from_str(&authority).map_err(|e| e.to_string())?,
+    );
+    let resp = send
+        .send_request(hyper::Request::from_parts(parts, body))
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
 /// POST `body` to `url`, retrying with backoff; Ok(status) or the last error.
 async fn post(
-    client: &HttpClient,
+    client: &Sender,
     cfg: &RespondConfig,
     url: &str,
     body: &serde_json::Value,
@@ -171,17 +268,29 @@ async fn post(
         let req = req
             .body(Full::new(bytes.clone()))
             .map_err(|e| format!("bad request for {url}: {e}"))?;
-        match tokio::time::timeout(timeout, client.request(req)).await {
-            Ok(Ok(resp)) => {
+        let call = async {
+            if url.starts_with("https://") {
+                let tls = client
+                    .tls
+                    .as_ref()
+                    .ok_or("https:// needs CA roots (respond.ca-file or a system bundle)")?;
+                send_tls(tls, req).await
+            } else {
+                let resp = client
+                    .http
+                    .request(req)
+                    .await
+                    .map_err(|e| format!("request failed: {e}"))?;
                 let status = resp.status();
                 // Read the body so the connection can be reused; its content is not needed.
                 let _ = resp.into_body().collect().await;
-                if status.is_success() {
-                    return Ok(format!("ok {}", status.as_u16()));
-                }
-                last = format!("HTTP {}", status.as_u16());
+                Ok(status)
             }
-            Ok(Err(e)) => last = format!("request failed: {e}"),
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(status)) if status.is_success() => return Ok(format!("ok {}", status.as_u16())),
+            Ok(Ok(status)) => last = format!("HTTP {}", status.as_u16()),
+            Ok(Err(e)) => last = e,
             Err(_) => last = format!("no answer within {timeout:?}"),
         }
         tracing::debug!(url, attempt, error = %last, "action attempt failed");
@@ -195,7 +304,17 @@ const LANES: usize = 16;
 
 /// Deliver jobs until the queue closes.
 pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let tls = match tls_connector(actions.cfg.ca_file.as_deref()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "no CA roots: https:// actions will fail");
+            None
+        }
+    };
+    let client = Sender {
+        http: Client::builder(TokioExecutor::new()).build_http(),
+        tls,
+    };
     let mut lanes = Vec::with_capacity(LANES);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..LANES {
@@ -218,7 +337,7 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
     while tasks.join_next().await.is_some() {}
 }
 
-async fn deliver(client: &HttpClient, actions: &Actions, job: Job) {
+async fn deliver(client: &Sender, actions: &Actions, job: Job) {
     let p = job.policy.clone();
     let d = &job.decision;
     if d.event == Event::Fired {

@@ -169,9 +169,11 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Policy>, Error> {
             }
         }
         for u in p.webhook.iter().chain(&p.revoke_url) {
-            if !u.starts_with("http://") {
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.parse::<hyper::Uri>().map_or(true, |x| x.host().is_none())
+            {
                 return Err(err(format!(
-                    "policy {}: {u:?}: only http:// URLs are supported (terminate TLS in a sidecar)",
+                    "policy {}: {u:?} is not an http:// or https:// URL",
                     p.name
                 )));
             }
