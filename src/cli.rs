@@ -84,6 +84,22 @@ pub enum Command {
         #[command(flatten)]
         replay: ReplayArgs,
     },
+    /// Least privilege: per token, granted scopes its calls did not use in the last days,
+    /// and scopes its calls needed but were not granted (from the Parquet history).
+    Scopes {
+        /// The server's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Token registry file (the granted scopes).
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Days of event time, ending at the newest event in the history.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ScopesFormat::Table)]
+        format: ScopesFormat,
+    },
     /// Rebuild every model from a data directory's Parquet history and write a snapshot.
     Retrain {
         /// The server's data directory.
@@ -250,4 +266,15 @@ pub struct ReplayArgs {
     /// models.
     #[arg(long)]
     pub snapshot: Option<PathBuf>,
+}
+
+/// Output of `tokenwatch scopes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScopesFormat {
+    /// Aligned text.
+    Table,
+    /// One row per token.
+    Csv,
+    /// The whole report.
+    Json,
 }

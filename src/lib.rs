@@ -34,6 +34,7 @@ pub mod loadgen;
 pub mod model;
 pub mod output;
 pub mod respond;
+pub mod scopes;
 pub mod score;
 pub mod server;
 pub mod signal;

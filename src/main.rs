@@ -172,6 +172,26 @@ fn run(cli: Cli) -> Result<()> {
                 }
             );
         }
+        Command::Scopes {
+            data_dir,
+            tokens,
+            days,
+            format,
+        } => {
+            let registry = load_registry(tokens.as_deref(), BadRowPolicy::Skip)?;
+            let r = tokenwatch::scopes::from_history(&data_dir, &registry, days)?;
+            match format {
+                tokenwatch::cli::ScopesFormat::Table => {
+                    print!("{}", tokenwatch::scopes::render_table(&r))
+                }
+                tokenwatch::cli::ScopesFormat::Csv => {
+                    print!("{}", tokenwatch::scopes::render_csv(&r))
+                }
+                tokenwatch::cli::ScopesFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&r)?)
+                }
+            }
+        }
         Command::Retrain {
             data_dir,
             from,

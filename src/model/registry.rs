@@ -95,6 +95,11 @@ impl Registry {
         self.entries.get(token).cloned()
     }
 
+    /// Every row (in no particular order).
+    pub fn iter(&self) -> impl Iterator<Item = &RegistryEntry> {
+        self.entries.values().map(|e| &**e)
+    }
+
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.entries.len()
