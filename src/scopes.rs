@@ -73,9 +73,9 @@ impl ScopeReport {
 /// `days` days of event time.
 pub fn from_history(data_dir: &Path, registry: &Registry, days: u32) -> Result<ScopeReport, Error> {
     let events = store::events_dir(data_dir);
-    // (token, scope) -> (day -> (successful calls, all calls)).
-    let mut seen: BTreeMap<(String, String), BTreeMap<i64, (u64, u64)>> = BTreeMap::new();
-    let mut tokens: BTreeSet<String> = BTreeSet::new();
+    // token -> scope -> day -> (successful calls, all calls); keys allocated once each.
+    type ByDay = BTreeMap<i64, (u64, u64)>;
+    let mut seen: BTreeMap<String, BTreeMap<String, ByDay>> = BTreeMap::new();
     let mut newest = i64::MIN;
     for f in history::files(&events, None, None)? {
         for b in history::read_file(&f, None, None)? {
@@ -89,18 +89,22 @@ pub fn from_history(data_dir: &Path, registry: &Registry, days: u32) -> Result<S
                     continue;
                 }
                 newest = newest.max(ts.value(i));
-                if !tokens.contains(tok.value(i)) {
-                    tokens.insert(tok.value(i).to_string());
+                if !seen.contains_key(tok.value(i)) {
+                    seen.insert(tok.value(i).to_string(), BTreeMap::new());
                 }
                 if !scope.is_valid(i) || scope.value(i).is_empty() {
                     continue;
                 }
-                let day = ts.value(i).div_euclid(DAY_MS);
-                let e = seen
-                    .entry((tok.value(i).to_string(), scope.value(i).to_string()))
-                    .or_default()
-                    .entry(day)
-                    .or_default();
+                let Some(scopes) = seen.get_mut(tok.value(i)) else {
+                    continue;
+                };
+                if !scopes.contains_key(scope.value(i)) {
+                    scopes.insert(scope.value(i).to_string(), ByDay::new());
+                }
+                let Some(by_day) = scopes.get_mut(scope.value(i)) else {
+                    continue;
+                };
+                let e = by_day.entry(ts.value(i).div_euclid(DAY_MS)).or_default();
                 e.1 += 1;
                 if status.is_valid(i) && status.value(i) < 400 {
                     e.0 += 1;
@@ -111,9 +115,11 @@ pub fn from_history(data_dir: &Path, registry: &Registry, days: u32) -> Result<S
     let to_ms = if newest == i64::MIN { 0 } else { newest };
     let from_ms = to_ms.saturating_sub(days as i64 * DAY_MS);
     let first_day = from_ms.div_euclid(DAY_MS);
+    let mut tokens: BTreeSet<String> = seen.keys().cloned().collect();
     for e in registry.iter() {
         tokens.insert(e.token_id.clone());
     }
+    let none = BTreeMap::new();
     let mut out = Vec::with_capacity(tokens.len());
     let (mut granted_total, mut unused_total) = (0u64, 0u64);
     for t in tokens {
@@ -121,11 +127,7 @@ pub fn from_history(data_dir: &Path, registry: &Registry, days: u32) -> Result<S
         let granted: Vec<String> = reg.map(|r| r.scopes.clone()).unwrap_or_default();
         let mut used = BTreeMap::new();
         let mut not_granted = BTreeMap::new();
-        for ((kt, s), by_day) in seen.range((t.clone(), String::new())..) {
-            // The keys are ordered by token: stop at the next one.
-            if *kt != t {
-                break;
-            }
+        for (s, by_day) in seen.get(&t).unwrap_or(&none) {
             let (ok, all) = by_day
                 .range(first_day..)
                 .fold((0, 0), |(a, b), (_, (o, n))| (a + o, b + n));

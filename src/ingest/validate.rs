@@ -213,6 +213,8 @@ pub mod field {
     pub const MAX_ENV_BYTES: usize = 32;
     /// Longest incident kind accepted (bytes, labelled data only).
     pub const MAX_KIND_BYTES: usize = 64;
+    /// Longest client event id accepted (bytes, gRPC only).
+    pub const MAX_EVENT_ID_BYTES: usize = 128;
     /// Largest response size accepted (1 TiB): beyond it a value is broken, not a response.
     pub const MAX_BYTES_OUT: u64 = 1 << 40;
     /// The HTTP methods (RFC 9110 and PATCH, RFC 5789).

@@ -643,11 +643,11 @@ impl TokenState {
     /// from a damaged or hand-made file, and would disable a signal for good).
     fn check_finite(&self) -> Result<(), DecodeError> {
         let tails = [
-            ("rate.up", &self.rate.up),
-            ("rate.down", &self.rate.down),
-            ("telemetry.bytes", &self.telemetry.bytes_tail),
-            ("telemetry.latency", &self.telemetry.latency_tail),
-            ("surprise", &self.surprise.0),
+            &self.rate.up,
+            &self.rate.down,
+            &self.telemetry.bytes_tail,
+            &self.telemetry.latency_tail,
+            &self.surprise.0,
         ];
         let ewmas = self
             .telemetry
@@ -660,7 +660,7 @@ impl TokenState {
             .all(|v| v.is_finite())
             && tails
                 .iter()
-                .all(|(_, t)| t.u.is_finite() && t.excess.is_finite() && t.max.is_finite())
+                .all(|t| t.u.is_finite() && t.excess.is_finite() && t.max.is_finite())
             && ewmas
                 .into_iter()
                 .all(|e| e.mean.is_finite() && e.var.is_finite());

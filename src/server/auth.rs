@@ -320,6 +320,13 @@ impl Keys {
     }
 }
 
+/// The key of an `authorization: Bearer KEY` header value (scheme in any case), if that is
+/// what it is.
+pub fn bearer(header: Option<&str>) -> Option<&str> {
+    let (scheme, key) = header?.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
 /// Failed authentications are logged at most once per this interval (with how many were
 /// not logged); every one is counted in `tokenwatch_auth_failures_total`.
 const AUTH_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -373,11 +380,7 @@ impl tonic::service::Interceptor for Authenticate {
                     .metadata()
                     .get("authorization")
                     .and_then(|v| v.to_str().ok());
-                let presented = header.and_then(|h| {
-                    let (scheme, key) = h.split_once(' ')?;
-                    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-                });
-                let Some(presented) = presented else {
+                let Some(presented) = bearer(header) else {
                     refused("no bearer key");
                     return Err(Status::unauthenticated(
                         "missing `authorization: Bearer <key>`",

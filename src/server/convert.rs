@@ -171,7 +171,8 @@ fn check(e: &pb::Event, horizon: i64) -> Result<Checked, (&'static str, String)>
     let c = field::country(&e.country).map_err(|r| ("country", r))?;
     field::bytes_out(e.bytes_out).map_err(|r| ("bytes_out", r))?;
     if !e.event_id.is_empty() {
-        field::text("event_id", &e.event_id, 128).map_err(|r| ("event_id", r))?;
+        field::text("event_id", &e.event_id, field::MAX_EVENT_ID_BYTES)
+            .map_err(|r| ("event_id", r))?;
     }
     for (name, column, v) in [
         ("user_agent", col::USER_AGENT, &e.user_agent),

@@ -221,11 +221,11 @@ pub struct Setup {
     pub responder: Option<crate::respond::actions::Responder>,
 }
 
-/// Wall-clock time in ms since the epoch.
+/// Wall-clock time in ms since the epoch (the server's one clock).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as u64)
 }
 
 impl Host {
@@ -514,10 +514,7 @@ impl Worker {
             }
         }
         let late = self.engine.stats().late;
-        match self
-            .engine
-            .apply_at(&batch, chrono::Utc::now().timestamp_millis())
-        {
+        match self.engine.apply_at(&batch, now_ms() as i64) {
             Ok(scores) => self.emit(scores),
             // Batches come from `convert::to_batch` in the canonical schema; a mismatch
             // is a bug, logged rather than taking the server down.

@@ -9,7 +9,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{require, Caller, Role};
-use super::convert::{to_batch_with, Clock, Rejections};
+use super::convert::{to_batch, to_batch_with, Clock, Rejections};
 use super::host::{Ack, Board, Cmd};
 use super::pb;
 use crate::config::ServerConfig;
@@ -33,13 +33,6 @@ pub struct Service {
     pub(super) ready: watch::Receiver<bool>,
     /// Recently accepted event ids (resent events are dropped).
     pub(super) dedup: Arc<std::sync::Mutex<super::dedup::Dedup>>,
-}
-
-fn now_ms() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    d.as_millis().min(i64::MAX as u128) as i64
 }
 
 impl Service {
@@ -141,7 +134,7 @@ impl pb::token_watch_server::TokenWatch for Service {
                 }
             };
             let clock = Clock {
-                now_ms: now_ms(),
+                now_ms: super::host::now_ms() as i64,
                 max_future_skew_ms: self.cfg.max_future_skew.ms,
             };
             let t0 = std::time::Instant::now();
@@ -155,7 +148,7 @@ impl pb::token_watch_server::TokenWatch for Service {
                     first
                 })
             } else {
-                to_batch_with(&msg.events, index, clock, &mut rejected, &mut |_| true)
+                to_batch(&msg.events, index, clock, &mut rejected)
             };
             duplicates += dup;
             metrics::counter!("tokenwatch_events_rejected_total")

@@ -103,14 +103,12 @@ async fn serve_metrics(
                     let (handle, keys) = (handle.clone(), keys.clone());
                     async move {
                         let authorized = keys.as_ref().is_none_or(|k| {
-                            req.headers()
+                            let header = req
+                                .headers()
                                 .get("authorization")
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|h| h.split_once(' '))
-                                .filter(|(s, _)| s.eq_ignore_ascii_case("bearer"))
-                                .is_some_and(|(_, key)| {
-                                    k.caller_of(key.trim().as_bytes()).is_some()
-                                })
+                                .and_then(|v| v.to_str().ok());
+                            super::auth::bearer(header)
+                                .is_some_and(|key| k.caller_of(key.as_bytes()).is_some())
                         });
                         let (status, body) = if req.uri().path() != "/metrics" {
                             (StatusCode::NOT_FOUND, String::from("not found\n"))
