@@ -172,6 +172,71 @@ pub struct EngineConfig {
     pub refit_every: Duration,
     /// Event time before the first global fit.
     pub warmup: Duration,
+    /// Tokens tracked in memory at most (0: as many as `memory-budget` allows); the
+    /// idle-longest are evicted to the on-disk spill and loaded back when they return.
+    pub max_tokens: u64,
+    /// Memory for tracked tokens (model state, open windows, the latest score, the maps
+    /// that find them), as bytes or `"512MiB"`, `"8GiB"`.
+    pub memory_budget: Bytes,
+}
+
+impl EngineConfig {
+    /// Tokens tracked in memory at most, from `max-tokens` and `memory-budget`.
+    pub fn token_budget(&self) -> u64 {
+        let by_memory = (self.memory_budget.0 / BYTES_PER_TRACKED_TOKEN).max(1);
+        match self.max_tokens {
+            0 => by_memory,
+            n => n.min(by_memory),
+        }
+    }
+}
+
+/// Memory one tracked token costs the server, measured (BENCHMARKS.md, "Memory against
+/// distinct tokens"): model state, slot, id map, latest score on the board and its index.
+pub const BYTES_PER_TRACKED_TOKEN: u64 = 2_560;
+
+/// A size written as a number of bytes or `"64KiB"`, `"512MiB"`, `"8GiB"` (also kB, MB, GB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl Bytes {
+    /// Parse `"8GiB"` and friends.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 65536, 512MiB, 8GiB"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "kB" | "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            u => return Err(format!("{s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB)")),
+        };
+        n.checked_mul(mult)
+            .map(Bytes)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Bytes(n)),
+            Raw::S(s) => Bytes::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `[score]`

@@ -28,6 +28,7 @@ use crate::model::{
     TokenState,
 };
 use crate::score;
+use crate::store::spill::{Spill, SpillRef};
 use crate::window::{text_key, window_start, EventRef, Names, WindowAgg};
 
 /// Errors of the engine.
@@ -111,10 +112,19 @@ pub struct Stats {
     pub alerts: u64,
     /// Windows kept out of the baseline.
     pub quarantined: u64,
-    /// Tokens known.
+    /// Tokens known (first seen, whether tracked now or evicted).
     pub tokens: u64,
     /// Global refits done.
     pub refits: u64,
+    /// Tokens tracked in memory now.
+    pub tracked: u64,
+    /// Tokens evicted to the spill (idle longest, past the budget).
+    pub evicted: u64,
+    /// Evicted tokens loaded back when they returned.
+    pub reloaded: u64,
+    /// Events of new tokens refused tracking: the budget and its headroom were full and no
+    /// token was idle (still in the log and history; replay and retrain score them).
+    pub untracked: u64,
 }
 
 struct Slot {
@@ -124,7 +134,14 @@ struct Slot {
     reg: Option<Arc<crate::model::registry::RegistryEntry>>,
     /// Open windows: (start, index into the shard's aggregate arena).
     open: Vec<(i64, u32)>,
+    /// Window start of the armed silence check, or [`NO_SILENCE`].
+    silence_at: i64,
+    /// The slot holds a tracked token (false: evicted, free for the next one).
+    live: bool,
 }
+
+/// No silence check armed.
+const NO_SILENCE: i64 = i64::MIN;
 
 /// Columns of a canonical batch, typed once per batch.
 struct Cols<'a> {
@@ -216,11 +233,45 @@ struct Shard {
     held: FxHashMap<u32, Vec<WindowAgg>>,
     /// Learning rate of each token's surprise distribution (`score.calibration-windows`).
     calibration_alpha: f64,
+    /// Tokens tracked at most once windows close (this shard's part of the budget), and
+    /// with the headroom for a window's worth of new tokens.
+    budget: usize,
+    hard_budget: usize,
+    /// Slots holding a tracked token, and free slots (of evicted tokens).
+    live: usize,
+    free_slots: Vec<u32>,
+    /// Where evicted tokens go (shared by the shards, opened on first need).
+    spill: SpillCell,
+    /// `stats.windows` when an eviction found no idle token (none can be idle before a
+    /// window closes, so it is not looked for again until then).
+    evict_blocked_at: Option<u64>,
+    /// Names of evicted tokens, for the door to drop what it keeps beside them.
+    evicted_names: Option<Vec<Arc<str>>>,
 }
 
+/// The spill shared by the shards of one engine: set by the door (the server's data
+/// directory) or made in the temporary directory on first need (runs over files).
+type SpillCell = Arc<std::sync::OnceLock<Option<Arc<Spill>>>>;
+
 impl Shard {
-    fn new(cfg: Arc<Config>, registry: Arc<Registry>, global: Arc<Global>) -> Self {
+    fn new(
+        cfg: Arc<Config>,
+        registry: Arc<Registry>,
+        global: Arc<Global>,
+        spill: SpillCell,
+        nshards: usize,
+    ) -> Self {
+        let budget = (cfg.engine.token_budget() as usize)
+            .div_ceil(nshards.max(1))
+            .max(1);
         Shard {
+            budget,
+            hard_budget: budget.saturating_add(budget / 8).max(2),
+            live: 0,
+            free_slots: Vec::new(),
+            spill,
+            evict_blocked_at: None,
+            evicted_names: None,
             models: Models::new(&cfg),
             calibration_alpha: Ewma::alpha(cfg.score.calibration_windows),
             reservoir: Reservoir::new(cfg.isolation.reservoir),
@@ -242,25 +293,169 @@ impl Shard {
         }
     }
 
-    fn token_index(&mut self, name: &str, start: i64) -> u32 {
+    /// The slot of token `name`: tracked, loaded back from the spill, or new (first seen in
+    /// the window starting at `start`). `None`: the budget and its headroom are full, no
+    /// token is idle, and the registry does not know this one.
+    fn token_index(&mut self, name: &str, start: i64) -> Option<u32> {
         if let Some(&t) = self.tokens.get(name) {
-            return t;
+            return Some(t);
         }
-        let t = self.slots.len() as u32;
-        self.tokens.insert(name.into(), t);
-        let state = TokenState {
-            first_seen: start,
-            last_seen: start,
-            ..Default::default()
+        if self.live >= self.hard_budget {
+            self.evict_to((self.budget - self.budget / 16).min(self.hard_budget - 1));
+        }
+        let reg = self.registry.get_shared(name);
+        if self.live >= self.hard_budget && reg.is_none() {
+            self.stats.untracked += 1;
+            return None;
+        }
+        let state = match self.reload(name) {
+            Some(st) => {
+                self.stats.reloaded += 1;
+                st
+            }
+            None => {
+                self.stats.tokens += 1;
+                TokenState {
+                    first_seen: start,
+                    last_seen: start,
+                    ..Default::default()
+                }
+            }
         };
-        self.slots.push(Slot {
+        Some(self.insert_slot(name, state, reg))
+    }
+
+    /// Track token `name` with `state` (loaded back for a verdict: not counted against the
+    /// headroom, evicted again when idle).
+    fn put_back(&mut self, name: &str, state: TokenState) -> u32 {
+        self.stats.reloaded += 1;
+        let reg = self.registry.get_shared(name);
+        self.insert_slot(name, state, reg)
+    }
+
+    fn insert_slot(
+        &mut self,
+        name: &str,
+        state: TokenState,
+        reg: Option<Arc<crate::model::registry::RegistryEntry>>,
+    ) -> u32 {
+        let slot = Slot {
             name: Arc::from(name),
             state,
-            reg: self.registry.get_shared(name),
+            reg,
             open: Vec::new(),
-        });
-        self.stats.tokens += 1;
+            silence_at: NO_SILENCE,
+            live: true,
+        };
+        let t = match self.free_slots.pop() {
+            Some(t) => {
+                self.slots[t as usize] = slot;
+                t
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.tokens.insert(name.into(), t);
+        self.live += 1;
         t
+    }
+
+    /// The spill, opened (in the temporary directory) on first need.
+    fn spill(&self) -> Option<&Arc<Spill>> {
+        self.spill
+            .get_or_init(|| match Spill::temporary() {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot open a token spill; tokens past the budget are not evicted");
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// The state of an evicted token, taken out of the spill.
+    fn reload(&self, name: &str) -> Option<TokenState> {
+        let spill = self.spill.get()?.as_ref()?;
+        match spill.take(name) {
+            Ok(Some(bytes)) => match TokenState::decode(&bytes) {
+                Ok(st) => Some(st),
+                Err(e) => {
+                    tracing::error!(error = %e, "an evicted token's state does not decode; it starts anew");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the token spill; the token starts anew");
+                None
+            }
+        }
+    }
+
+    /// Evict the tokens idle longest (no open window) until at most `target` are tracked:
+    /// their state goes to the spill in one write, everything kept beside them here (held
+    /// windows, a silence check) is dropped.
+    fn evict_to(&mut self, target: usize) {
+        if self.live <= target || self.evict_blocked_at == Some(self.stats.windows) {
+            return;
+        }
+        let need = self.live - target;
+        let mut idle: Vec<(i64, u32)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live && s.open.is_empty())
+            .map(|(i, s)| (s.state.last_seen, i as u32))
+            .collect();
+        if idle.len() > need {
+            idle.select_nth_unstable(need);
+            idle.truncate(need);
+        }
+        let Some(spill) = (!idle.is_empty()).then(|| self.spill()).flatten().cloned() else {
+            self.evict_blocked_at = Some(self.stats.windows);
+            return;
+        };
+        let mut encoded = Vec::with_capacity(idle.len());
+        for &(_, t) in &idle {
+            let mut w = crate::model::codec::Writer::default();
+            self.slots[t as usize].state.encode(&mut w);
+            encoded.push(w.buf);
+        }
+        let put = spill.put_many(
+            idle.iter()
+                .zip(&encoded)
+                .map(|(&(_, t), b)| (&*self.slots[t as usize].name, b.as_slice())),
+        );
+        if let Err(e) = put {
+            tracing::error!(error = %e, "cannot write the token spill; no token evicted");
+            self.evict_blocked_at = Some(self.stats.windows);
+            return;
+        }
+        for &(_, t) in &idle {
+            let slot = &mut self.slots[t as usize];
+            self.tokens.remove(&*slot.name);
+            self.held.remove(&t);
+            if slot.silence_at != NO_SILENCE {
+                if let Some(v) = self.silence.get_mut(&slot.silence_at) {
+                    v.retain(|&x| x != t);
+                }
+            }
+            slot.live = false;
+            slot.silence_at = NO_SILENCE;
+            slot.reg = None;
+            let name = std::mem::replace(&mut slot.name, Arc::from(""));
+            if let Some(names) = self.evicted_names.as_mut() {
+                names.push(name);
+            }
+            self.free_slots.push(t);
+            self.live -= 1;
+            self.stats.evicted += 1;
+        }
+        if self.live > target {
+            self.evict_blocked_at = Some(self.stats.windows);
+        }
     }
 
     /// Aggregate the given rows of a batch into open windows.
@@ -273,8 +468,11 @@ impl Shard {
                 self.stats.late += 1;
                 continue;
             }
+            let Some(t) = self.token_index(c.token.value(i), start) else {
+                continue;
+            };
             self.stats.events += 1;
-            let t = self.token_index(c.token.value(i), start) as usize;
+            let t = t as usize;
             let slot = &mut self.slots[t];
             let a = match slot.open.iter().find(|o| o.0 == start) {
                 Some(o) => o.1 as usize,
@@ -350,6 +548,10 @@ impl Shard {
             }
         }
         self.closed_wm = self.closed_wm.max(wm);
+        // Closed windows make tokens idle: bring the tracked tokens back to the budget.
+        if self.live > self.budget {
+            self.evict_to(self.budget - self.budget / 16);
+        }
     }
 
     /// Score the window starting at `start` for every token that expected traffic in it and
@@ -357,7 +559,14 @@ impl Shard {
     fn check_silence(&mut self, start: i64, out: &mut Vec<WindowScore>) {
         let toks = self.silence.remove(&start).unwrap_or_default();
         for t in toks {
-            if self.slots[t as usize].state.last_seen >= start {
+            let slot = &mut self.slots[t as usize];
+            // Only the token's armed check counts: an entry left by a token since evicted
+            // (whose slot another token may hold now) or re-armed later is stale.
+            if !slot.live || slot.silence_at != start {
+                continue;
+            }
+            slot.silence_at = NO_SILENCE;
+            if slot.state.last_seen >= start {
                 continue;
             }
             self.empty.reset(start);
@@ -384,6 +593,7 @@ impl Shard {
         };
         if self.models.rate.expects_traffic(&st.rate, &ctx) {
             self.silence.entry(next).or_default().push(t as u32);
+            self.slots[t].silence_at = next;
         }
     }
 
@@ -594,6 +804,13 @@ impl Shard {
     }
 }
 
+/// The shard (of `n`) that owns `token`: a stable hash of the id, the same on every run,
+/// version and node (the cluster's partitions use it too). The key's lowest bit is always
+/// set (keys are never 0), so it is shifted out first.
+pub fn shard_of(token: &str, n: usize) -> usize {
+    ((text_key(token) >> 1) % n.max(1) as u64) as usize
+}
+
 /// A window starting at `start` (of `w` ms) closed before the watermark `closed` passed.
 fn is_late(start: i64, w: i64, closed: i64) -> bool {
     start.saturating_add(w) <= closed
@@ -729,6 +946,9 @@ pub struct Engine {
     next_refit: Option<i64>,
     rows: Vec<Vec<u32>>,
     refits: u64,
+    spill: SpillCell,
+    /// File name of the spill in the data directory (`None`: temporary or none yet).
+    spill_name: Option<String>,
 }
 
 impl Engine {
@@ -738,10 +958,21 @@ impl Engine {
         let registry = Arc::new(registry);
         let global = Arc::new(Global::default());
         let n = cfg.shard_count();
+        let spill: SpillCell = Arc::default();
         Engine {
             shards: (0..n)
-                .map(|_| Shard::new(cfg.clone(), registry.clone(), global.clone()))
+                .map(|_| {
+                    Shard::new(
+                        cfg.clone(),
+                        registry.clone(),
+                        global.clone(),
+                        spill.clone(),
+                        n,
+                    )
+                })
                 .collect(),
+            spill,
+            spill_name: None,
             cfg,
             global,
             max_ts: i64::MIN,
@@ -755,6 +986,53 @@ impl Engine {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Evict into `spill` (the data directory's file `name`) instead of a temporary file.
+    /// Only before the first eviction: `false` if a spill is already in use.
+    pub fn set_spill(&mut self, spill: Arc<Spill>, name: String) -> bool {
+        if self.spill.set(Some(spill)).is_err() {
+            return false;
+        }
+        self.spill_name = Some(name);
+        true
+    }
+
+    /// Make the spill durable and mark this moment for [`Engine::snapshot`]'s snapshot:
+    /// where its evicted tokens are. `None` when nothing was ever evicted to a data
+    /// directory's spill.
+    pub fn spill_savepoint(&self) -> Result<Option<SpillRef>, crate::store::Error> {
+        let (Some(Some(spill)), Some(name)) = (self.spill.get(), self.spill_name.as_ref()) else {
+            return Ok(None);
+        };
+        Ok(Some(SpillRef {
+            file: name.clone(),
+            savepoint: spill.savepoint()?,
+        }))
+    }
+
+    /// File name of the data directory's spill in use, if any.
+    pub fn spill_file(&self) -> Option<&str> {
+        self.spill_name.as_deref()
+    }
+
+    /// Report the ids of evicted tokens to [`Engine::take_evicted`] from now on (the server
+    /// drops its latest score and policy state of each).
+    pub fn report_evictions(&mut self) {
+        for sh in self.shards.iter_mut() {
+            sh.evicted_names.get_or_insert_with(Vec::new);
+        }
+    }
+
+    /// Tokens evicted since the last call (with [`Engine::report_evictions`]).
+    pub fn take_evicted(&mut self) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for sh in self.shards.iter_mut() {
+            if let Some(v) = sh.evicted_names.as_mut() {
+                out.append(v);
+            }
+        }
+        out
     }
 
     /// Current watermark (event time up to which windows are closed).
@@ -798,7 +1076,7 @@ impl Engine {
                 r.clear();
             }
             for i in 0..n {
-                let s = (text_key(cols.token.value(i)) % nshards as u64) as usize;
+                let s = shard_of(cols.token.value(i), nshards);
                 self.rows[s].push(i as u32);
             }
             let rows = &self.rows;
@@ -824,8 +1102,15 @@ impl Engine {
         signals: &[SignalKind],
     ) -> Option<FeedbackEffect> {
         let n = self.shards.len() as u64;
-        let sh = &mut self.shards[(text_key(token) % n) as usize];
-        let t = *sh.tokens.get(token)?;
+        let sh = &mut self.shards[shard_of(token, n as usize)];
+        // An evicted token comes back for the verdict (its held windows went with it).
+        let t = match sh.tokens.get(token) {
+            Some(&t) => t,
+            None => {
+                let st = sh.reload(token)?;
+                sh.put_back(token, st)
+            }
+        };
         Some(sh.feedback(t, (from, to), verdict, signals))
     }
 
@@ -975,7 +1260,7 @@ impl Engine {
         let mut merged = RefitPartial::default();
         for sh in &self.shards {
             let mut part = RefitPartial::default();
-            for slot in &sh.slots {
+            for slot in sh.slots.iter().filter(|s| s.live) {
                 part.add(&slot.name, &slot.state, min_w);
             }
             merged.merge(part);
@@ -987,7 +1272,7 @@ impl Engine {
         for sh in self.shards.iter_mut() {
             sh.global = global.clone();
             if let Some(p) = &global.peers {
-                for slot in sh.slots.iter_mut() {
+                for slot in sh.slots.iter_mut().filter(|s| s.live) {
                     if slot.state.windows > 0 {
                         slot.state.peers.group = p.nearest(&slot.state.peers.usage()) as u8;
                     }
@@ -1008,6 +1293,10 @@ impl Engine {
             s.alerts += sh.stats.alerts;
             s.quarantined += sh.stats.quarantined;
             s.tokens += sh.stats.tokens;
+            s.tracked += sh.live as u64;
+            s.evicted += sh.stats.evicted;
+            s.reloaded += sh.stats.reloaded;
+            s.untracked += sh.stats.untracked;
         }
         s.refits = self.refits;
         s
@@ -1018,6 +1307,14 @@ impl Engine {
         self.shards
             .iter()
             .find_map(|sh| sh.tokens.get(token).map(|&t| &sh.slots[t as usize].state))
+    }
+
+    /// The token is tracked in memory now.
+    pub fn is_tracked(&self, token: &str) -> bool {
+        let n = self.shards.len() as u64;
+        self.shards[shard_of(token, n as usize)]
+            .tokens
+            .contains_key(token)
     }
 
     /// Cross-token models in force.
@@ -1031,7 +1328,7 @@ impl Engine {
         let enc = self
             .shards
             .iter()
-            .flat_map(|s| s.slots.first())
+            .flat_map(|s| s.slots.iter().find(|s| s.live))
             .map(|s| {
                 let mut w = crate::model::codec::Writer::default();
                 s.state.encode(&mut w);
@@ -1044,7 +1341,7 @@ impl Engine {
 }
 
 /// Version of [`EngineSnapshot::header`]; a snapshot of another version is refused.
-pub const SNAPSHOT_VERSION: u8 = 2;
+pub const SNAPSHOT_VERSION: u8 = 3;
 
 /// A consistent copy of the whole engine: restoring it and applying the same later batches
 /// gives the same scores as if the engine had never stopped.
@@ -1052,8 +1349,10 @@ pub const SNAPSHOT_VERSION: u8 = 2;
 pub struct EngineSnapshot {
     /// Engine-wide state: clocks, counters, cross-token models, isolation sample, names.
     pub header: Vec<u8>,
-    /// Every token, in shard and arrival order.
+    /// Every tracked token, in shard and arrival order.
     pub tokens: Vec<TokenSnapshot>,
+    /// Where the evicted tokens are, at the moment of this snapshot.
+    pub spill: Option<SpillRef>,
 }
 
 /// One token's part of a snapshot.
@@ -1090,7 +1389,17 @@ impl Engine {
         let closed = self.closed_wm();
         w.i64(closed);
         let st = self.stats();
-        for v in [st.events, st.late, st.windows, st.alerts, st.quarantined] {
+        for v in [
+            st.events,
+            st.late,
+            st.windows,
+            st.alerts,
+            st.quarantined,
+            st.tokens,
+            st.evicted,
+            st.reloaded,
+            st.untracked,
+        ] {
             w.u64(v);
         }
         self.global.encode(&mut w);
@@ -1111,7 +1420,7 @@ impl Engine {
         }
         let mut tokens = Vec::new();
         for sh in &self.shards {
-            for slot in &sh.slots {
+            for slot in sh.slots.iter().filter(|s| s.live) {
                 let mut s = Writer::default();
                 slot.state.encode(&mut s);
                 let mut o = Writer::default();
@@ -1133,6 +1442,7 @@ impl Engine {
         EngineSnapshot {
             header: w.buf,
             tokens,
+            spill: None,
         }
     }
 
@@ -1161,7 +1471,7 @@ impl Engine {
         e.next_refit = has_refit.then_some(next);
         e.refits = r.u64()?;
         let closed = r.i64()?;
-        let mut counters = [0u64; 5];
+        let mut counters = [0u64; 9];
         for c in counters.iter_mut() {
             *c = r.u64()?;
         }
@@ -1196,8 +1506,14 @@ impl Engine {
         s0.windows = counters[2];
         s0.alerts = counters[3];
         s0.quarantined = counters[4];
+        // Tokens known include the evicted ones (the spill's); the tracked are counted below.
+        let tracked = snap.tokens.len() as u64;
+        s0.tokens = counters[5].saturating_sub(tracked);
+        s0.evicted = counters[6];
+        s0.reloaded = counters[7];
+        s0.untracked = counters[8];
         for t in &snap.tokens {
-            let sh = &mut e.shards[(text_key(&t.token) % nshards) as usize];
+            let sh = &mut e.shards[shard_of(&t.token, nshards as usize)];
             let state = TokenState::decode(&t.state)?;
             let idx = sh.slots.len() as u32;
             let mut open = Vec::new();
@@ -1220,7 +1536,10 @@ impl Engine {
                 state,
                 reg: sh.registry.get_shared(&t.token),
                 open,
+                silence_at: NO_SILENCE,
+                live: true,
             });
+            sh.live += 1;
             sh.stats.tokens += 1;
         }
         for sh in e.shards.iter_mut() {
@@ -1258,6 +1577,94 @@ mod tests {
             max_future_skew_ms: 0,
         };
         crate::server::convert::to_batch(&events, 0, clock, &mut Default::default())
+    }
+
+    fn batch_of(events: &[(String, i64)]) -> RecordBatch {
+        let events: Vec<crate::server::pb::Event> = events
+            .iter()
+            .map(|(tok, t)| crate::server::pb::Event {
+                ts_ms: *t,
+                token_id: tok.clone(),
+                method: "GET".into(),
+                endpoint: "/a".into(),
+                status: 200,
+                bytes_out: 10,
+                src_ip: "10.0.0.1".into(),
+                ..Default::default()
+            })
+            .collect();
+        let clock = crate::server::convert::Clock {
+            now_ms: i64::MAX / 2,
+            max_future_skew_ms: 0,
+        };
+        crate::server::convert::to_batch(&events, 0, clock, &mut Default::default())
+    }
+
+    /// Tokens that take turns (one active each hour) under a budget of three: the idle
+    /// ones are evicted to the spill and loaded back when their turn comes, and every
+    /// window scores exactly as with no budget (the whole model state travels).
+    #[test]
+    fn evicted_tokens_come_back_with_their_baseline() {
+        let run = |max_tokens: u64| {
+            let mut cfg = Config::default();
+            cfg.engine.shards = 1;
+            cfg.engine.max_tokens = max_tokens;
+            let mut e = Engine::new(cfg, Registry::default());
+            let t0 = 1_772_409_600_000; // 2026-03-02
+            let mut out = Vec::new();
+            for hour in 0..48i64 {
+                let tok = format!("tok-{}", hour % 8);
+                let evs: Vec<(String, i64)> = (0..24)
+                    .map(|i| (tok.clone(), t0 + hour * 3_600_000 + i * 150_000))
+                    .collect();
+                out.extend(e.apply(&batch_of(&evs)).unwrap());
+                assert!(e.stats().tracked <= max_tokens.max(8));
+            }
+            out.extend(e.finish());
+            (out, e.stats())
+        };
+        let (free, fs) = run(0);
+        let (bounded, bs) = run(3);
+        assert_eq!(fs.evicted, 0);
+        assert!(bs.evicted >= 30, "{bs:?}");
+        assert!(bs.reloaded >= 30, "{bs:?}");
+        assert_eq!(
+            bs.tokens, 8,
+            "an evicted token that returns is not a new token"
+        );
+        assert_eq!(bs.untracked, 0);
+        assert!(bs.tracked <= 3);
+        assert_eq!(free.len(), bounded.len());
+        assert!(free == bounded, "scores differ under the budget");
+    }
+
+    /// Past the budget and its headroom, with every tracked token in an open window, a new
+    /// token's events are counted as untracked; once windows close, idle tokens make room.
+    #[test]
+    fn a_flood_of_new_tokens_stays_within_the_budget() {
+        let mut cfg = Config::default();
+        cfg.engine.shards = 1;
+        cfg.engine.max_tokens = 16;
+        let mut e = Engine::new(cfg, Registry::default());
+        let t0 = 1_772_409_600_000;
+        let flood: Vec<(String, i64)> = (0..1000).map(|i| (format!("f{i}"), t0 + i)).collect();
+        e.apply(&batch_of(&flood)).unwrap();
+        let st = e.stats();
+        assert_eq!(st.tracked, 18, "budget 16 + 1/8 headroom");
+        assert_eq!(st.untracked, 1000 - 18);
+        // Ten minutes later (a tracked token's event moves event time on) the flood's
+        // windows close: its tokens are idle and make room for new ones.
+        e.apply(&batch_of(&[("f0".to_string(), t0 + 600_000)]))
+            .unwrap();
+        let later: Vec<(String, i64)> = (0..10)
+            .map(|i| (format!("n{i}"), t0 + 600_001 + i))
+            .collect();
+        e.apply(&batch_of(&later)).unwrap();
+        let st = e.stats();
+        assert!(st.tracked <= 18, "{st:?}");
+        assert!(st.evicted >= 10, "{st:?}");
+        assert_eq!(st.untracked, 1000 - 18, "the new tokens were tracked");
+        assert!(e.is_tracked("n9"));
     }
 
     /// One event stamped decades ahead (a broken clock, an edited log) costs one catch-up

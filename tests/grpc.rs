@@ -1015,3 +1015,179 @@ async fn tls_serves_clients_that_trust_the_certificate() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// A flood of distinct token ids against a budget of 200 tracked tokens (two shards of
+/// 100, each with 1/8 headroom): memory stays within it while the server answers, the
+/// idle-longest token is evicted to the spill, and when it returns (also after a restart)
+/// it comes back with its baseline, not as a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distinct_token_flood_stays_within_the_budget_and_an_evicted_token_keeps_its_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let opts = move |o: &mut server::Options| {
+        o.config.engine.max_tokens = 200;
+        o.data_dir = Some(d.clone());
+    };
+    let srv = TestServer::start_opts(opts.clone()).await;
+    let mut c = srv.client(Some(INGEST)).await;
+    let mut r = srv.client(Some(READ)).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let day = 86_400_000;
+    // A week of history of one token, one call every ten minutes, ending a day ago.
+    let home: Vec<pb::Event> = (0..7 * 144)
+        .map(|k| {
+            event(
+                now - 8 * day + k * 600_000,
+                "tok-home",
+                "10.0.0.1",
+                "FR",
+                1,
+                200,
+            )
+        })
+        .collect();
+    assert_eq!(ingest_one(&mut c, home).await.unwrap().accepted, 1008);
+    // 20,000 distinct ids in two minutes of event time, 2,000 per message.
+    let t_flood = now - 3_600_000;
+    for b in 0..10i64 {
+        let events: Vec<pb::Event> = (0..2000i64)
+            .map(|k| {
+                let i = b * 2000 + k;
+                event(
+                    t_flood + i * 6,
+                    &format!("flood-{i:05}"),
+                    "10.9.0.1",
+                    "US",
+                    7,
+                    200,
+                )
+            })
+            .collect();
+        let resp = ingest_one(&mut c, events).await.unwrap();
+        assert_eq!(
+            resp.accepted, 2000,
+            "accepted even when not all can be tracked"
+        );
+        // The server keeps answering reads during the flood.
+        let st = r
+            .get_stats(pb::GetStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(st.tracked_tokens <= 224, "{st:?}");
+    }
+    // Half an hour later the flood's windows have closed: its tokens are idle and evicted
+    // as new ones come (the idle-longest first, tok-home among them).
+    let later: Vec<pb::Event> = (0..300i64)
+        .map(|i| {
+            event(
+                now - 1_800_000 + i * 10,
+                &format!("late-{i}"),
+                "10.9.0.2",
+                "US",
+                7,
+                200,
+            )
+        })
+        .collect();
+    ingest_one(&mut c, later.clone()).await.unwrap();
+    ingest_one(&mut c, later).await.unwrap();
+    // Event time moves past their windows (a tracked token's call): they close.
+    ingest_one(
+        &mut c,
+        vec![event(now - 1_200_000, "late-299", "10.9.0.2", "US", 7, 200)],
+    )
+    .await
+    .unwrap();
+    let st = r
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.tracked_tokens <= 224, "{st:?}");
+    assert!(st.evicted_tokens > 0, "{st:?}");
+    assert!(st.untracked_events > 0, "{st:?}");
+    let gone = r
+        .get_token_risk(pb::GetTokenRiskRequest {
+            token_id: "tok-home".into(),
+        })
+        .await;
+    assert_eq!(
+        gone.unwrap_err().code(),
+        Code::NotFound,
+        "evicted: off the board too"
+    );
+    // tok-home returns: loaded back from the spill, with its week of baseline.
+    let back: Vec<pb::Event> = (0..3)
+        .map(|k| {
+            event(
+                now - 600_000 + k * 1000,
+                "tok-home",
+                "10.0.0.1",
+                "FR",
+                1,
+                200,
+            )
+        })
+        .collect();
+    ingest_one(&mut c, back).await.unwrap();
+    let st = r
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.reloaded_tokens >= 1, "{st:?}");
+    assert!(st.tracked_tokens <= 224, "{st:?}");
+    // A later event closes tok-home's window: scored with its week of baseline (full
+    // confidence), as a token first seen now would not be.
+    ingest_one(
+        &mut c,
+        vec![event(now - 1000, "late-0", "10.9.0.2", "US", 7, 200)],
+    )
+    .await
+    .unwrap();
+    let home = r
+        .get_token_risk(pb::GetTokenRiskRequest {
+            token_id: "tok-home".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(home.events, 3, "{home:?}");
+    assert!(home.confidence > 0.99, "{home:?}");
+    drop((c, r));
+    let known = srv.stop().await.stats.tokens;
+    // Restarted: tokens evicted before the final snapshot are still in the spill.
+    let srv = TestServer::start_opts(opts).await;
+    let mut c = srv.client(Some(INGEST)).await;
+    let mut r = srv.client(Some(READ)).await;
+    // A flood token evicted before the restart returns (event time after the windows the
+    // graceful stop closed).
+    let now = chrono::Utc::now().timestamp_millis() + 65_000;
+    let st0 = r
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    ingest_one(
+        &mut c,
+        vec![event(now, "flood-00000", "10.9.0.1", "US", 7, 200)],
+    )
+    .await
+    .unwrap();
+    let st = r
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.reloaded_tokens,
+        st0.reloaded_tokens + 1,
+        "{st0:?} -> {st:?}"
+    );
+    assert_eq!(st.tokens, st0.tokens, "a reloaded token is not a new one");
+    assert_eq!(st.tokens, known, "{st:?}");
+    drop((c, r));
+    let summary = srv.stop().await;
+    assert!(summary.stats.tracked <= 224, "{:?}", summary.stats);
+}

@@ -328,7 +328,7 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
         lanes.push(tx);
     }
     while let Some(job) = rx.recv().await {
-        let lane = (crate::window::text_key(&job.decision.alert_id) % LANES as u64) as usize;
+        let lane = crate::engine::shard_of(&job.decision.alert_id, LANES);
         if lanes[lane].send(job).await.is_err() {
             break;
         }
@@ -456,6 +456,16 @@ impl Responder {
             order: Default::default(),
             tally: Tally::default(),
         }
+    }
+
+    /// Forget the policy state of `tokens` (evicted from the engine).
+    pub fn forget(&mut self, tokens: &[Arc<str>]) {
+        self.policies.forget(tokens);
+    }
+
+    /// Keep only the policy state of tokens `keep` says yes to.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.policies.retain(keep);
     }
 
     /// Judge windows (in close order) and queue what the policies decided; never blocks:

@@ -324,6 +324,18 @@ impl Policies {
                 .all(|k| s.contributions.iter().any(|c| c.signal == *k))
     }
 
+    /// Forget the state of `tokens` (evicted from the engine).
+    pub fn forget(&mut self, tokens: &[std::sync::Arc<str>]) {
+        for t in tokens {
+            self.state.remove(&**t);
+        }
+    }
+
+    /// Keep only the state of tokens `keep` says yes to.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.state.retain(|t, _| keep(t));
+    }
+
     /// Judge one scored window (windows of a token arrive in start order).
     pub fn judge(&mut self, s: &WindowScore) -> Vec<Decision> {
         let mut out = Vec::new();

@@ -110,6 +110,12 @@ impl Latest {
         }
         self.by_risk.insert((key, token));
     }
+
+    fn remove(&mut self, token: &str) {
+        if let Some((t, old)) = self.map.remove_entry(token) {
+            self.by_risk.remove(&(risk_key(old.risk), t));
+        }
+    }
 }
 
 impl Board {
@@ -140,6 +146,32 @@ impl Board {
             .take(limit)
             .cloned()
             .collect()
+    }
+
+    /// Forget the latest scores of `tokens` (evicted from the engine: the board holds only
+    /// tracked tokens, so it follows the same budget).
+    pub fn forget(&self, tokens: &[Arc<str>]) {
+        for chunk in tokens.chunks(PUBLISH_CHUNK) {
+            let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
+            for t in chunk {
+                l.remove(t);
+            }
+        }
+    }
+
+    /// Keep only the latest scores of tokens `keep` says yes to.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<Arc<str>> = l.map.keys().filter(|t| !keep(t)).cloned().collect();
+        for t in gone {
+            l.remove(&t);
+        }
+    }
+
+    /// Tokens on the board.
+    pub fn len(&self) -> usize {
+        let l = self.latest.read().unwrap_or_else(|p| p.into_inner());
+        l.map.len()
     }
 
     /// Put restored latest scores on the board (start after a restart); no alert is sent.
@@ -284,7 +316,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(engine: Engine, board: Arc<Board>, setup: Setup, me: mpsc::Sender<Cmd>) -> Self {
+    fn new(mut engine: Engine, board: Arc<Board>, setup: Setup, me: mpsc::Sender<Cmd>) -> Self {
+        engine.report_evictions();
         Worker {
             engine,
             board,
@@ -446,6 +479,10 @@ impl Worker {
             windows: st.windows,
             alert_windows: st.alerts,
             tokens: st.tokens,
+            tracked_tokens: st.tracked,
+            evicted_tokens: st.evicted,
+            reloaded_tokens: st.reloaded,
+            untracked_events: st.untracked,
             ..Default::default()
         };
         if let Some(r) = self.responder.as_ref() {
@@ -479,6 +516,15 @@ impl Worker {
         metrics::counter!("tokenwatch_alert_windows_total")
             .increment(scores.iter().filter(|s| s.alert).count() as u64);
         self.board.publish(scores, &ids);
+        // Evicted tokens take nothing with them here: their latest score and policy state
+        // go (the board and the policies follow the engine's budget).
+        let gone = self.engine.take_evicted();
+        if !gone.is_empty() {
+            self.board.forget(&gone);
+            if let Some(r) = self.responder.as_mut() {
+                r.forget(&gone);
+            }
+        }
     }
 
     /// Events whose window closed before this batch: the engine counts and skips them.
@@ -530,6 +576,11 @@ impl Worker {
     fn gauges(&self) {
         let st = self.engine.stats();
         metrics::gauge!("tokenwatch_tokens").set(st.tokens as f64);
+        metrics::gauge!("tokenwatch_tokens_tracked").set(st.tracked as f64);
+        metrics::counter!("tokenwatch_tokens_evicted_total").absolute(st.evicted);
+        metrics::counter!("tokenwatch_tokens_reloaded_total").absolute(st.reloaded);
+        metrics::counter!("tokenwatch_events_untracked_total").absolute(st.untracked);
+        metrics::gauge!("tokenwatch_board_tokens").set(self.board.len() as f64);
         let (_, per_token) = self.engine.state_bytes();
         metrics::gauge!("tokenwatch_model_state_bytes").set((per_token as u64 * st.tokens) as f64);
         if let Some(store) = self.store.as_ref() {
@@ -563,6 +614,7 @@ impl Worker {
             return Err("the server runs without a data directory".into());
         };
         let mut snap = self.engine.snapshot();
+        snap.spill = self.engine.spill_savepoint().map_err(|e| e.to_string())?;
         for t in snap.tokens.iter_mut() {
             if let Some(r) = self.board.get(&t.token) {
                 t.extra = prost::Message::encode_to_vec(r.as_ref());
@@ -637,11 +689,19 @@ impl Worker {
         let Some(store) = self.store.as_ref() else {
             return Err("the server runs without a data directory".into());
         };
+        engine.report_evictions();
         // Catch up with what arrived while the rebuild ran (already durable in the log).
         for b in store.read_since(pos).map_err(|e| e.to_string())? {
             engine.apply(&b).map_err(|e| e.to_string())?;
         }
         self.engine = engine;
+        let _ = self.engine.take_evicted();
+        // The board and the policies keep only what the new engine tracks.
+        let engine = &self.engine;
+        self.board.retain(|t| engine.is_tracked(t));
+        if let Some(r) = self.responder.as_mut() {
+            r.retain(|t| engine.is_tracked(t));
+        }
         self.newest_at_arrival = self.engine.newest();
         tracing::info!("retrained models swapped in");
         self.checkpoint()

@@ -12,6 +12,7 @@
 
 pub mod history;
 pub mod snapshot;
+pub mod spill;
 pub mod wal;
 
 use std::path::PathBuf;
@@ -263,9 +264,10 @@ impl Store {
         let mut loaded = None;
         for (_, path) in snapshot::list(&snaps_d)? {
             let attempt = snapshot::read(&path).and_then(|(snap, pos)| {
-                Engine::restore(cfg.clone(), registry.clone(), &snap)
-                    .map(|e| (e, snap, pos))
-                    .map_err(|e| format(&path)(format!("model state: {e}")))
+                let mut e = Engine::restore(cfg.clone(), registry.clone(), &snap)
+                    .map_err(|e| format(&path)(format!("model state: {e}")))?;
+                attach_spill(dir, &mut e, snap.spill.as_ref())?;
+                Ok((e, snap, pos))
             });
             match attempt {
                 Ok(x) => {
@@ -291,6 +293,7 @@ impl Store {
             None => {
                 // No snapshot: the history holds the compacted part of the log.
                 let mut engine = Engine::new(cfg.clone(), registry);
+                attach_spill(dir, &mut engine, None)?;
                 for f in history::files(&events_d, None, None)? {
                     for b in history::read_file(&f, None, None)? {
                         let b = b?;
@@ -357,6 +360,7 @@ impl Store {
         };
         // Segments of earlier runs are whole (torn tails end at the last whole batch).
         store.compact_sealed(true)?;
+        prune_spills(dir, engine.spill_file())?;
         Ok((
             store,
             Recovered {
@@ -399,6 +403,7 @@ impl Store {
         self.wal.seal()?;
         let path = snapshot::write(&snapshots_dir(&self.dir), snap, self.wal.pos())?;
         self.compact_sealed(false)?;
+        prune_spills(&self.dir, snap.spill.as_ref().map(|r| r.file.as_str()))?;
         // A segment may go once it is in the history and the oldest kept snapshot (the
         // last fallback) is past it.
         let snaps = snapshot::list(&snapshots_dir(&self.dir))?;
@@ -534,6 +539,52 @@ fn quarantine(wal_d: &Path, seg: u64, read: &wal::Segment) -> Result<String, Err
     ))
 }
 
+/// Give `engine` the spill of data directory `dir`: the file and savepoint a snapshot
+/// refers to (rolled back to that moment), or a new, empty one.
+fn attach_spill(
+    dir: &Path,
+    engine: &mut Engine,
+    at: Option<&spill::SpillRef>,
+) -> Result<(), Error> {
+    let (s, name) = match at {
+        Some(r) => {
+            let p = spill::dir(dir).join(&r.file);
+            if !p.exists() {
+                return Err(format(&p)(
+                    "the token spill this snapshot refers to is missing".into(),
+                ));
+            }
+            let s = spill::Spill::open(&p)?;
+            s.restore(r.savepoint)?;
+            (s, r.file.clone())
+        }
+        None => spill::create_next(dir)?,
+    };
+    engine.set_spill(Arc::new(s), name);
+    Ok(())
+}
+
+/// Delete the spill files of earlier generations than `current` that no kept snapshot
+/// refers to (a retrain's newer file, still being filled, is kept).
+fn prune_spills(dir: &Path, current: Option<&str>) -> Result<(), Error> {
+    let Some(current) = current else {
+        return Ok(());
+    };
+    let mut keep = vec![current.to_string()];
+    for (_, p) in snapshot::list(&snapshots_dir(dir))? {
+        if let Ok(Some(r)) = snapshot::read_spill_ref(&p) {
+            keep.push(r.file);
+        }
+    }
+    for f in spill::files(dir)? {
+        if f.as_str() < current && !keep.contains(&f) {
+            let p = spill::dir(dir).join(&f);
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+    }
+    Ok(())
+}
+
 /// Rebuild an engine from the history under `dir` (and the log segments below
 /// `below_segment` not yet in it), events in `[from, to)`, in log order; `progress` is told
 /// the events applied so far. Returns the engine and the log position it covers.
@@ -546,6 +597,7 @@ pub fn rebuild(
     mut progress: impl FnMut(u64),
 ) -> Result<(Engine, LogPos), Error> {
     let mut engine = Engine::new(cfg.clone(), registry);
+    attach_spill(dir, &mut engine, None)?;
     let mut events = 0u64;
     let wal_d = wal_dir(dir);
     let (mut feedback, _) = read_feedback(dir)?;

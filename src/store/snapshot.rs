@@ -20,6 +20,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
+use super::spill::SpillRef;
 use super::{format, io, sync_dir, Error, LogPos};
 use crate::engine::{EngineSnapshot, TokenSnapshot, SNAPSHOT_VERSION};
 
@@ -27,6 +28,8 @@ const KEY_VERSION: &str = "tokenwatch.snapshot_version";
 const KEY_SEGMENT: &str = "tokenwatch.wal_segment";
 const KEY_BATCHES: &str = "tokenwatch.wal_batches";
 const KEY_CHECKSUM: &str = "tokenwatch.crc32";
+const KEY_SPILL_FILE: &str = "tokenwatch.spill_file";
+const KEY_SPILL_SAVEPOINT: &str = "tokenwatch.spill_savepoint";
 
 /// CRC-32 of everything a snapshot holds, in its row order (checked before any state is
 /// decoded, so a damaged file is refused whole and the previous one used).
@@ -98,7 +101,7 @@ pub fn write(dir: &Path, snap: &EngineSnapshot, pos: LogPos) -> Result<PathBuf, 
     let path = dir.join(file_name(pos));
     let tmp = path.with_extension("parquet.tmp");
     let f = File::create(&tmp).map_err(io(&tmp))?;
-    let meta = vec![
+    let mut meta = vec![
         KeyValue::new(KEY_VERSION.into(), SNAPSHOT_VERSION.to_string()),
         KeyValue::new(KEY_SEGMENT.into(), pos.segment.to_string()),
         KeyValue::new(KEY_BATCHES.into(), pos.batches.to_string()),
@@ -107,6 +110,13 @@ pub fn write(dir: &Path, snap: &EngineSnapshot, pos: LogPos) -> Result<PathBuf, 
             checksum(&snap.header, &snap.tokens).to_string(),
         ),
     ];
+    if let Some(r) = &snap.spill {
+        meta.push(KeyValue::new(KEY_SPILL_FILE.into(), r.file.clone()));
+        meta.push(KeyValue::new(
+            KEY_SPILL_SAVEPOINT.into(),
+            r.savepoint.to_string(),
+        ));
+    }
     let props = WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
         .set_key_value_metadata(Some(meta))
@@ -213,8 +223,12 @@ pub fn read(path: &Path) -> Result<(EngineSnapshot, LogPos), Error> {
     if builder.schema().fields() != schema().fields() {
         return Err(bad("columns are not a snapshot's".into()));
     }
+    let spill = spill_ref(&kv).map_err(bad)?;
     let reader = builder.build().map_err(|e| bad(e.to_string()))?;
-    let mut snap = EngineSnapshot::default();
+    let mut snap = EngineSnapshot {
+        spill,
+        ..Default::default()
+    };
     let mut first = true;
     for b in reader {
         let b = b.map_err(|e| bad(e.to_string()))?;
@@ -266,4 +280,35 @@ pub fn read(path: &Path) -> Result<(EngineSnapshot, LogPos), Error> {
         return Err(bad("checksum mismatch: the snapshot is damaged".into()));
     }
     Ok((snap, pos))
+}
+
+fn spill_ref(kv: &[KeyValue]) -> Result<Option<SpillRef>, String> {
+    let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
+    match (get(KEY_SPILL_FILE), get(KEY_SPILL_SAVEPOINT)) {
+        (None, None) => Ok(None),
+        (Some(file), Some(sp)) => {
+            if file.contains(['/', '\\']) || file.starts_with('.') {
+                return Err(format!("spill file name {file:?} is not a plain file name"));
+            }
+            let savepoint = sp
+                .parse()
+                .map_err(|_| format!("bad spill savepoint {sp:?}"))?;
+            Ok(Some(SpillRef { file, savepoint }))
+        }
+        _ => Err("spill file and savepoint must come together".into()),
+    }
+}
+
+/// The spill a snapshot file refers to (its metadata only).
+pub fn read_spill_ref(path: &Path) -> Result<Option<SpillRef>, Error> {
+    let bad = |r: String| format(path)(r);
+    let f = File::open(path).map_err(io(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| bad(e.to_string()))?;
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default();
+    spill_ref(&kv).map_err(bad)
 }

@@ -1,0 +1,301 @@
+//! The on-disk home of tokens the engine stopped tracking in memory (`engine.max-tokens`,
+//! `engine.memory-budget`): the idle-longest tokens' model state, keyed by token id, loaded
+//! back when the token returns, so an evicted token keeps its baseline.
+//!
+//! An embedded key-value store (redb: pure Rust, ACID, B-tree, one file) rather than Parquet:
+//! the job is point reads and writes of ~1 KB records by key with no index in memory, which
+//! is what a B-tree does and an append-only columnar file does not.
+//!
+//! Consistency with snapshots: evictions commit without fsync; each engine snapshot takes a
+//! persistent savepoint (fsync'd) and records its id, and recovery rolls the file back to the
+//! savepoint of the snapshot it loads before the log is replayed, so the spilled states and
+//! the snapshot describe the same moment and a replayed event is never applied twice.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{Database, Durability, ReadableTableMetadata, TableDefinition};
+
+use super::Error;
+
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+
+/// Page cache of the spill file (redb's default is 1 GiB, too much beside the budget).
+const CACHE_BYTES: usize = 32 << 20;
+
+/// The savepoints kept: one per kept snapshot (`snapshot::KEEP`), and one spare.
+const KEEP_SAVEPOINTS: usize = 4;
+
+/// Where a snapshot's spilled tokens are: the spill file (name inside `DATA_DIR/spill/`)
+/// and the savepoint taken with the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpillRef {
+    /// File name of the spill inside the spill directory.
+    pub file: String,
+    /// Persistent savepoint id.
+    pub savepoint: u64,
+}
+
+/// An open spill file.
+pub struct Spill {
+    db: Database,
+    path: PathBuf,
+    /// Tokens in the file (kept here so a miss on an empty spill costs nothing).
+    len: AtomicU64,
+    /// Delete the file when dropped (a spill of a run without a data directory).
+    temporary: bool,
+}
+
+fn db_err(path: &Path) -> impl Fn(redb::Error) -> Error + '_ {
+    move |e| Error::Format {
+        path: path.to_path_buf(),
+        reason: format!("token spill: {e}"),
+    }
+}
+
+impl Spill {
+    /// Open (or create) the spill file at `path`.
+    pub fn open(path: &Path) -> Result<Spill, Error> {
+        let err = db_err(path);
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(super::io(d))?;
+        }
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| err(e.into()))?;
+        let s = Spill {
+            db,
+            path: path.to_path_buf(),
+            len: AtomicU64::new(0),
+            temporary: false,
+        };
+        s.recount()?;
+        Ok(s)
+    }
+
+    /// A spill in the system's temporary directory, deleted when dropped (runs over files,
+    /// which have no data directory).
+    pub fn temporary() -> Result<Spill, Error> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "tokenwatch-spill-{}-{}.redb",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_file(&path);
+        let mut s = Spill::open(&path)?;
+        s.temporary = true;
+        Ok(s)
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tokens in the file.
+    pub fn len(&self) -> u64 {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// No token in the file.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn recount(&self) -> Result<(), Error> {
+        let err = db_err(&self.path);
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let n = match tx.open_table(TOKENS) {
+            Ok(t) => t.len().map_err(|e| err(e.into()))?,
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(err(e.into())),
+        };
+        self.len.store(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Write the states of `items` (token id, encoded state) in one transaction.
+    pub fn put_many<'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<(), Error> {
+        let err = db_err(&self.path);
+        let mut tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        // Not fsync'd: a crash rolls the file back to the last snapshot's savepoint anyway.
+        tx.set_durability(Durability::None);
+        let mut added = 0u64;
+        {
+            let mut t = tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
+            for (k, v) in items {
+                if t.insert(k, v).map_err(|e| err(e.into()))?.is_none() {
+                    added += 1;
+                }
+            }
+        }
+        tx.commit().map_err(|e| err(e.into()))?;
+        self.len.fetch_add(added, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Remove and return the state of `token`, if it is here.
+    pub fn take(&self, token: &str) -> Result<Option<Vec<u8>>, Error> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let err = db_err(&self.path);
+        // Look first with a reader (most misses are new tokens), write only on a hit.
+        {
+            let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+            let t = match tx.open_table(TOKENS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(err(e.into())),
+            };
+            if t.get(token).map_err(|e| err(e.into()))?.is_none() {
+                return Ok(None);
+            }
+        }
+        let mut tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        tx.set_durability(Durability::None);
+        let v = {
+            let mut t = tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
+            let v = t.remove(token).map_err(|e| err(e.into()))?;
+            v.map(|g| g.value().to_vec())
+        };
+        tx.commit().map_err(|e| err(e.into()))?;
+        if v.is_some() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(v)
+    }
+
+    /// Make everything written so far durable and mark this moment (a snapshot's): the id
+    /// to give [`Spill::restore`]. Older savepoints past the few kept are deleted.
+    pub fn savepoint(&self) -> Result<u64, Error> {
+        let err = db_err(&self.path);
+        let tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let id = tx.persistent_savepoint().map_err(|e| err(e.into()))?;
+        let mut ids: Vec<u64> = tx
+            .list_persistent_savepoints()
+            .map_err(|e| err(e.into()))?
+            .collect();
+        ids.sort_unstable();
+        let old = ids.len().saturating_sub(KEEP_SAVEPOINTS);
+        for &o in &ids[..old] {
+            tx.delete_persistent_savepoint(o)
+                .map_err(|e| err(e.into()))?;
+        }
+        tx.commit().map_err(|e| err(e.into()))?;
+        Ok(id)
+    }
+
+    /// Roll the file back to savepoint `id` (recovery from the snapshot that took it).
+    pub fn restore(&self, id: u64) -> Result<(), Error> {
+        let err = db_err(&self.path);
+        let mut tx = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let sp = tx.get_persistent_savepoint(id).map_err(|e| err(e.into()))?;
+        tx.restore_savepoint(&sp).map_err(|e| err(e.into()))?;
+        tx.commit().map_err(|e| err(e.into()))?;
+        self.recount()
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The spill directory of a data directory.
+pub fn dir(data: &Path) -> PathBuf {
+    data.join("spill")
+}
+
+/// A new spill file in `data`'s spill directory, named after the next free generation.
+pub fn create_next(data: &Path) -> Result<(Spill, String), Error> {
+    let d = dir(data);
+    std::fs::create_dir_all(&d).map_err(super::io(&d))?;
+    let next = files(data)?
+        .iter()
+        .filter_map(|n| generation(n))
+        .max()
+        .map_or(1, |g| g + 1);
+    let name = format!("tokens-{next:06}.redb");
+    let path = d.join(&name);
+    let _ = std::fs::remove_file(&path);
+    Ok((Spill::open(&path)?, name))
+}
+
+/// Spill file names in `data`'s spill directory.
+pub fn files(data: &Path) -> Result<Vec<String>, Error> {
+    let d = dir(data);
+    let rd = match std::fs::read_dir(&d) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(super::io(&d)(e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(super::io(&d))?;
+        if let Some(n) = e.file_name().to_str() {
+            if generation(n).is_some() {
+                out.push(n.to_string());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn generation(name: &str) -> Option<u64> {
+    name.strip_prefix("tokens-")?
+        .strip_suffix(".redb")?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_savepoint_rolls_back_what_was_spilled_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens-000001.redb");
+        let s = Spill::open(&path).unwrap();
+        s.put_many([("a", &b"state-a1"[..]), ("b", &b"state-b1"[..])])
+            .unwrap();
+        assert_eq!(s.len(), 2);
+        let sp = s.savepoint().unwrap();
+        // After the snapshot: a comes back, b is rewritten, c is new.
+        assert_eq!(s.take("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
+        s.put_many([("b", &b"state-b2"[..]), ("c", &b"state-c"[..])])
+            .unwrap();
+        assert_eq!(s.take("nobody").unwrap(), None);
+        assert_eq!(s.len(), 2);
+        drop(s);
+        // A crash, then recovery from the snapshot that took `sp`.
+        let s = Spill::open(&path).unwrap();
+        s.restore(sp).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.take("b").unwrap().as_deref(), Some(&b"state-b1"[..]));
+        assert_eq!(s.take("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
+        assert_eq!(s.take("c").unwrap(), None);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_temporary_spill_is_removed_when_dropped() {
+        let s = Spill::temporary().unwrap();
+        let p = s.path().to_path_buf();
+        s.put_many([("x", &b"1"[..])]).unwrap();
+        assert!(p.exists());
+        drop(s);
+        assert!(!p.exists());
+    }
+}
