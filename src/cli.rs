@@ -167,6 +167,10 @@ pub enum Command {
         /// Random seed of the generated traffic.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Event time the load spans in seconds, ending now (0 = one event per token per
+        /// second on average); a long span lets windows close while tokens come and go.
+        #[arg(long, default_value_t = 0)]
+        span_secs: u64,
     },
     /// Train and score the bundled sample in data/, print the riskiest tokens and the
     /// evaluation summary.

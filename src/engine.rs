@@ -247,6 +247,8 @@ struct Shard {
     evict_blocked_at: Option<u64>,
     /// Names of evicted tokens, for the door to drop what it keeps beside them.
     evicted_names: Option<Vec<Arc<str>>>,
+    /// Tokens loaded back whose spill entry is still to be deleted (with the next write).
+    reloaded_names: Vec<Arc<str>>,
 }
 
 /// The spill shared by the shards of one engine: set by the door (the server's data
@@ -272,6 +274,7 @@ impl Shard {
             spill,
             evict_blocked_at: None,
             evicted_names: None,
+            reloaded_names: Vec::new(),
             models: Models::new(&cfg),
             calibration_alpha: Ewma::alpha(cfg.score.calibration_windows),
             reservoir: Reservoir::new(cfg.isolation.reservoir),
@@ -375,12 +378,22 @@ impl Shard {
             .as_ref()
     }
 
-    /// The state of an evicted token, taken out of the spill.
-    fn reload(&self, name: &str) -> Option<TokenState> {
-        let spill = self.spill.get()?.as_ref()?;
-        match spill.take(name) {
+    /// The state of an evicted token, loaded back from the spill (its entry there is
+    /// deleted with the next write).
+    fn reload(&mut self, name: &str) -> Option<TokenState> {
+        let spill = self.spill.get()?.as_ref()?.clone();
+        match spill.get(name) {
             Ok(Some(bytes)) => match TokenState::decode(&bytes) {
-                Ok(st) => Some(st),
+                Ok(st) => {
+                    self.reloaded_names.push(Arc::from(name));
+                    if self.reloaded_names.len() >= MAX_PENDING_DELETES {
+                        match spill.write([], &self.reloaded_names) {
+                            Ok(()) => self.reloaded_names.clear(),
+                            Err(e) => tracing::error!(error = %e, "cannot write the token spill"),
+                        }
+                    }
+                    Some(st)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "an evicted token's state does not decode; it starts anew");
                     None
@@ -423,16 +436,18 @@ impl Shard {
             self.slots[t as usize].state.encode(&mut w);
             encoded.push(w.buf);
         }
-        let put = spill.put_many(
+        let put = spill.write(
             idle.iter()
                 .zip(&encoded)
                 .map(|(&(_, t), b)| (&*self.slots[t as usize].name, b.as_slice())),
+            &self.reloaded_names,
         );
         if let Err(e) = put {
             tracing::error!(error = %e, "cannot write the token spill; no token evicted");
             self.evict_blocked_at = Some(self.stats.windows);
             return;
         }
+        self.reloaded_names.clear();
         for &(_, t) in &idle {
             let slot = &mut self.slots[t as usize];
             self.tokens.remove(&*slot.name);
@@ -822,6 +837,9 @@ const PLACE: [SignalKind; 3] = [
     SignalKind::NewAsn,
     SignalKind::NewPrefix,
 ];
+
+/// Reloaded tokens whose spill entries are deleted in one write, at most.
+const MAX_PENDING_DELETES: usize = 4096;
 
 /// Quarantined windows kept per token for feedback, at most.
 const MAX_HELD: usize = 64;

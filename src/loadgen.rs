@@ -35,6 +35,9 @@ pub struct Options {
     pub list_calls: u32,
     /// Seed of the generated traffic.
     pub seed: u64,
+    /// Event time the load spans, in seconds, ending now (0: one event per token per
+    /// second on average). A long span lets windows close while tokens come and go.
+    pub span_secs: u64,
 }
 
 /// What a load run measured.
@@ -58,6 +61,8 @@ pub struct Report {
     pub latency: [Duration; 4],
     /// ListRiskyTokens calls made after the load.
     pub list_calls: u64,
+    /// The server's counters after the load (GetStats), if it answered.
+    pub stats: Option<pb::StatsResponse>,
     /// ListRiskyTokens latency percentiles p50, p99, p99.9, max.
     pub list_latency: [Duration; 4],
 }
@@ -171,7 +176,11 @@ fn build(opts: &Options, now_ms: i64) -> (Vec<Vec<pb::IngestRequest>>, Vec<Strin
         })
         .collect();
     let n = opts.events;
-    let span_ms = (n as f64 * 1000.0 / tokens.len() as f64).max(1.0);
+    let span_ms = if opts.span_secs > 0 {
+        opts.span_secs as f64 * 1000.0
+    } else {
+        (n as f64 * 1000.0 / tokens.len() as f64).max(1.0)
+    };
     let start = now_ms - 1_000 - span_ms as i64;
     let streams = opts.streams.max(1);
     let batch = opts.batch.max(1);
@@ -403,6 +412,13 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
         percentile(&lat, 0.999),
         lat.last().copied().unwrap_or_default(),
     ];
+    if let Ok(mut c) = connect(opts).await {
+        report.stats = c
+            .get_stats(pb::GetStatsRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner());
+    }
     if opts.list_calls > 0 {
         let mut c = connect(opts).await?;
         let mut lat = Vec::with_capacity(opts.list_calls as usize);
@@ -447,6 +463,7 @@ mod tests {
             risk_rate: 0,
             list_calls: 0,
             seed: 1,
+            span_secs: 0,
         };
         let now = 1_800_000_000_000;
         let (pool, tokens) = build(&o, now);

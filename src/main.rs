@@ -246,6 +246,7 @@ fn run(cli: Cli) -> Result<()> {
             risk_rate,
             list_calls,
             seed,
+            span_secs,
         } => {
             let o = tokenwatch::loadgen::Options {
                 target,
@@ -257,10 +258,17 @@ fn run(cli: Cli) -> Result<()> {
                 risk_rate,
                 list_calls,
                 seed,
+                span_secs,
             };
             let rt = tokenwatch::loadgen::runtime().context("starting the async runtime")?;
             let report = rt.block_on(tokenwatch::loadgen::run(&o))?;
             print!("{}{}", report.render(), report.render_list());
+            if let Some(st) = &report.stats {
+                println!(
+                    "server: {} tokens known, {} tracked, {} evicted, {} reloaded, {} events untracked",
+                    st.tokens, st.tracked_tokens, st.evicted_tokens, st.reloaded_tokens, st.untracked_events
+                );
+            }
         }
         Command::Demo { data, scores_out } => {
             let dir = find_data(&data)?;

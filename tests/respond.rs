@@ -768,3 +768,82 @@ async fn an_https_webhook_to_a_configured_ca_is_delivered_and_signed() {
     let dead = std::fs::read_to_string(other.join("dead_letter.jsonl")).unwrap_or_default();
     assert!(dead.contains("TLS") || dead.contains("CA"), "{dead}");
 }
+
+/// An action queued when the process died is delivered when it starts again: the calls
+/// of a decision are in the outbox (fsync'd) before they are queued, and only a finished
+/// delivery takes them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_queued_at_a_crash_is_delivered_after_the_restart() {
+    use tokenwatch::respond::actions::{self, Actions, Job};
+    use tokenwatch::respond::policy::{Decision, Event};
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = tokenwatch::respond::policy::parse(
+        &format!(
+            "[[policy]]\nname = \"page\"\nmode = \"enforce\"\nmin_risk = 50\nwebhook = \"http://{0}/hook\"\nrevoke_url = \"http://{0}/revoke\"\n",
+            rx.addr
+        ),
+        "test",
+    )
+    .unwrap();
+    let mut cfg = tokenwatch::Config::default().respond;
+    cfg.backoff = tokenwatch::config::Duration { ms: 10 };
+    let (first, pending, bad) = Actions::new(Some(dir.path()), cfg.clone(), false, &policies);
+    assert!(pending.is_empty() && bad.is_empty());
+    let score = tokenwatch::WindowScore {
+        token: "svc-07".into(),
+        start: T0,
+        events: 40,
+        risk: 97.0,
+        alert: true,
+        learned: false,
+        labelled: 0,
+        kind: None,
+        contributions: Vec::new(),
+        confidence: 1.0,
+    };
+    let job = Job {
+        decision: Decision {
+            event: Event::Fired,
+            alert_id: "page-svc-07-1".into(),
+            policy: 0,
+            score,
+            first_window: T0,
+            windows: 1,
+            max_risk: 97.0,
+        },
+        policy: Arc::new(policies[0].clone()),
+    };
+    // Recorded and queued; the process dies before the delivery task ran.
+    let (calls, durable) = first.outbox.record(&job);
+    durable.unwrap();
+    assert!(calls.webhook.is_some() && calls.revoke.is_some());
+    drop(first);
+    assert!(rx.on("/hook").is_empty());
+    // The restart finds it and delivers it: webhook and revocation, in the audit log.
+    let (second, pending, bad) = Actions::new(Some(dir.path()), cfg.clone(), false, &policies);
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].alert_id, "page-svc-07-1");
+    let (tx, queue) = tokio::sync::mpsc::channel(4);
+    drop(tx);
+    actions::run(queue, Arc::new(second), pending).await;
+    let hooks = rx.on("/hook");
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0]["alert_id"], "page-svc-07-1");
+    assert_eq!(rx.on("/revoke").len(), 1);
+    let results: Vec<String> = audit(dir.path())
+        .iter()
+        .map(|a| {
+            format!(
+                "{} {}",
+                a["what"].as_str().unwrap(),
+                a["result"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(results, ["alert raised", "webhook ok 200", "revoke ok 200"]);
+    // Delivered: a third start has nothing left to do.
+    let (_, pending, _) = Actions::new(Some(dir.path()), cfg, false, &policies);
+    assert!(pending.is_empty());
+}

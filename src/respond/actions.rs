@@ -27,6 +27,148 @@ pub struct Job {
     pub policy: Arc<Policy>,
 }
 
+/// The calls one decision needs, prepared on the engine thread and written to the outbox
+/// before they are queued, so a crash does not lose them: everything a delivery needs, in
+/// a form that can be read back after a restart.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Calls {
+    /// Position in the outbox.
+    pub id: u64,
+    /// Policy name (its URLs, mode and signing key are looked up when delivering).
+    pub policy: String,
+    /// Token.
+    pub token_id: String,
+    /// Alert.
+    pub alert_id: String,
+    /// `fired` or `updated`.
+    pub event: String,
+    /// Why the policy matched, for the audit log.
+    pub why: String,
+    /// Webhook body, if this decision notifies.
+    pub webhook: Option<serde_json::Value>,
+    /// Revocation body, if this decision fires a policy with a revocation URL.
+    pub revoke: Option<serde_json::Value>,
+}
+
+impl Calls {
+    /// The calls of `job` (outbox position `id`).
+    pub fn of(job: &Job, id: u64) -> Calls {
+        let d = &job.decision;
+        let p = &job.policy;
+        Calls {
+            id,
+            policy: p.name.clone(),
+            token_id: d.score.token.to_string(),
+            alert_id: d.alert_id.clone(),
+            event: match d.event {
+                Event::Fired => "fired",
+                Event::Updated => "updated",
+            }
+            .into(),
+            why: why(d, p),
+            webhook: (p.webhook.is_some() && notify(d)).then(|| payload(job)),
+            revoke: (d.event == Event::Fired && p.revoke_url.is_some()).then(|| {
+                json!({
+                    "token_id": d.score.token.as_ref(),
+                    "alert_id": d.alert_id,
+                    "policy": p.name,
+                    "risk": d.score.risk,
+                    "reason": why(d, p),
+                })
+            }),
+        }
+    }
+}
+
+/// Decisions whose calls are not finished yet, on disk (`DATA_DIR/outbox.jsonl`): one line
+/// per prepared [`Calls`] (fsync'd before it is queued) and one `{"done": id}` per delivery
+/// finished (sent or dead-lettered). What has no `done` line is delivered again at start.
+pub struct Outbox {
+    log: JsonLog,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// File name of the outbox in the data directory.
+pub const OUTBOX: &str = "outbox.jsonl";
+
+impl Outbox {
+    /// The outbox of `dir` (none without one) and the calls it holds unfinished, in order.
+    /// The file is rewritten with those only. Unreadable lines are reported, not fatal.
+    pub fn open(dir: Option<&Path>) -> (Outbox, Vec<Calls>, Vec<String>) {
+        let mut pending: Vec<Calls> = Vec::new();
+        let mut warnings = Vec::new();
+        let mut next = 1u64;
+        if let Some(path) = dir.map(|d| d.join(OUTBOX)) {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let mut done = std::collections::HashSet::new();
+                    for (i, line) in text.lines().enumerate() {
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        let v: serde_json::Value = match serde_json::from_str(line) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                warnings.push(format!("{} line {}: {e}", path.display(), i + 1));
+                                continue;
+                            }
+                        };
+                        if let Some(id) = v.get("done").and_then(|d| d.as_u64()) {
+                            done.insert(id);
+                            continue;
+                        }
+                        match serde_json::from_value::<Calls>(v) {
+                            Ok(c) => {
+                                next = next.max(c.id + 1);
+                                pending.push(c);
+                            }
+                            Err(e) => {
+                                warnings.push(format!("{} line {}: {e}", path.display(), i + 1))
+                            }
+                        }
+                    }
+                    pending.retain(|c| !done.contains(&c.id));
+                    let tmp = path.with_extension("jsonl.tmp");
+                    let body: String = pending
+                        .iter()
+                        .filter_map(|c| serde_json::to_string(c).ok())
+                        .map(|l| l + "\n")
+                        .collect();
+                    let rewritten = std::fs::write(&tmp, body)
+                        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
+                        .and_then(|_| std::fs::rename(&tmp, &path));
+                    if let Err(e) = rewritten {
+                        warnings.push(format!("{}: cannot compact: {e}", path.display()));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warnings.push(format!("{}: {e}", path.display())),
+            }
+        }
+        let outbox = Outbox {
+            log: JsonLog::new(dir.map(|d| d.join(OUTBOX))),
+            next: std::sync::atomic::AtomicU64::new(next),
+        };
+        (outbox, pending, warnings)
+    }
+
+    /// Prepare and persist the calls of `job`; `Err` if they could not be made durable
+    /// (they are delivered all the same, at most once).
+    pub fn record(&self, job: &Job) -> (Calls, Result<(), String>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let calls = Calls::of(job, id);
+        let r = serde_json::to_value(&calls)
+            .map_err(|e| e.to_string())
+            .and_then(|v| self.log.try_append(&v).map_err(|e| e.to_string()));
+        (calls, r)
+    }
+
+    /// The delivery of `id` finished (sent or dead-lettered).
+    pub fn done(&self, id: u64) {
+        self.log.append(&json!({ "done": id }));
+    }
+}
+
 /// Where actions write and how they retry.
 pub struct Actions {
     /// `audit.jsonl`.
@@ -37,40 +179,71 @@ pub struct Actions {
     pub cfg: RespondConfig,
     /// Revocations are recorded, not sent.
     pub dry_run: bool,
+    /// Calls not finished yet, on disk.
+    pub outbox: Outbox,
+    /// The policies by name (a delivery resumed after a restart finds its policy here).
+    pub policies: rustc_hash::FxHashMap<String, Arc<Policy>>,
 }
 
 impl Actions {
-    /// Logs under `dir` (none without one).
-    pub fn new(dir: Option<&Path>, cfg: RespondConfig, dry_run: bool) -> Self {
-        Actions {
+    /// Logs under `dir` (none without one) for `policies`; also the calls an earlier run
+    /// left unfinished in the outbox, and what could not be read of it.
+    pub fn new(
+        dir: Option<&Path>,
+        cfg: RespondConfig,
+        dry_run: bool,
+        policies: &[Policy],
+    ) -> (Self, Vec<Calls>, Vec<String>) {
+        let (outbox, pending, warnings) = Outbox::open(dir);
+        let actions = Actions {
             audit: JsonLog::new(dir.map(|d| d.join("audit.jsonl"))),
             dead_letter: JsonLog::new(dir.map(|d| d.join("dead_letter.jsonl"))),
             cfg,
             dry_run,
+            outbox,
+            policies: policies
+                .iter()
+                .map(|p| (p.name.clone(), Arc::new(p.clone())))
+                .collect(),
+        };
+        (actions, pending, warnings)
+    }
+
+    /// Record calls that could not even be queued (and finish them in the outbox).
+    pub fn dropped(&self, calls: &Calls, why: &str) {
+        if let Some(body) = &calls.webhook {
+            let url = self
+                .policies
+                .get(&calls.policy)
+                .and_then(|p| p.webhook.clone());
+            self.dead_letter
+                .append(&json!({"at": now(), "action": "webhook", "url": url, "reason": why, "payload": body}));
+            self.audit_record(calls, "webhook", &format!("dead_letter: {why}"));
         }
+        if let Some(body) = &calls.revoke {
+            let url = self
+                .policies
+                .get(&calls.policy)
+                .and_then(|p| p.revoke_url.clone());
+            self.dead_letter
+                .append(&json!({"at": now(), "action": "revoke", "url": url, "reason": why, "payload": body}));
+            self.audit_record(calls, "revoke", &format!("dead_letter: {why}"));
+        }
+        self.outbox.done(calls.id);
     }
 
-    /// Record an action that could not even be queued.
-    pub fn dropped(&self, job: &Job, why: &str) {
-        let body = payload(job);
-        self.dead_letter
-            .append(&json!({"at": now(), "action": "webhook", "url": job.policy.webhook, "reason": why, "payload": body}));
-        self.audit_record(job, "webhook", &format!("dead_letter: {why}"));
-    }
-
-    fn audit_record(&self, job: &Job, what: &str, result: &str) {
-        let d = &job.decision;
+    fn audit_record(&self, c: &Calls, what: &str, result: &str) {
         let outcome = result.split([':', ' ']).next().unwrap_or("").to_string();
         metrics::counter!("tokenwatch_actions_total", "action" => what.to_string(), "outcome" => outcome)
             .increment(1);
         self.audit.append(&json!({
             "at": now(),
-            "who": format!("policy:{}", job.policy.name),
+            "who": format!("policy:{}", c.policy),
             "what": what,
-            "token_id": d.score.token.as_ref(),
-            "alert_id": d.alert_id,
-            "event": match d.event { Event::Fired => "fired", Event::Updated => "updated" },
-            "why": why(d, &job.policy),
+            "token_id": c.token_id,
+            "alert_id": c.alert_id,
+            "event": c.event,
+            "why": c.why,
             "result": result,
         }));
     }
@@ -302,8 +475,9 @@ async fn post(
 /// updated calls reach the receiver in order; one dead receiver delays only its lane.
 const LANES: usize = 16;
 
-/// Deliver jobs until the queue closes.
-pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
+/// Deliver the calls an earlier run left unfinished (`resumed`), then the queued ones until
+/// the queue closes.
+pub async fn run(mut rx: mpsc::Receiver<Calls>, actions: Arc<Actions>, resumed: Vec<Calls>) {
     let tls = match tls_connector(actions.cfg.ca_file.as_deref()) {
         Ok(t) => Some(t),
         Err(e) => {
@@ -318,7 +492,7 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
     let mut lanes = Vec::with_capacity(LANES);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..LANES {
-        let (tx, mut lane) = mpsc::channel::<Job>(64);
+        let (tx, mut lane) = mpsc::channel::<Calls>(64);
         let (client, actions) = (client.clone(), actions.clone());
         tasks.spawn(async move {
             while let Some(job) = lane.recv().await {
@@ -327,9 +501,23 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
         });
         lanes.push(tx);
     }
-    while let Some(job) = rx.recv().await {
-        let lane = crate::engine::shard_of(&job.decision.alert_id, LANES);
-        if lanes[lane].send(job).await.is_err() {
+    if !resumed.is_empty() {
+        tracing::info!(
+            calls = resumed.len(),
+            "delivering actions an earlier run left unfinished"
+        );
+    }
+    let mut resumed = resumed.into_iter();
+    loop {
+        let calls = match resumed.next() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        let lane = crate::engine::shard_of(&calls.alert_id, LANES);
+        if lanes[lane].send(calls).await.is_err() {
             break;
         }
     }
@@ -337,56 +525,48 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, actions: Arc<Actions>) {
     while tasks.join_next().await.is_some() {}
 }
 
-async fn deliver(client: &Sender, actions: &Actions, job: Job) {
-    let p = job.policy.clone();
-    let d = &job.decision;
-    if d.event == Event::Fired {
-        actions.audit_record(&job, "alert", "raised");
+async fn deliver(client: &Sender, actions: &Actions, c: Calls) {
+    let Some(p) = actions.policies.get(&c.policy).cloned() else {
+        // Resumed after a restart whose policies no longer have this one.
+        actions.dropped(&c, "policy no longer configured");
+        return;
+    };
+    if c.event == "fired" {
+        actions.audit_record(&c, "alert", "raised");
     }
-    if let Some(url) = p.webhook.as_deref().filter(|_| notify(d)) {
-        let body = payload(&job);
-        match post(client, &actions.cfg, url, &body, &p.secret).await {
-            Ok(r) => actions.audit_record(&job, "webhook", &r),
+    if let (Some(url), Some(body)) = (p.webhook.as_deref(), c.webhook.as_ref()) {
+        match post(client, &actions.cfg, url, body, &p.secret).await {
+            Ok(r) => actions.audit_record(&c, "webhook", &r),
             Err(e) => {
-                tracing::warn!(policy = %p.name, alert = %d.alert_id, error = %e, "webhook dead-lettered");
+                tracing::warn!(policy = %p.name, alert = %c.alert_id, error = %e, "webhook dead-lettered");
                 actions.dead_letter.append(&json!({
                     "at": now(), "action": "webhook", "url": url, "reason": e, "payload": body,
                 }));
-                actions.audit_record(&job, "webhook", &format!("dead_letter: {e}"));
+                actions.audit_record(&c, "webhook", &format!("dead_letter: {e}"));
             }
         }
     }
-    if d.event != Event::Fired {
-        return;
-    }
-    let Some(url) = p.revoke_url.as_deref() else {
-        return;
-    };
-    let body = json!({
-        "token_id": d.score.token.as_ref(),
-        "alert_id": d.alert_id,
-        "policy": p.name,
-        "risk": d.score.risk,
-        "reason": why(d, &p),
-    });
-    if p.mode != Mode::Enforce {
-        actions.audit_record(&job, "revoke", "not sent: policy in alert mode");
-    } else if actions.dry_run {
-        actions.audit_record(&job, "revoke", &format!("dry_run: would POST to {url}"));
-    } else {
-        match post(client, &actions.cfg, url, &body, &p.secret).await {
-            Ok(r) => {
-                tracing::warn!(policy = %p.name, alert = %d.alert_id, "token revocation requested");
-                actions.audit_record(&job, "revoke", &r)
-            }
-            Err(e) => {
-                actions.dead_letter.append(&json!({
-                    "at": now(), "action": "revoke", "url": url, "reason": e, "payload": body,
-                }));
-                actions.audit_record(&job, "revoke", &format!("dead_letter: {e}"));
+    if let (Some(url), Some(body)) = (p.revoke_url.as_deref(), c.revoke.as_ref()) {
+        if p.mode != Mode::Enforce {
+            actions.audit_record(&c, "revoke", "not sent: policy in alert mode");
+        } else if actions.dry_run {
+            actions.audit_record(&c, "revoke", &format!("dry_run: would POST to {url}"));
+        } else {
+            match post(client, &actions.cfg, url, body, &p.secret).await {
+                Ok(r) => {
+                    tracing::warn!(policy = %p.name, alert = %c.alert_id, "token revocation requested");
+                    actions.audit_record(&c, "revoke", &r)
+                }
+                Err(e) => {
+                    actions.dead_letter.append(&json!({
+                        "at": now(), "action": "revoke", "url": url, "reason": e, "payload": body,
+                    }));
+                    actions.audit_record(&c, "revoke", &format!("dead_letter: {e}"));
+                }
             }
         }
     }
+    actions.outbox.done(c.id);
 }
 
 /// An alert as the responder remembers it, for verdicts.
@@ -432,7 +612,7 @@ const MAX_ALERTS: usize = 100_000;
 pub struct Responder {
     policies: super::policy::Policies,
     arcs: Vec<Arc<Policy>>,
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Calls>,
     actions: Arc<Actions>,
     alerts: rustc_hash::FxHashMap<String, AlertInfo>,
     order: std::collections::VecDeque<String>,
@@ -444,7 +624,7 @@ impl Responder {
     pub fn new(
         list: Vec<Policy>,
         window_ms: i64,
-        tx: mpsc::Sender<Job>,
+        tx: mpsc::Sender<Calls>,
         actions: Arc<Actions>,
     ) -> Self {
         Responder {
@@ -483,12 +663,17 @@ impl Responder {
                     policy: self.arcs[decision.policy].clone(),
                     decision,
                 };
-                if let Err(e) = self.tx.try_send(job) {
-                    let (why, job) = match e {
-                        mpsc::error::TrySendError::Full(j) => ("action queue full", j),
-                        mpsc::error::TrySendError::Closed(j) => ("action delivery stopped", j),
+                // Durable before it is queued: a crash from here on delivers it at start.
+                let (calls, durable) = self.actions.outbox.record(&job);
+                if let Err(e) = durable {
+                    tracing::error!(error = %e, alert = %calls.alert_id, "cannot write the action outbox; a crash would lose this action");
+                }
+                if let Err(e) = self.tx.try_send(calls) {
+                    let (why, calls) = match e {
+                        mpsc::error::TrySendError::Full(c) => ("action queue full", c),
+                        mpsc::error::TrySendError::Closed(c) => ("action delivery stopped", c),
                     };
-                    self.actions.dropped(&job, why);
+                    self.actions.dropped(&calls, why);
                 }
             }
         }

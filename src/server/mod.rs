@@ -162,7 +162,9 @@ pub async fn run(
             builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle delay: a small answer (GetTokenRisk, ListRiskyTokens) must not wait for the
+    // client's delayed ACK (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tokio::spawn(
         builder
             .add_service(health_svc)
@@ -221,18 +223,23 @@ pub async fn run(
     } else {
         let cfg = opts.config.respond.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(cfg.queue.max(1));
-        let actions = Arc::new(crate::respond::actions::Actions::new(
+        let (actions, resumed, bad) = crate::respond::actions::Actions::new(
             opts.data_dir.as_deref(),
             cfg,
             opts.dry_run,
-        ));
+            &opts.policies,
+        );
+        for w in bad {
+            tracing::warn!("{w}");
+        }
+        let actions = Arc::new(actions);
         let responder = crate::respond::actions::Responder::new(
             opts.policies.clone(),
             opts.config.window.size.ms,
             tx,
             actions.clone(),
         );
-        let task = tokio::spawn(crate::respond::actions::run(rx, actions));
+        let task = tokio::spawn(crate::respond::actions::run(rx, actions, resumed));
         (Some(responder), Some(task))
     };
     let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(host::now_ms()));

@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableTableMetadata, TableDefinition};
 
@@ -20,11 +21,19 @@ use super::Error;
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 
+/// zstd level of spilled states (fast; they are small).
+const ZSTD_LEVEL: i32 = 1;
+
+/// Largest state a spill entry may decompress to (a token's state is about 1 KB).
+const MAX_STATE_BYTES: usize = 64 << 10;
+
 /// Page cache of the spill file (redb's default is 1 GiB, too much beside the budget).
 const CACHE_BYTES: usize = 32 << 20;
 
-/// The savepoints kept: one per kept snapshot (`snapshot::KEEP`), and one spare.
-const KEEP_SAVEPOINTS: usize = 4;
+/// The savepoints kept: one per kept snapshot (`snapshot::KEEP`). Each pins the pages that
+/// were live when it was taken, so the file holds up to about this many versions of what
+/// changed between snapshots.
+const KEEP_SAVEPOINTS: usize = super::snapshot::KEEP;
 
 /// Where a snapshot's spilled tokens are: the spill file (name inside `DATA_DIR/spill/`)
 /// and the savepoint taken with the snapshot.
@@ -117,59 +126,77 @@ impl Spill {
         Ok(())
     }
 
-    /// Write the states of `items` (token id, encoded state) in one transaction.
-    pub fn put_many<'a>(
+    /// In one transaction, remove the states of `delete` (tokens loaded back) and write
+    /// those of `put` (token id, encoded state; a token in both is written).
+    pub fn write<'a>(
         &self,
-        items: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        put: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        delete: &[Arc<str>],
     ) -> Result<(), Error> {
         let err = db_err(&self.path);
+        // Compressed (a young token's state is mostly zeros) and in key order, so that one
+        // write touches each page of the tree once.
+        let mut items: Vec<(&str, Vec<u8>)> = Vec::new();
+        for (k, v) in put {
+            let z = zstd::bulk::compress(v, ZSTD_LEVEL).map_err(|e| Error::Format {
+                path: self.path.clone(),
+                reason: format!("token spill: compress: {e}"),
+            })?;
+            items.push((k, z));
+        }
+        items.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut gone: Vec<&str> = delete.iter().map(|k| &**k).collect();
+        gone.sort_unstable();
         let mut tx = self.db.begin_write().map_err(|e| err(e.into()))?;
-        // Not fsync'd: a crash rolls the file back to the last snapshot's savepoint anyway.
-        tx.set_durability(Durability::None);
-        let mut added = 0u64;
+        // Not fsync'd (a crash rolls the file back to the last snapshot's savepoint anyway),
+        // but a durable-kind commit: only those free the pages earlier commits replaced.
+        tx.set_durability(Durability::Eventual);
+        let (mut added, mut removed) = (0u64, 0u64);
         {
             let mut t = tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
-            for (k, v) in items {
-                if t.insert(k, v).map_err(|e| err(e.into()))?.is_none() {
+            for k in gone {
+                if t.remove(k).map_err(|e| err(e.into()))?.is_some() {
+                    removed += 1;
+                }
+            }
+            for (k, v) in &items {
+                if t.insert(*k, v.as_slice())
+                    .map_err(|e| err(e.into()))?
+                    .is_none()
+                {
                     added += 1;
                 }
             }
         }
         tx.commit().map_err(|e| err(e.into()))?;
-        self.len.fetch_add(added, Ordering::Relaxed);
+        let n = self.len.load(Ordering::Relaxed) + added;
+        self.len.store(n.saturating_sub(removed), Ordering::Relaxed);
         Ok(())
     }
 
-    /// Remove and return the state of `token`, if it is here.
-    pub fn take(&self, token: &str) -> Result<Option<Vec<u8>>, Error> {
+    /// The state of `token`, if it is here. It stays until a later [`Spill::write`]
+    /// deletes it (a reloaded token's entry goes with the next eviction), so a load back is
+    /// a read, not a write.
+    pub fn get(&self, token: &str) -> Result<Option<Vec<u8>>, Error> {
         if self.is_empty() {
             return Ok(None);
         }
         let err = db_err(&self.path);
-        // Look first with a reader (most misses are new tokens), write only on a hit.
-        {
-            let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
-            let t = match tx.open_table(TOKENS) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(err(e.into())),
-            };
-            if t.get(token).map_err(|e| err(e.into()))?.is_none() {
-                return Ok(None);
-            }
-        }
-        let mut tx = self.db.begin_write().map_err(|e| err(e.into()))?;
-        tx.set_durability(Durability::None);
-        let v = {
-            let mut t = tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
-            let v = t.remove(token).map_err(|e| err(e.into()))?;
-            v.map(|g| g.value().to_vec())
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let t = match tx.open_table(TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(e.into())),
         };
-        tx.commit().map_err(|e| err(e.into()))?;
-        if v.is_some() {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-        }
-        Ok(v)
+        let Some(v) = t.get(token).map_err(|e| err(e.into()))? else {
+            return Ok(None);
+        };
+        zstd::bulk::decompress(v.value(), MAX_STATE_BYTES)
+            .map(Some)
+            .map_err(|e| Error::Format {
+                path: self.path.clone(),
+                reason: format!("token spill: {token:?} does not decompress: {e}"),
+            })
     }
 
     /// Make everything written so far durable and mark this moment (a snapshot's): the id
@@ -268,32 +295,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens-000001.redb");
         let s = Spill::open(&path).unwrap();
-        s.put_many([("a", &b"state-a1"[..]), ("b", &b"state-b1"[..])])
+        s.write([("a", &b"state-a1"[..]), ("b", &b"state-b1"[..])], &[])
             .unwrap();
         assert_eq!(s.len(), 2);
         let sp = s.savepoint().unwrap();
-        // After the snapshot: a comes back, b is rewritten, c is new.
-        assert_eq!(s.take("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
-        s.put_many([("b", &b"state-b2"[..]), ("c", &b"state-c"[..])])
-            .unwrap();
-        assert_eq!(s.take("nobody").unwrap(), None);
+        // After the snapshot: a comes back (and is deleted), b is rewritten, c is new.
+        assert_eq!(s.get("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
+        s.write(
+            [("b", &b"state-b2"[..]), ("c", &b"state-c"[..])],
+            &[Arc::from("a")],
+        )
+        .unwrap();
+        assert_eq!(s.get("a").unwrap(), None);
+        assert_eq!(s.get("nobody").unwrap(), None);
         assert_eq!(s.len(), 2);
         drop(s);
         // A crash, then recovery from the snapshot that took `sp`.
         let s = Spill::open(&path).unwrap();
         s.restore(sp).unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!(s.take("b").unwrap().as_deref(), Some(&b"state-b1"[..]));
-        assert_eq!(s.take("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
-        assert_eq!(s.take("c").unwrap(), None);
-        assert!(s.is_empty());
+        assert_eq!(s.get("b").unwrap().as_deref(), Some(&b"state-b1"[..]));
+        assert_eq!(s.get("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
+        assert_eq!(s.get("c").unwrap(), None);
     }
 
     #[test]
     fn a_temporary_spill_is_removed_when_dropped() {
         let s = Spill::temporary().unwrap();
         let p = s.path().to_path_buf();
-        s.put_many([("x", &b"1"[..])]).unwrap();
+        s.write([("x", &b"1"[..])], &[]).unwrap();
         assert!(p.exists());
         drop(s);
         assert!(!p.exists());
