@@ -137,8 +137,12 @@ impl Spill {
         // Compressed (a young token's state is mostly zeros) and in key order, so that one
         // write touches each page of the tree once.
         let mut items: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(|e| Error::Format {
+            path: self.path.clone(),
+            reason: format!("token spill: compressor: {e}"),
+        })?;
         for (k, v) in put {
-            let z = zstd::bulk::compress(v, ZSTD_LEVEL).map_err(|e| Error::Format {
+            let z = c.compress(v).map_err(|e| Error::Format {
                 path: self.path.clone(),
                 reason: format!("token spill: compress: {e}"),
             })?;
@@ -191,12 +195,26 @@ impl Spill {
         let Some(v) = t.get(token).map_err(|e| err(e.into()))? else {
             return Ok(None);
         };
-        zstd::bulk::decompress(v.value(), MAX_STATE_BYTES)
-            .map(Some)
-            .map_err(|e| Error::Format {
-                path: self.path.clone(),
-                reason: format!("token spill: {token:?} does not decompress: {e}"),
-            })
+        // One decompression context per thread: creating one per call costs more than the
+        // decompression of a 1 KB state.
+        thread_local! {
+            static D: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let bad = |e: std::io::Error| Error::Format {
+            path: self.path.clone(),
+            reason: format!("token spill: {token:?} does not decompress: {e}"),
+        };
+        D.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new().map_err(bad)?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress(v.value(), MAX_STATE_BYTES).map(Some).map_err(bad),
+                None => Ok(None),
+            }
+        })
     }
 
     /// Make everything written so far durable and mark this moment (a snapshot's): the id
