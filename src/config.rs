@@ -192,8 +192,10 @@ impl EngineConfig {
 }
 
 /// Memory one tracked token costs the server, measured (BENCHMARKS.md, "Memory against
-/// distinct tokens"): model state, slot, id map, latest score on the board and its index.
-pub const BYTES_PER_TRACKED_TOKEN: u64 = 2_560;
+/// distinct tokens"): model state, slot, id map, open windows, latest score on the board and
+/// its index (about 2 KB without churn, 3 KB with tokens evicted and reloaded all the time),
+/// and the copy a snapshot makes while it is written: 4.4 KB at the peak measured.
+pub const BYTES_PER_TRACKED_TOKEN: u64 = 4_608;
 
 /// A size written as a number of bytes or `"64KiB"`, `"512MiB"`, `"8GiB"` (also kB, MB, GB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1034,6 +1034,14 @@ impl Engine {
         self.spill_name.as_deref()
     }
 
+    /// [`Engine::snapshot`] with the spill's savepoint taken at the same moment: what a
+    /// data directory's snapshot must hold (its evicted tokens are in the spill).
+    pub fn snapshot_with_spill(&self) -> Result<EngineSnapshot, crate::store::Error> {
+        let mut snap = self.snapshot();
+        snap.spill = self.spill_savepoint()?;
+        Ok(snap)
+    }
+
     /// Report the ids of evicted tokens to [`Engine::take_evicted`] from now on (the server
     /// drops its latest score and policy state of each).
     pub fn report_evictions(&mut self) {

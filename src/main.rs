@@ -223,7 +223,7 @@ fn run(cli: Cli) -> Result<()> {
             bar.finish_and_clear();
             let path = tokenwatch::store::snapshot::write(
                 &tokenwatch::store::snapshots_dir(&data_dir),
-                &engine.snapshot(),
+                &engine.snapshot_with_spill()?,
                 pos,
             )?;
             let st = engine.stats();

@@ -401,8 +401,7 @@ fn a_crash_after_evictions_recovers_the_spill_of_the_snapshot() {
         store.commit().unwrap();
         e.apply(&b).unwrap();
     }
-    let mut snap = e.snapshot();
-    snap.spill = e.spill_savepoint().unwrap();
+    let snap = e.snapshot_with_spill().unwrap();
     assert!(
         snap.spill.is_some(),
         "tokens were evicted to the data directory's spill"

@@ -613,8 +613,10 @@ impl Worker {
         let Some(store) = self.store.as_mut() else {
             return Err("the server runs without a data directory".into());
         };
-        let mut snap = self.engine.snapshot();
-        snap.spill = self.engine.spill_savepoint().map_err(|e| e.to_string())?;
+        let mut snap = self
+            .engine
+            .snapshot_with_spill()
+            .map_err(|e| e.to_string())?;
         for t in snap.tokens.iter_mut() {
             if let Some(r) = self.board.get(&t.token) {
                 t.extra = prost::Message::encode_to_vec(r.as_ref());

@@ -211,7 +211,10 @@ impl Spill {
                 *d = Some(zstd::bulk::Decompressor::new().map_err(bad)?);
             }
             match d.as_mut() {
-                Some(d) => d.decompress(v.value(), MAX_STATE_BYTES).map(Some).map_err(bad),
+                Some(d) => d
+                    .decompress(v.value(), MAX_STATE_BYTES)
+                    .map(Some)
+                    .map_err(bad),
                 None => Ok(None),
             }
         })
