@@ -245,10 +245,13 @@ struct Shard {
     /// `stats.windows` when an eviction found no idle token (none can be idle before a
     /// window closes, so it is not looked for again until then).
     evict_blocked_at: Option<u64>,
+    /// `stats.windows` when the spill could not be opened or written (not tried again
+    /// before a window closes).
+    spill_broken_at: Option<u64>,
     /// Names of evicted tokens, for the door to drop what it keeps beside them.
     evicted_names: Option<Vec<Arc<str>>>,
     /// Tokens loaded back whose spill entry is still to be deleted (with the next write).
-    reloaded_names: Vec<Arc<str>>,
+    reloaded_names: Vec<crate::store::spill::Gone>,
 }
 
 /// The spill shared by the shards of one engine: set by the door (the server's data
@@ -273,6 +276,7 @@ impl Shard {
             free_slots: Vec::new(),
             spill,
             evict_blocked_at: None,
+            spill_broken_at: None,
             evicted_names: None,
             reloaded_names: Vec::new(),
             models: Models::new(&cfg),
@@ -297,43 +301,49 @@ impl Shard {
     }
 
     /// The slot of token `name`: tracked, loaded back from the spill, or new (first seen in
-    /// the window starting at `start`). `None`: the budget and its headroom are full, no
-    /// token is idle, and the registry does not know this one.
+    /// the window starting at `start`). Past the budget and its headroom the tokens idle
+    /// longest are evicted first, with their open windows if none is idle (they come back
+    /// when those windows close, see [`Engine::close_all`]). `None` only when the spill
+    /// cannot be written: then the event is counted as untracked.
     fn token_index(&mut self, name: &str, start: i64) -> Option<u32> {
         if let Some(&t) = self.tokens.get(name) {
             return Some(t);
         }
         if self.live >= self.hard_budget {
-            self.evict_to((self.budget - self.budget / 16).min(self.hard_budget - 1));
+            self.evict_to(
+                (self.budget - self.budget / 16).min(self.hard_budget - 1),
+                true,
+            );
         }
         let reg = self.registry.get_shared(name);
         if self.live >= self.hard_budget && reg.is_none() {
             self.stats.untracked += 1;
             return None;
         }
-        let state = match self.reload(name) {
-            Some(st) => {
+        let (state, open) = match self.reload(name) {
+            Some(back) => {
                 self.stats.reloaded += 1;
-                st
+                back
             }
             None => {
                 self.stats.tokens += 1;
-                TokenState {
+                let st = TokenState {
                     first_seen: start,
                     last_seen: start,
                     ..Default::default()
-                }
+                };
+                (st, Vec::new())
             }
         };
-        Some(self.insert_slot(name, state, reg))
+        Some(self.insert_slot(name, state, reg, open))
     }
 
-    /// Track token `name` with `state` (loaded back for a verdict: not counted against the
-    /// headroom, evicted again when idle).
-    fn put_back(&mut self, name: &str, state: TokenState) -> u32 {
+    /// Track token `name` again with what the spill held (for a verdict, or because one of
+    /// its open windows closes): not counted against the headroom, evicted again when idle.
+    fn put_back(&mut self, name: &str, (state, open): (TokenState, Vec<WindowAgg>)) -> u32 {
         self.stats.reloaded += 1;
         let reg = self.registry.get_shared(name);
-        self.insert_slot(name, state, reg)
+        self.insert_slot(name, state, reg, open)
     }
 
     fn insert_slot(
@@ -341,6 +351,7 @@ impl Shard {
         name: &str,
         state: TokenState,
         reg: Option<Arc<crate::model::registry::RegistryEntry>>,
+        windows: Vec<WindowAgg>,
     ) -> u32 {
         let slot = Slot {
             name: Arc::from(name),
@@ -360,6 +371,19 @@ impl Shard {
                 (self.slots.len() - 1) as u32
             }
         };
+        for agg in windows {
+            let a = match self.free.pop() {
+                Some(a) => a as usize,
+                None => {
+                    self.aggs.push(WindowAgg::default());
+                    self.aggs.len() - 1
+                }
+            };
+            let start = agg.start;
+            self.aggs[a] = agg;
+            self.slots[t as usize].open.push((start, a as u32));
+            self.queue.entry(start).or_default().push(t);
+        }
         self.tokens.insert(name.into(), t);
         self.live += 1;
         t
@@ -378,77 +402,108 @@ impl Shard {
             .as_ref()
     }
 
-    /// The state of an evicted token, loaded back from the spill (its entry there is
-    /// deleted with the next write).
-    fn reload(&mut self, name: &str) -> Option<TokenState> {
+    /// An evicted token's state and open windows, loaded back from the spill (its entries
+    /// there are deleted with the next write).
+    fn reload(&mut self, name: &str) -> Option<(TokenState, Vec<WindowAgg>)> {
         let spill = self.spill.get()?.as_ref()?.clone();
-        match spill.get(name) {
-            Ok(Some(bytes)) => match TokenState::decode(&bytes) {
-                Ok(st) => {
-                    self.reloaded_names.push(Arc::from(name));
-                    if self.reloaded_names.len() >= MAX_PENDING_DELETES {
-                        match spill.write([], &self.reloaded_names) {
-                            Ok(()) => self.reloaded_names.clear(),
-                            Err(e) => tracing::error!(error = %e, "cannot write the token spill"),
-                        }
-                    }
-                    Some(st)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "an evicted token's state does not decode; it starts anew");
-                    None
-                }
-            },
-            Ok(None) => None,
+        let bytes = match spill.get(name) {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the token spill; the token starts anew");
-                None
+                return None;
             }
+        };
+        let back = match decode_record(&bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "an evicted token's record does not decode; it starts anew");
+                return None;
+            }
+        };
+        let earliest = back.1.iter().map(|a| a.start).min();
+        self.reloaded_names.push((Arc::from(name), earliest));
+        if self.reloaded_names.len() >= MAX_PENDING_DELETES {
+            self.flush_deletes(&spill);
+        }
+        Some(back)
+    }
+
+    /// Delete the spill entries of tokens loaded back since the last write.
+    fn flush_deletes(&mut self, spill: &Spill) {
+        if self.reloaded_names.is_empty() {
+            return;
+        }
+        match spill.write([], &self.reloaded_names) {
+            Ok(()) => self.reloaded_names.clear(),
+            Err(e) => tracing::error!(error = %e, "cannot write the token spill"),
         }
     }
 
-    /// Evict the tokens idle longest (no open window) until at most `target` are tracked:
-    /// their state goes to the spill in one write, everything kept beside them here (held
-    /// windows, a silence check) is dropped.
-    fn evict_to(&mut self, target: usize) {
-        if self.live <= target || self.evict_blocked_at == Some(self.stats.windows) {
+    /// Bring back an evicted token whose open window starting at `start` closes now.
+    fn bring_back(&mut self, name: &str, start: i64) {
+        if self.tokens.contains_key(name) {
+            // Already back (its pending entry was not deleted yet): delete it now.
+            self.reloaded_names.push((Arc::from(name), Some(start)));
+            return;
+        }
+        match self.reload(name) {
+            Some(back) => {
+                self.put_back(name, back);
+            }
+            None => self.reloaded_names.push((Arc::from(name), Some(start))),
+        }
+    }
+
+    /// Evict the tokens idle longest until at most `target` are tracked: first those with no
+    /// open window, then (with `open`) the others with their open windows. Their state goes
+    /// to the spill in one write; what is kept beside them here (held windows, a silence
+    /// check) is dropped.
+    fn evict_to(&mut self, target: usize, open: bool) {
+        let now = Some(self.stats.windows);
+        if self.live <= target
+            || self.spill_broken_at == now
+            || (!open && self.evict_blocked_at == now)
+        {
             return;
         }
         let need = self.live - target;
-        let mut idle: Vec<(i64, u32)> = self
+        let mut cand: Vec<(bool, i64, u32)> = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.live && s.open.is_empty())
-            .map(|(i, s)| (s.state.last_seen, i as u32))
+            .filter(|(_, s)| s.live && (open || s.open.is_empty()))
+            .map(|(i, s)| (!s.open.is_empty(), s.state.last_seen, i as u32))
             .collect();
-        if idle.len() > need {
-            idle.select_nth_unstable(need);
-            idle.truncate(need);
+        if cand.len() > need {
+            cand.select_nth_unstable(need);
+            cand.truncate(need);
         }
-        let Some(spill) = (!idle.is_empty()).then(|| self.spill()).flatten().cloned() else {
-            self.evict_blocked_at = Some(self.stats.windows);
+        if cand.is_empty() {
+            self.evict_blocked_at = now;
+            return;
+        }
+        let Some(spill) = self.spill().cloned() else {
+            self.spill_broken_at = now;
             return;
         };
-        let mut encoded = Vec::with_capacity(idle.len());
-        for &(_, t) in &idle {
-            let mut w = crate::model::codec::Writer::default();
-            self.slots[t as usize].state.encode(&mut w);
-            encoded.push(w.buf);
-        }
+        let records: Vec<(Vec<u8>, Option<i64>)> = cand
+            .iter()
+            .map(|&(_, _, t)| encode_record(&self.slots[t as usize], &self.aggs))
+            .collect();
         let put = spill.write(
-            idle.iter()
-                .zip(&encoded)
-                .map(|(&(_, t), b)| (&*self.slots[t as usize].name, b.as_slice())),
+            cand.iter().zip(&records).map(|(&(_, _, t), (b, first))| {
+                (&*self.slots[t as usize].name, b.as_slice(), *first)
+            }),
             &self.reloaded_names,
         );
         if let Err(e) = put {
             tracing::error!(error = %e, "cannot write the token spill; no token evicted");
-            self.evict_blocked_at = Some(self.stats.windows);
+            self.spill_broken_at = now;
             return;
         }
         self.reloaded_names.clear();
-        for &(_, t) in &idle {
+        for &(_, _, t) in &cand {
             let slot = &mut self.slots[t as usize];
             self.tokens.remove(&*slot.name);
             self.held.remove(&t);
@@ -456,6 +511,11 @@ impl Shard {
                 if let Some(v) = self.silence.get_mut(&slot.silence_at) {
                     v.retain(|&x| x != t);
                 }
+            }
+            // Open windows went with the token; their queue entries are stale now (a
+            // window is closed only through its token's `open` list).
+            for (_, a) in slot.open.drain(..) {
+                self.free.push(a);
             }
             slot.live = false;
             slot.silence_at = NO_SILENCE;
@@ -468,8 +528,8 @@ impl Shard {
             self.live -= 1;
             self.stats.evicted += 1;
         }
-        if self.live > target {
-            self.evict_blocked_at = Some(self.stats.windows);
+        if self.live > target && !open {
+            self.evict_blocked_at = now;
         }
     }
 
@@ -565,7 +625,7 @@ impl Shard {
         self.closed_wm = self.closed_wm.max(wm);
         // Closed windows make tokens idle: bring the tracked tokens back to the budget.
         if self.live > self.budget {
-            self.evict_to(self.budget - self.budget / 16);
+            self.evict_to(self.budget - self.budget / 16, false);
         }
     }
 
@@ -840,6 +900,49 @@ const PLACE: [SignalKind; 3] = [
 
 /// Reloaded tokens whose spill entries are deleted in one write, at most.
 const MAX_PENDING_DELETES: usize = 4096;
+
+/// Evicted tokens brought back at once to close their windows, at most (per round).
+const PENDING_CHUNK: usize = 65_536;
+
+/// Version of a spill record ([`encode_record`]).
+const RECORD_VERSION: u8 = 1;
+
+/// A token's spill record: its state and open windows; and the start of its earliest open
+/// window, if any.
+fn encode_record(slot: &Slot, aggs: &[WindowAgg]) -> (Vec<u8>, Option<i64>) {
+    let mut w = crate::model::codec::Writer::default();
+    w.u8(RECORD_VERSION);
+    let mut st = crate::model::codec::Writer::default();
+    slot.state.encode(&mut st);
+    w.bytes(&st.buf);
+    w.u32(slot.open.len() as u32);
+    for &(_, a) in &slot.open {
+        aggs[a as usize].encode(&mut w);
+    }
+    (w.buf, slot.open.iter().map(|o| o.0).min())
+}
+
+/// What [`encode_record`] wrote.
+fn decode_record(b: &[u8]) -> Result<(TokenState, Vec<WindowAgg>), crate::model::DecodeError> {
+    use crate::model::DecodeError;
+    let mut r = crate::model::codec::Reader::new(b);
+    let v = r.u8()?;
+    if v != RECORD_VERSION {
+        return Err(DecodeError::Version {
+            found: v,
+            expected: RECORD_VERSION,
+        });
+    }
+    let state = TokenState::decode(r.bytes()?)?;
+    let mut open = Vec::new();
+    for _ in 0..r.count(8)? {
+        open.push(WindowAgg::decode(&mut r)?);
+    }
+    if r.remaining() != 0 {
+        return Err(DecodeError::Trailing(r.remaining()));
+    }
+    Ok((state, open))
+}
 
 /// Quarantined windows kept per token for feedback, at most.
 const MAX_HELD: usize = 64;
@@ -1133,8 +1236,8 @@ impl Engine {
         let t = match sh.tokens.get(token) {
             Some(&t) => t,
             None => {
-                let st = sh.reload(token)?;
-                sh.put_back(token, st)
+                let back = sh.reload(token)?;
+                sh.put_back(token, back)
             }
         };
         Some(sh.feedback(t, (from, to), verdict, signals))
@@ -1252,6 +1355,45 @@ impl Engine {
     }
 
     fn close_all(&mut self, wm: i64, out: &mut Vec<WindowScore>) {
+        // Tokens evicted with open windows come back, a chunk at a time, when those windows
+        // close: they are scored like any other (an evicted token is never skipped).
+        let w = self.cfg.window.size.ms;
+        loop {
+            let back = self.bring_back_pending(wm.saturating_sub(w));
+            self.close_shards(wm, out);
+            if back == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Load back the evicted tokens with an open window starting at or before `upto` (at
+    /// most [`PENDING_CHUNK`]); how many entries were found.
+    fn bring_back_pending(&mut self, upto: i64) -> usize {
+        let Some(spill) = self.spill.get().and_then(|s| s.as_ref()).cloned() else {
+            return 0;
+        };
+        if spill.is_empty() {
+            return 0;
+        }
+        for sh in self.shards.iter_mut() {
+            sh.flush_deletes(&spill);
+        }
+        let list = match spill.pending(upto, PENDING_CHUNK) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the token spill; evicted windows wait");
+                return 0;
+            }
+        };
+        let n = self.shards.len();
+        for (start, name) in &list {
+            self.shards[shard_of(name, n)].bring_back(name, *start);
+        }
+        list.len()
+    }
+
+    fn close_shards(&mut self, wm: i64, out: &mut Vec<WindowScore>) {
         let upto = wm.min(self.max_ts);
         if self.shards.len() == 1 {
             self.shards[0].close_until(wm, upto, out);
@@ -1664,33 +1806,55 @@ mod tests {
         assert!(free == bounded, "scores differ under the budget");
     }
 
-    /// Past the budget and its headroom, with every tracked token in an open window, a new
-    /// token's events are counted as untracked; once windows close, idle tokens make room.
+    /// A flood of new tokens within one window, past the budget and its headroom: tokens
+    /// are evicted with their open windows (none is idle), tracked tokens never pass the
+    /// budget's headroom, and every window is still scored when it closes, exactly as
+    /// without a budget.
     #[test]
-    fn a_flood_of_new_tokens_stays_within_the_budget() {
-        let mut cfg = Config::default();
-        cfg.engine.shards = 1;
-        cfg.engine.max_tokens = 16;
-        let mut e = Engine::new(cfg, Registry::default());
-        let t0 = 1_772_409_600_000;
-        let flood: Vec<(String, i64)> = (0..1000).map(|i| (format!("f{i}"), t0 + i)).collect();
-        e.apply(&batch_of(&flood)).unwrap();
-        let st = e.stats();
-        assert_eq!(st.tracked, 18, "budget 16 + 1/8 headroom");
-        assert_eq!(st.untracked, 1000 - 18);
-        // Ten minutes later (a tracked token's event moves event time on) the flood's
-        // windows close: its tokens are idle and make room for new ones.
-        e.apply(&batch_of(&[("f0".to_string(), t0 + 600_000)]))
-            .unwrap();
-        let later: Vec<(String, i64)> = (0..10)
-            .map(|i| (format!("n{i}"), t0 + 600_001 + i))
-            .collect();
-        e.apply(&batch_of(&later)).unwrap();
-        let st = e.stats();
-        assert!(st.tracked <= 18, "{st:?}");
-        assert!(st.evicted >= 10, "{st:?}");
-        assert_eq!(st.untracked, 1000 - 18, "the new tokens were tracked");
-        assert!(e.is_tracked("n9"));
+    fn a_flood_of_new_tokens_stays_within_the_budget_and_is_scored() {
+        let run = |max_tokens: u64| {
+            let mut cfg = Config::default();
+            cfg.engine.shards = 2;
+            cfg.engine.max_tokens = max_tokens;
+            let mut e = Engine::new(cfg, Registry::default());
+            let t0 = 1_772_409_600_000;
+            let flood: Vec<(String, i64)> = (0..1000).map(|i| (format!("f{i}"), t0 + i)).collect();
+            let mut out = e.apply(&batch_of(&flood)).unwrap();
+            let st = e.stats();
+            if max_tokens > 0 {
+                assert!(st.tracked <= 18, "budget 16 + 1/8 headroom: {st:?}");
+                assert!(st.evicted >= 1000 - 18, "{st:?}");
+            }
+            assert_eq!(st.untracked, 0);
+            // Ten minutes later (one token's event moves event time on) the flood's
+            // windows close: the evicted tokens come back for them and go again.
+            out.extend(
+                e.apply(&batch_of(&[("f0".to_string(), t0 + 600_000)]))
+                    .unwrap(),
+            );
+            out.extend(e.finish());
+            if max_tokens > 0 {
+                let st = e.stats();
+                assert!(st.tracked <= 18, "{st:?}");
+                assert!(st.reloaded >= 1000 - 18, "{st:?}");
+            }
+            out
+        };
+        let bounded = run(16);
+        let free = run(0);
+
+        let scored: std::collections::BTreeSet<&str> = bounded.iter().map(|s| &*s.token).collect();
+        assert_eq!(scored.len(), 1000, "every flood token's window is scored");
+        let keys = |v: &[WindowScore]| -> std::collections::BTreeSet<(String, i64)> {
+            v.iter().map(|s| (s.token.to_string(), s.start)).collect()
+        };
+        let (kb, kf) = (keys(&bounded), keys(&free));
+        assert_eq!(
+            kf.difference(&kb).collect::<Vec<_>>(),
+            Vec::<&(String, i64)>::new()
+        );
+        assert_eq!(bounded.len(), free.len());
+        assert!(bounded == free, "scores differ under the budget");
     }
 
     /// One event stamped decades ahead (a broken clock, an edited log) costs one catch-up

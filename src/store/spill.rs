@@ -15,11 +15,35 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::Error;
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Evicted tokens that still have open windows, by the start of their earliest: (start,
+/// token id) -> nothing. The engine brings them back when that window closes.
+const PENDING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pending");
+
+/// Key of [`PENDING`]: the start as big-endian with the sign bit flipped (byte order is
+/// time order), then the token id.
+fn pending_key(start: i64, token: &str) -> Vec<u8> {
+    let mut k = ((start as u64) ^ (1 << 63)).to_be_bytes().to_vec();
+    k.extend_from_slice(token.as_bytes());
+    k
+}
+
+fn pending_start(key: &[u8]) -> Option<(i64, &str)> {
+    let (t, name) = (key.get(..8)?, key.get(8..)?);
+    let start = (u64::from_be_bytes(t.try_into().ok()?) ^ (1 << 63)) as i64;
+    Some((start, std::str::from_utf8(name).ok()?))
+}
+
+/// One token for [`Spill::write`]: id, encoded record, start of its earliest open window.
+pub type Put<'a> = (&'a str, &'a [u8], Option<i64>);
+
+/// A token loaded back, for [`Spill::write`] to delete: id, start of its earliest open
+/// window when it was evicted.
+pub type Gone = (Arc<str>, Option<i64>);
 
 /// zstd level of spilled states (fast; they are small).
 const ZSTD_LEVEL: i32 = 1;
@@ -130,27 +154,27 @@ impl Spill {
     /// those of `put` (token id, encoded state; a token in both is written).
     pub fn write<'a>(
         &self,
-        put: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-        delete: &[Arc<str>],
+        put: impl IntoIterator<Item = Put<'a>>,
+        delete: &[Gone],
     ) -> Result<(), Error> {
         let err = db_err(&self.path);
         // Compressed (a young token's state is mostly zeros) and in key order, so that one
         // write touches each page of the tree once.
-        let mut items: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut items: Vec<(&str, Vec<u8>, Option<i64>)> = Vec::new();
         let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(|e| Error::Format {
             path: self.path.clone(),
             reason: format!("token spill: compressor: {e}"),
         })?;
-        for (k, v) in put {
+        for (k, v, open) in put {
             let z = c.compress(v).map_err(|e| Error::Format {
                 path: self.path.clone(),
                 reason: format!("token spill: compress: {e}"),
             })?;
-            items.push((k, z));
+            items.push((k, z, open));
         }
         items.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut gone: Vec<&str> = delete.iter().map(|k| &**k).collect();
-        gone.sort_unstable();
+        let mut gone: Vec<&Gone> = delete.iter().collect();
+        gone.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut tx = self.db.begin_write().map_err(|e| err(e.into()))?;
         // Not fsync'd (a crash rolls the file back to the last snapshot's savepoint anyway),
         // but a durable-kind commit: only those free the pages earlier commits replaced.
@@ -158,17 +182,26 @@ impl Spill {
         let (mut added, mut removed) = (0u64, 0u64);
         {
             let mut t = tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
-            for k in gone {
-                if t.remove(k).map_err(|e| err(e.into()))?.is_some() {
+            let mut p = tx.open_table(PENDING).map_err(|e| err(e.into()))?;
+            for (k, open) in gone {
+                if t.remove(&**k).map_err(|e| err(e.into()))?.is_some() {
                     removed += 1;
                 }
+                if let Some(start) = open {
+                    p.remove(pending_key(*start, k).as_slice())
+                        .map_err(|e| err(e.into()))?;
+                }
             }
-            for (k, v) in &items {
+            for (k, v, open) in &items {
                 if t.insert(*k, v.as_slice())
                     .map_err(|e| err(e.into()))?
                     .is_none()
                 {
                     added += 1;
+                }
+                if let Some(start) = open {
+                    p.insert(pending_key(*start, k).as_slice(), &[][..])
+                        .map_err(|e| err(e.into()))?;
                 }
             }
         }
@@ -218,6 +251,30 @@ impl Spill {
                 None => Ok(None),
             }
         })
+    }
+
+    /// Evicted tokens with an open window starting at or before `upto`, earliest first, at
+    /// most `max`: (window start, token id).
+    pub fn pending(&self, upto: i64, max: usize) -> Result<Vec<(i64, String)>, Error> {
+        let err = db_err(&self.path);
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let t = match tx.open_table(PENDING) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.into())),
+        };
+        let mut out = Vec::new();
+        for r in t.iter().map_err(|e| err(e.into()))? {
+            let (k, _) = r.map_err(|e| err(e.into()))?;
+            let Some((start, name)) = pending_start(k.value()) else {
+                continue;
+            };
+            if start > upto || out.len() >= max {
+                break;
+            }
+            out.push((start, name.to_string()));
+        }
+        Ok(out)
     }
 
     /// Make everything written so far durable and mark this moment (a snapshot's): the id
@@ -316,17 +373,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens-000001.redb");
         let s = Spill::open(&path).unwrap();
-        s.write([("a", &b"state-a1"[..]), ("b", &b"state-b1"[..])], &[])
-            .unwrap();
+        s.write(
+            [
+                ("a", &b"state-a1"[..], None),
+                ("b", &b"state-b1"[..], Some(60_000)),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.pending(59_999, 10).unwrap(), []);
+        assert_eq!(s.pending(60_000, 10).unwrap(), [(60_000, "b".to_string())]);
         assert_eq!(s.len(), 2);
         let sp = s.savepoint().unwrap();
         // After the snapshot: a comes back (and is deleted), b is rewritten, c is new.
         assert_eq!(s.get("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
         s.write(
-            [("b", &b"state-b2"[..]), ("c", &b"state-c"[..])],
-            &[Arc::from("a")],
+            [
+                ("b", &b"state-b2"[..], None),
+                ("c", &b"state-c"[..], Some(-5)),
+            ],
+            &[(Arc::from("a"), None), (Arc::from("b"), Some(60_000))],
         )
         .unwrap();
+        assert_eq!(s.pending(i64::MAX, 10).unwrap(), [(-5, "c".to_string())]);
         assert_eq!(s.get("a").unwrap(), None);
         assert_eq!(s.get("nobody").unwrap(), None);
         assert_eq!(s.len(), 2);
@@ -338,13 +407,17 @@ mod tests {
         assert_eq!(s.get("b").unwrap().as_deref(), Some(&b"state-b1"[..]));
         assert_eq!(s.get("a").unwrap().as_deref(), Some(&b"state-a1"[..]));
         assert_eq!(s.get("c").unwrap(), None);
+        assert_eq!(
+            s.pending(i64::MAX, 10).unwrap(),
+            [(60_000, "b".to_string())]
+        );
     }
 
     #[test]
     fn a_temporary_spill_is_removed_when_dropped() {
         let s = Spill::temporary().unwrap();
         let p = s.path().to_path_buf();
-        s.write([("x", &b"1"[..])], &[]).unwrap();
+        s.write([("x", &b"1"[..], None)], &[]).unwrap();
         assert!(p.exists());
         drop(s);
         assert!(!p.exists());
