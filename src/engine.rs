@@ -1126,6 +1126,10 @@ impl Engine {
         let (Some(Some(spill)), Some(name)) = (self.spill.get(), self.spill_name.as_ref()) else {
             return Ok(None);
         };
+        // Nothing evicted: the snapshot holds every token and needs no spill.
+        if spill.is_empty() {
+            return Ok(None);
+        }
         Ok(Some(SpillRef {
             file: name.clone(),
             savepoint: spill.savepoint()?,
@@ -1379,7 +1383,14 @@ impl Engine {
         for sh in self.shards.iter_mut() {
             sh.flush_deletes(&spill);
         }
-        let list = match spill.pending(upto, PENDING_CHUNK) {
+        // At most the shards' headroom at once, so bringing them back stays in the budget.
+        let chunk = self
+            .shards
+            .iter()
+            .map(|s| s.hard_budget - s.budget)
+            .sum::<usize>()
+            .clamp(1, PENDING_CHUNK);
+        let list = match spill.pending(upto, chunk) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the token spill; evicted windows wait");

@@ -54,10 +54,12 @@ const MAX_STATE_BYTES: usize = 64 << 10;
 /// Page cache of the spill file (redb's default is 1 GiB, too much beside the budget).
 const CACHE_BYTES: usize = 32 << 20;
 
-/// The savepoints kept: one per kept snapshot (`snapshot::KEEP`). Each pins the pages that
-/// were live when it was taken, so the file holds up to about this many versions of what
-/// changed between snapshots.
-const KEEP_SAVEPOINTS: usize = super::snapshot::KEEP;
+/// The savepoints kept: only the newest snapshot's. A savepoint keeps every page freed after
+/// it from being reused, so under heavy eviction churn each one kept costs disk in proportion
+/// to the churn since it was taken (three kept grew a spill to 14 GB where one keeps it near
+/// its live size). An older snapshot therefore cannot restore the spill: if the newest one
+/// is unreadable, recovery falls back past them to rebuilding from the history.
+const KEEP_SAVEPOINTS: usize = 1;
 
 /// Where a snapshot's spilled tokens are: the spill file (name inside `DATA_DIR/spill/`)
 /// and the savepoint taken with the snapshot.
