@@ -178,6 +178,9 @@ pub struct EngineConfig {
     /// Memory for tracked tokens (model state, open windows, the latest score, the maps
     /// that find them), as bytes or `"512MiB"`, `"8GiB"`.
     pub memory_budget: Bytes,
+    /// Free disk space on the spill's filesystem below which nothing more is evicted
+    /// (new tokens past the budget are then untracked): a flood must not fill the disk.
+    pub spill_min_free: Bytes,
 }
 
 impl EngineConfig {

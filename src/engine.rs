@@ -393,7 +393,10 @@ impl Shard {
     fn spill(&self) -> Option<&Arc<Spill>> {
         self.spill
             .get_or_init(|| match Spill::temporary() {
-                Ok(s) => Some(Arc::new(s)),
+                Ok(s) => {
+                    s.set_min_free(self.cfg.engine.spill_min_free.0);
+                    Some(Arc::new(s))
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot open a token spill; tokens past the budget are not evicted");
                     None
@@ -483,7 +486,7 @@ impl Shard {
             self.evict_blocked_at = now;
             return;
         }
-        let Some(spill) = self.spill().cloned() else {
+        let Some(spill) = self.spill().cloned().filter(|s| s.has_room()) else {
             self.spill_broken_at = now;
             return;
         };
@@ -1112,6 +1115,7 @@ impl Engine {
     /// Evict into `spill` (the data directory's file `name`) instead of a temporary file.
     /// Only before the first eviction: `false` if a spill is already in use.
     pub fn set_spill(&mut self, spill: Arc<Spill>, name: String) -> bool {
+        spill.set_min_free(self.cfg.engine.spill_min_free.0);
         if self.spill.set(Some(spill)).is_err() {
             return false;
         }
@@ -1866,6 +1870,23 @@ mod tests {
         );
         assert_eq!(bounded.len(), free.len());
         assert!(bounded == free, "scores differ under the budget");
+    }
+
+    /// With less free disk than `engine.spill-min-free`, nothing is spilled: the budget
+    /// still holds, and the events of new tokens past it are counted as untracked.
+    #[test]
+    fn no_spill_past_the_free_disk_floor() {
+        let mut cfg = Config::default();
+        cfg.engine.shards = 1;
+        cfg.engine.max_tokens = 16;
+        cfg.engine.spill_min_free = crate::config::Bytes(u64::MAX);
+        let mut e = Engine::new(cfg, Registry::default());
+        let t0 = 1_772_409_600_000;
+        let flood: Vec<(String, i64)> = (0..1000).map(|i| (format!("f{i}"), t0 + i)).collect();
+        e.apply(&batch_of(&flood)).unwrap();
+        let st = e.stats();
+        assert_eq!((st.tracked, st.evicted), (18, 0), "{st:?}");
+        assert_eq!(st.untracked, 1000 - 18);
     }
 
     /// One event stamped decades ahead (a broken clock, an edited log) costs one catch-up

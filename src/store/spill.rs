@@ -79,6 +79,11 @@ pub struct Spill {
     len: AtomicU64,
     /// Delete the file when dropped (a spill of a run without a data directory).
     temporary: bool,
+    /// Free disk space below which nothing more is spilled (`engine.spill-min-free`).
+    min_free: AtomicU64,
+    /// When the free space was last looked at (ms since the spill opened), and whether it
+    /// was enough.
+    checked: std::sync::Mutex<(Option<std::time::Instant>, bool)>,
 }
 
 fn db_err(path: &Path) -> impl Fn(redb::Error) -> Error + '_ {
@@ -104,6 +109,8 @@ impl Spill {
             path: path.to_path_buf(),
             len: AtomicU64::new(0),
             temporary: false,
+            min_free: AtomicU64::new(0),
+            checked: std::sync::Mutex::new((None, true)),
         };
         s.recount()?;
         Ok(s)
@@ -128,6 +135,37 @@ impl Spill {
     /// Path of the file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Spill nothing more while the filesystem has less than `bytes` free.
+    pub fn set_min_free(&self, bytes: u64) {
+        self.min_free.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether the filesystem has room to spill (looked at once a second at most). A
+    /// flood must not fill the disk the log and the history need: below the floor the
+    /// engine evicts nothing and counts new tokens' events as untracked.
+    pub fn has_room(&self) -> bool {
+        let floor = self.min_free.load(Ordering::Relaxed);
+        if floor == 0 {
+            return true;
+        }
+        let mut c = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        let stale =
+            c.0.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if stale {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            let ok = crate::sys::free_bytes(dir).is_none_or(|free| free >= floor);
+            if !ok && c.1 {
+                tracing::error!(
+                    path = %self.path.display(),
+                    floor,
+                    "less free disk than engine.spill-min-free: no more tokens are evicted; new tokens past the budget are untracked"
+                );
+            }
+            *c = (Some(std::time::Instant::now()), ok);
+        }
+        c.1
     }
 
     /// Tokens in the file.
