@@ -248,6 +248,8 @@ struct Shard {
     /// `stats.windows` when the spill could not be opened or written (not tried again
     /// before a window closes).
     spill_broken_at: Option<u64>,
+    /// The last eviction could not write the spill (error or the disk floor).
+    spill_refused: bool,
     /// Names of evicted tokens, for the door to drop what it keeps beside them.
     evicted_names: Option<Vec<Arc<str>>>,
     /// Tokens loaded back whose spill entry is still to be deleted (with the next write).
@@ -277,6 +279,7 @@ impl Shard {
             spill,
             evict_blocked_at: None,
             spill_broken_at: None,
+            spill_refused: false,
             evicted_names: None,
             reloaded_names: Vec::new(),
             models: Models::new(&cfg),
@@ -488,6 +491,7 @@ impl Shard {
         }
         let Some(spill) = self.spill().cloned().filter(|s| s.has_room()) else {
             self.spill_broken_at = now;
+            self.spill_refused = true;
             return;
         };
         let records: Vec<(Vec<u8>, Option<i64>)> = cand
@@ -503,8 +507,10 @@ impl Shard {
         if let Err(e) = put {
             tracing::error!(error = %e, "cannot write the token spill; no token evicted");
             self.spill_broken_at = now;
+            self.spill_refused = true;
             return;
         }
+        self.spill_refused = false;
         self.reloaded_names.clear();
         for &(_, _, t) in &cand {
             let slot = &mut self.slots[t as usize];
@@ -1402,10 +1408,18 @@ impl Engine {
             }
         };
         let n = self.shards.len();
+        let mut moved = 0;
         for (start, name) in &list {
-            self.shards[shard_of(name, n)].bring_back(name, *start);
+            let sh = &mut self.shards[shard_of(name, n)];
+            // Within the budget's headroom only: if the spill cannot take them again (the
+            // disk floor), their windows wait rather than memory growing.
+            if sh.live >= sh.hard_budget && sh.spill_refused {
+                continue;
+            }
+            sh.bring_back(name, *start);
+            moved += 1;
         }
-        list.len()
+        moved
     }
 
     fn close_shards(&mut self, wm: i64, out: &mut Vec<WindowScore>) {
