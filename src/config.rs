@@ -208,8 +208,7 @@ impl Bytes {
     /// Parse `"8GiB"` and friends.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
+        let (num, unit) = number_and_unit(s);
         let n: u64 = num
             .parse()
             .map_err(|_| format!("{s:?} is not a size like 65536, 512MiB, 8GiB"))?;
@@ -425,6 +424,11 @@ pub struct RegistryConfig {
     pub stray_half_life: Duration,
 }
 
+/// `"512MiB"` -> (`"512"`, `"MiB"`): the leading digits and the rest.
+fn number_and_unit(s: &str) -> (&str, &str) {
+    s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()))
+}
+
 /// A duration written as `"90s"`, `"1m"`, `"2h"`, `"3d"` (or a bare number of seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Duration {
@@ -436,8 +440,7 @@ impl Duration {
     /// Parse `"5m"` and friends.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
+        let (num, unit) = number_and_unit(s);
         let n: i64 = num
             .parse()
             .map_err(|_| format!("{s:?} is not a duration like 30s, 1m, 2h, 3d"))?;

@@ -104,6 +104,11 @@ impl Spill {
             .set_cache_size(CACHE_BYTES)
             .create(path)
             .map_err(|e| err(e.into()))?;
+        // Both tables exist from the start, so readers never meet a missing one.
+        let tx = db.begin_write().map_err(|e| err(e.into()))?;
+        tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
+        tx.open_table(PENDING).map_err(|e| err(e.into()))?;
+        tx.commit().map_err(|e| err(e.into()))?;
         let s = Spill {
             db,
             path: path.to_path_buf(),
@@ -181,11 +186,8 @@ impl Spill {
     fn recount(&self) -> Result<(), Error> {
         let err = db_err(&self.path);
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let n = match tx.open_table(TOKENS) {
-            Ok(t) => t.len().map_err(|e| err(e.into()))?,
-            Err(redb::TableError::TableDoesNotExist(_)) => 0,
-            Err(e) => return Err(err(e.into())),
-        };
+        let t = tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
+        let n = t.len().map_err(|e| err(e.into()))?;
         self.len.store(n, Ordering::Relaxed);
         Ok(())
     }
@@ -260,11 +262,7 @@ impl Spill {
         }
         let err = db_err(&self.path);
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let t = match tx.open_table(TOKENS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(err(e.into())),
-        };
+        let t = tx.open_table(TOKENS).map_err(|e| err(e.into()))?;
         let Some(v) = t.get(token).map_err(|e| err(e.into()))? else {
             return Ok(None);
         };
@@ -298,11 +296,7 @@ impl Spill {
     pub fn pending(&self, upto: i64, max: usize) -> Result<Vec<(i64, String)>, Error> {
         let err = db_err(&self.path);
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let t = match tx.open_table(PENDING) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(err(e.into())),
-        };
+        let t = tx.open_table(PENDING).map_err(|e| err(e.into()))?;
         let mut out = Vec::new();
         for r in t.iter().map_err(|e| err(e.into()))? {
             let (k, _) = r.map_err(|e| err(e.into()))?;
