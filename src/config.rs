@@ -259,12 +259,18 @@ pub struct ScoreConfig {
     pub learn_max_risk: f64,
     /// A token younger than this learns every window (its first days are its baseline).
     pub learn_all_for: Duration,
+    /// After a window of a token alerts, for this long only its calm windows (below
+    /// `feedback.hold-learn-below`) are learned; every alerting window extends it.
+    pub alert_hold: Duration,
     /// A move (a new place with the old one absent) lasting this long is learned as the
     /// token's new place.
     pub adopt_move_after: Duration,
     /// A new country is a move (not an addition) only if the token's known place went quiet
     /// at least this long before it.
     pub min_travel_gap: Duration,
+    /// A new place used beside the usual one (an addition: sharing, a leak) weighs up to
+    /// three times its first window's novelty evidence, reached after this long.
+    pub addition_ramp: Duration,
     /// Half-life, in windows, of a token's own distribution of surprise (what its ordinary
     /// windows look like), against which each window's statistical evidence is calibrated.
     pub calibration_windows: f64,

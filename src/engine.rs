@@ -727,14 +727,32 @@ impl Shard {
         let mut adopted = false;
         // Minutes a move to this window's new place has lasted (0: none under way).
         let mut moving_for = 0u32;
+        // Minutes a new place has been in use beside the usual one (an addition).
+        let mut adding_for = 0u32;
         if !silent {
             let now = (agg.start.div_euclid(60_000)).clamp(0, u32::MAX as i64) as u32;
-            let moved = self.models.network.moved(&st.network, agg);
+            let place = self.models.network.new_place(&st.network, agg);
             let c = &mut st.change;
-            match moved {
-                Some(k) if c.key == k && now.saturating_sub(c.last) <= 1440 => {
-                    c.last = now;
-                    moving_for = now.saturating_sub(c.since);
+            if agg.countries.distinct() > 0 && !matches!(place, Some((_, true))) {
+                // The usual place (or part of it) is here.
+                c.home = now;
+            }
+            if let Some((k, moved)) = place {
+                if c.key != k || now.saturating_sub(c.last) > 1440 {
+                    c.key = k;
+                    c.since = now;
+                } else if moved && c.home == c.since {
+                    // It began in a window shared with the usual place (a handover) and the
+                    // usual place has not been back: the move starts here.
+                    c.since = now;
+                }
+                c.last = now;
+                if c.home > c.since {
+                    // The usual place was back after the new one appeared: the two are in
+                    // use side by side, an addition (sharing, a leak), never adopted.
+                    adding_for = now - c.since;
+                } else if moved {
+                    moving_for = now - c.since;
                     let after = (cfg.score.adopt_move_after.ms / 60_000) as u32;
                     // A new country is a move only if the old one went quiet long enough
                     // before it for a journey (a second user appearing while the owner was
@@ -746,20 +764,10 @@ impl Shard {
                     } else {
                         true
                     };
-                    if !held && journey && now.saturating_sub(c.since) >= after {
+                    if !held && journey && moving_for >= after {
                         adopted = true;
                     }
                 }
-                Some(k) => {
-                    c.key = k;
-                    c.since = now;
-                    c.last = now;
-                }
-                None if agg.countries.distinct() > 0 => {
-                    c.key = 0;
-                    c.home = now;
-                }
-                None => {}
             }
         }
         let scratch = &mut self.scratch;
@@ -781,6 +789,13 @@ impl Shard {
                 let half = (cfg.score.adopt_move_after.ms as f64 / 60_000.0).max(1.0);
                 let mask = PLACE.iter().fold(0u32, |m, k| m | 1 << k.index());
                 (mask, 0.5f64.powf(moving_for as f64 / half))
+            }),
+            // A new place used beside the usual one (a shared or leaked token) is weak
+            // evidence in any one window; it accumulates while the addition lasts.
+            adding: (adding_for > 0).then(|| {
+                let mask = PLACE.iter().fold(0u32, |m, k| m | 1 << k.index());
+                let ramp = (cfg.score.addition_ramp.ms as f64 / 60_000.0).max(1.0);
+                (mask, 1.0 + 2.0 * (adding_for as f64 / ramp).min(1.0))
             }),
             damped: fb
                 .damped_at(agg.start)
@@ -805,13 +820,18 @@ impl Shard {
         let risk = r.risk;
         let alert = score::alerts(risk, &cfg.score);
         let young = agg.start - st.first_seen < cfg.score.learn_all_for.ms;
-        let learned = score::learned(
-            risk,
-            &cfg.score,
-            young,
-            adopted,
-            held.then_some(cfg.feedback.hold_learn_below),
-        );
+        let hold = if held {
+            score::Hold::Confirmed(cfg.feedback.hold_learn_below)
+        } else if st.feedback.alerted_at(agg.start) {
+            score::Hold::Alerted(cfg.feedback.hold_learn_below)
+        } else {
+            score::Hold::None
+        };
+        let learned = score::learned(risk, &cfg.score, young, adopted, hold);
+        if alert {
+            let until = agg.start.saturating_add(cfg.score.alert_hold.ms);
+            st.feedback.alert_until = st.feedback.alert_until.max(FeedbackState::minutes(until));
+        }
         // The token's own distribution of surprise learns from its ordinary (learned)
         // windows, not in its first day (everything is new then).
         if learned && agg.start - st.first_seen >= 86_400_000 {
@@ -914,7 +934,7 @@ const MAX_PENDING_DELETES: usize = 4096;
 const PENDING_CHUNK: usize = 65_536;
 
 /// Version of a spill record ([`encode_record`]).
-const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION: u8 = 2;
 
 /// A token's spill record: its state and open windows; and the start of its earliest open
 /// window, if any.
@@ -1026,6 +1046,8 @@ impl Shard {
                 effect.hold_until = Some(fb.hold_until as i64 * 60_000);
             }
             Verdict::FalsePositive | Verdict::ExpectedChange => {
+                // What the alert held back is ordinary after all: learning resumes at once.
+                fb.alert_until = 0;
                 if verdict == Verdict::FalsePositive {
                     for &s in signals {
                         let n = &mut fb.false_alarms[s.index()];
@@ -1538,7 +1560,7 @@ impl Engine {
 }
 
 /// Version of [`EngineSnapshot::header`]; a snapshot of another version is refused.
-pub const SNAPSHOT_VERSION: u8 = 3;
+pub const SNAPSHOT_VERSION: u8 = 4;
 
 /// A consistent copy of the whole engine: restoring it and applying the same later batches
 /// gives the same scores as if the engine had never stopped.

@@ -169,8 +169,10 @@ impl ScoresWriter {
             kind.append_option(s.kind.as_deref());
             phase.append_value(ph);
             let mut vals = [0f32; SignalKind::ALL.len()];
+            // One signal kind may speak twice (the endpoint mix as a whole and a burst on
+            // one endpoint): its column is their sum, so the columns add up to the risk.
             for c in &s.contributions {
-                vals[c.signal.index()] = c.evidence as f32;
+                vals[c.signal.index()] += c.evidence as f32;
             }
             for (b, v) in sig.iter_mut().zip(vals) {
                 b.append_value(v);

@@ -66,6 +66,8 @@ pub fn risk_of(l: f64) -> f64 {
 pub struct Scaling {
     /// A move under way: its novelty evidence decays while it lasts.
     pub moving: Option<(u32, f64)>,
+    /// A new place used beside the usual one: its novelty evidence grows while it lasts.
+    pub adding: Option<(u32, f64)>,
     /// Operator feedback: signals that raised repeated false alarms for the token.
     pub damped: Option<(u32, f64)>,
     /// The token's own distribution of surprise (see [`calibrate`]).
@@ -75,7 +77,7 @@ pub struct Scaling {
 impl Scaling {
     fn factor(&self, kind: SignalKind) -> f64 {
         let bit = 1u32 << kind.index();
-        [self.moving, self.damped]
+        [self.moving, self.adding, self.damped]
             .into_iter()
             .flatten()
             .filter(|(mask, _)| mask & bit != 0)
@@ -139,19 +141,28 @@ pub fn alerts(risk: f64, cfg: &ScoreConfig) -> bool {
     risk >= cfg.alert_risk
 }
 
+/// How a token's recent history restrains what it learns (see [`learned`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Hold {
+    /// Nothing: windows below `learn-max-risk` are learned.
+    None,
+    /// The token alerted within `score.alert-hold`: only windows below this risk, or a
+    /// move being adopted.
+    Alerted(f64),
+    /// An operator confirmed an incident: only windows below this risk.
+    Confirmed(f64),
+}
+
 /// Whether a window is learned into the token's baseline: below `learn-max-risk`, or the
-/// token is young, or the window completes a move being adopted; while an operator's
-/// true-positive hold is on, only calm windows (below `hold_learn_below`).
-pub fn learned(
-    risk: f64,
-    cfg: &ScoreConfig,
-    young: bool,
-    adopted: bool,
-    hold: Option<f64>,
-) -> bool {
+/// token is young, or the window completes a move being adopted; shortly after an alert of
+/// the token, only calm windows or an adopted move; while an operator's true-positive hold
+/// is on, only calm windows (below `hold_learn_below`).
+pub fn learned(risk: f64, cfg: &ScoreConfig, young: bool, adopted: bool, hold: Hold) -> bool {
     match hold {
-        Some(below) => risk < below,
-        None => risk < cfg.learn_max_risk || young || adopted,
+        Hold::Confirmed(below) => risk < below,
+        _ if young => true,
+        Hold::Alerted(below) => risk < below || adopted,
+        Hold::None => risk < cfg.learn_max_risk || adopted,
     }
 }
 
@@ -482,7 +493,6 @@ mod tests {
         let mut damped = signals();
         let r0 = combine(&mut plain, &cfg.score, &cfg.weights);
         let half = Scaling {
-            moving: None,
             damped: Some((bit, 0.5)),
             ..Default::default()
         };

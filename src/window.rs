@@ -164,6 +164,8 @@ pub struct WindowAgg {
     pub status: [u32; 5],
     /// Sum of bytes_out.
     pub bytes: u64,
+    /// Largest bytes_out of one call.
+    pub bytes_max: u64,
     /// Sum of latency of events that had one.
     pub latency_sum: f64,
     /// Events with a latency.
@@ -236,6 +238,7 @@ impl WindowAgg {
         self.count = 0;
         self.status = [0; 5];
         self.bytes = 0;
+        self.bytes_max = 0;
         self.latency_sum = 0.0;
         self.latency_n = 0;
         for c in [
@@ -268,6 +271,7 @@ impl WindowAgg {
         let cls = status_class(e.status);
         self.status[cls] += 1;
         self.bytes = self.bytes.saturating_add(e.bytes);
+        self.bytes_max = self.bytes_max.max(e.bytes);
         if let Some(l) = e.latency {
             self.latency_sum += l as f64;
             self.latency_n += 1;
@@ -329,6 +333,7 @@ impl WindowAgg {
             w.u32(s);
         }
         w.u64(self.bytes);
+        w.u64(self.bytes_max);
         w.f64(self.latency_sum);
         w.u32(self.latency_n);
         for c in [
@@ -368,6 +373,7 @@ impl WindowAgg {
             *s = r.u32()?;
         }
         a.bytes = r.u64()?;
+        a.bytes_max = r.u64()?;
         a.latency_sum = r.f64()?;
         a.latency_n = r.u32()?;
         for c in [

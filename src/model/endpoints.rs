@@ -47,7 +47,63 @@ pub struct EndpointState {
     pub explore: f32,
     /// Minute (since the epoch) of the last update of `explore`.
     pub explore_at: u32,
+    /// Where in the day bursts on one endpoint happened lately (see [`Recurring`]).
+    pub recurring: Recurring,
 }
+
+/// Two-hour slots of the UTC day in which a burst on one endpoint happened, on the token's
+/// latest earlier day with traffic (bits 0..12) and today (bits 12..24), and today's day
+/// number modulo 256 (bits 24..32). A burst in a slot where one happened the day before is
+/// the token's daily routine (a nightly job reading one route), not abuse: it is discounted,
+/// so a daily pattern alerts on its first day, not every day. 4 bytes, packed by hand to
+/// stay within the per-token state budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recurring(pub u32);
+
+impl Recurring {
+    const SLOT_MS: i64 = 7_200_000;
+    const SLOTS: u32 = 12;
+
+    fn slot(start: i64) -> u32 {
+        (start.rem_euclid(86_400_000) / Self::SLOT_MS) as u32
+    }
+
+    /// A burst happened the previous day in the slot of `start` or, within half an hour of
+    /// a slot boundary, in the slot beside it (a job does not start on the same minute
+    /// every day).
+    pub fn yesterday(&self, start: i64) -> bool {
+        const HALF_HOUR: i64 = 1_800_000;
+        let prev = self.0 & ((1 << Self::SLOTS) - 1);
+        [start - HALF_HOUR, start, start.saturating_add(HALF_HOUR)]
+            .into_iter()
+            .any(|t| prev & (1 << Self::slot(t)) != 0)
+    }
+
+    /// Move to the day of `start`: today's slots become the previous day's if today was
+    /// the day before or up to two days earlier (a weekend), else they are forgotten.
+    fn roll(&mut self, start: i64) {
+        let day = start.div_euclid(86_400_000);
+        let cur = (day & 0xFF) as u32;
+        let stored = self.0 >> 24;
+        if cur == stored {
+            return;
+        }
+        let gap = (cur + 256 - stored) % 256;
+        let today = (self.0 >> Self::SLOTS) & ((1 << Self::SLOTS) - 1);
+        let prev = if gap <= 3 { today } else { 0 };
+        self.0 = prev | (cur << 24);
+    }
+
+    /// Note a burst in the window starting at `start`.
+    fn note(&mut self, start: i64) {
+        self.roll(start);
+        self.0 |= 1 << (Self::SLOTS + Self::slot(start));
+    }
+}
+
+/// A recurring burst (see [`Recurring`]) keeps this share of its evidence (tail
+/// probability raised to this power).
+pub const RECURRING_WEIGHT: f64 = 0.3;
 
 /// Endpoint parameters.
 #[derive(Debug, Clone)]
@@ -56,6 +112,12 @@ pub struct EndpointModel {
     min_windows: f64,
     explore_half_life_min: f64,
 }
+
+/// Calls the endpoint shares remember (between this and twice as many, the most recent
+/// learned ones): a route the token adopted becomes usual within a few thousand calls
+/// instead of staying rare against its whole history. Alerting windows are not learned, so
+/// a burst does not teach itself.
+pub const SHARE_MEMORY: u32 = 4096;
 
 /// Calls to one endpoint in a window before a burst on it is judged.
 pub const BURST_MIN_CALLS: u32 = 10;
@@ -82,7 +144,7 @@ impl EndpointModel {
     /// least `BURST_MIN_CALLS` calls at twice the usual share, because shares of real
     /// traffic wander more than independent draws would. Reported as `endpoint_mix`, with
     /// the endpoint as its item.
-    fn burst(&self, st: &EndpointState, w: &WindowAgg, out: &mut Scratch) {
+    fn burst(&self, st: &EndpointState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
         let n = w.count as u64;
         let total = st.top.total() as f64;
         if n < BURST_MIN_CALLS as u64 || total <= 0.0 {
@@ -104,6 +166,12 @@ impl EndpointModel {
             }
         }
         if let Some((p, c, usual, k)) = best {
+            out.burst = Some(p);
+            let p = if st.recurring.yesterday(ctx.start) {
+                p.powf(RECURRING_WEIGHT)
+            } else {
+                p
+            };
             out.push(
                 Signal::new(SignalKind::EndpointMix, c as f64, usual * n as f64, p).with_item(k),
             );
@@ -120,6 +188,17 @@ impl EndpointModel {
     }
 }
 
+impl EndpointModel {
+    /// Follow every window, calm or not: where in the day the token's bursts happen
+    /// (`burst`: the window's burst tail probability, if it had one).
+    pub fn track(&self, st: &mut EndpointState, ctx: &Ctx, burst: Option<f64>) {
+        match burst {
+            Some(p) if p < ctx.cfg.score.quiet_p => st.recurring.note(ctx.start),
+            _ => st.recurring.roll(ctx.start),
+        }
+    }
+}
+
 impl Model for EndpointModel {
     type State = EndpointState;
 
@@ -127,7 +206,7 @@ impl Model for EndpointModel {
         if (ctx.windows as f64) < self.min_windows {
             return; // a young token is still discovering its endpoints
         }
-        self.burst(st, w, out);
+        self.burst(st, w, ctx, out);
 
         let mut new_calls = 0u32;
         let mut first_new = 0u64;
@@ -191,6 +270,7 @@ impl Model for EndpointModel {
             }
             st.top.add(fold(k), c, day);
         }
+        st.top.cap(SHARE_MEMORY);
         if rare > 0.0 {
             st.explore = (self.explored(st, ctx) + rare).min(50.0) as f32;
             st.explore_at = (ctx.start / 60_000).clamp(0, u32::MAX as i64) as u32;
@@ -206,6 +286,7 @@ impl Model for EndpointModel {
         w.u32(st.novel);
         w.f32(st.explore);
         w.u32(st.explore_at);
+        w.u32(st.recurring.0);
     }
 
     fn decode(r: &mut Reader) -> Result<EndpointState, DecodeError> {
@@ -215,6 +296,7 @@ impl Model for EndpointModel {
             novel: r.u32()?,
             explore: r.f32()?,
             explore_at: r.u32()?,
+            recurring: Recurring(r.u32()?),
         })
     }
 }

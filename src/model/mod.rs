@@ -100,6 +100,9 @@ pub struct Scratch {
     /// The rate model's (tail probability, standardised residual) of the window, kept for
     /// tracking it without computing the expectation again.
     pub rate: Option<(f64, f64)>,
+    /// Tail probability of the window's largest burst on one endpoint, before its
+    /// recurrence discount (see `endpoints`).
+    pub burst: Option<f64>,
 }
 
 impl Scratch {
@@ -108,6 +111,7 @@ impl Scratch {
         self.signals.clear();
         self.features = [0.0; FEATURES];
         self.rate = None;
+        self.burst = None;
     }
 
     /// Raise a signal if it says anything (p < 1).
@@ -495,6 +499,10 @@ pub struct FeedbackState {
     /// A confirmed incident: no window of this token is learned before this event time
     /// (minutes since the epoch).
     pub hold_until: u32,
+    /// The token alerted: until this event time (minutes since the epoch) only its calm
+    /// windows are learned (`score.alert-hold`), so an incident cannot teach the baseline
+    /// through its quieter windows.
+    pub alert_until: u32,
 }
 
 impl FeedbackState {
@@ -507,6 +515,11 @@ impl FeedbackState {
     /// Whether an operator-confirmed incident holds the token at event time `ms`.
     pub fn held_at(&self, ms: i64) -> bool {
         ms < self.hold_until as i64 * 60_000
+    }
+
+    /// Whether a recent alert of the token holds its learning at event time `ms`.
+    pub fn alerted_at(&self, ms: i64) -> bool {
+        ms < self.alert_until as i64 * 60_000
     }
 
     /// Whether the damped signals are damped at event time `ms`.
@@ -532,7 +545,7 @@ impl Default for SurpriseState {
 }
 
 /// Version of the encoded [`TokenState`].
-pub const STATE_VERSION: u8 = 4;
+pub const STATE_VERSION: u8 = 5;
 
 /// All per-token models, built from the configuration.
 #[derive(Debug, Clone)]
@@ -604,6 +617,7 @@ impl Models {
         scored: &Scratch,
     ) {
         self.rate.track(&mut st.rate, w, ctx, held, scored.rate);
+        self.endpoints.track(&mut st.endpoints, ctx, scored.burst);
         self.registry.track(&mut st.registry, w, ctx);
         if !held {
             self.telemetry.track(&mut st.telemetry, w, ctx);
@@ -636,6 +650,7 @@ impl TokenState {
         w.u32(self.feedback.damp_mask);
         w.u32(self.feedback.damp_until);
         w.u32(self.feedback.hold_until);
+        w.u32(self.feedback.alert_until);
         self.surprise.0.encode(w);
     }
 
@@ -711,6 +726,7 @@ impl TokenState {
                     damp_mask: r.u32()?,
                     damp_until: r.u32()?,
                     hold_until: r.u32()?,
+                    alert_until: r.u32()?,
                 }
             },
             surprise: SurpriseState(sketch::Tail::decode(&mut r)?),

@@ -184,6 +184,28 @@ impl NetworkModel {
     }
 }
 
+impl NetworkModel {
+    /// The new place of a window, if any, and whether it is a move ([`Self::moved`]): the
+    /// key of its first country the token does not trust, else (its countries all known)
+    /// of its first new network provider.
+    pub fn new_place(&self, st: &NetworkState, w: &WindowAgg) -> Option<(u32, bool)> {
+        if let Some(k) = self.moved(st, w) {
+            return Some((k, true));
+        }
+        let new = |cat: Category| {
+            cat.counts(w)
+                .items
+                .iter()
+                .find(|&&(k, _)| !st.known.contains(cat.salted(k)))
+                .map(|&(k, _)| fold(k))
+        };
+        if let Some(k) = new(Category::Country) {
+            return Some((k | 1, false));
+        }
+        new(Category::Asn).map(|k| (k & !1, false))
+    }
+}
+
 impl Model for NetworkModel {
     type State = NetworkState;
 

@@ -25,7 +25,7 @@ use super::sketch::{Ewma, Tail};
 use super::{feature, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::event::hour_of_week;
-use crate::window::WindowAgg;
+use crate::window::{class, WindowAgg};
 
 /// Fixed-point scale of the day and week log factors.
 const FIX: f32 = 1024.0;
@@ -90,6 +90,19 @@ impl RateState {
         let how = hour_of_week(start);
         (self.day[how % 24] as f64 + self.week[how / 24] as f64) / FIX as f64
     }
+
+    /// Lowest and highest rhythm factor within half an hour of `start`: a daily job or a
+    /// working day does not start on the same minute every day, so a window is judged
+    /// against the neighbouring hour where that one is closer to what it saw.
+    fn season_range(&self, start: i64) -> (f64, f64) {
+        const HALF_HOUR: i64 = 1_800_000;
+        [start - HALF_HOUR, start, start.saturating_add(HALF_HOUR)]
+            .into_iter()
+            .map(|t| self.season(t))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            })
+    }
 }
 
 /// What the rate model expects of one window.
@@ -137,8 +150,13 @@ impl RateModel {
     /// blended with its peer group's level while it is young (cold start). `None` for a
     /// token with no history and no group.
     pub fn expectation(&self, st: &RateState, ctx: &Ctx) -> Option<Expectation> {
+        self.expectation_with(st, ctx, st.season(ctx.start))
+    }
+
+    /// [`Self::expectation`] with the rhythm factor `season` (log).
+    fn expectation_with(&self, st: &RateState, ctx: &Ctx, season: f64) -> Option<Expectation> {
         let own_w = (st.n as f64 / self.warmup).min(1.0);
-        let own = st.level as f64 + st.season(ctx.start);
+        let own = st.level as f64 + season;
         let (ln_mean, disp, spread) = match ctx.group {
             Some(g) if own_w < 1.0 && g.rate_mean > 0.0 => {
                 let g_ln = g.rate_mean.ln();
@@ -191,8 +209,34 @@ impl RateModel {
         count: f64,
         ctx: &Ctx,
     ) -> Option<(f64, Expectation, f64)> {
+        self.surprise_retried(st, count, 0.0, ctx)
+    }
+
+    /// [`Self::surprise`] of a window in which `retried` calls failed on the server's side
+    /// (5xx). A rise is judged on the calls that did not: a client retries what failed, so
+    /// a storm of retries during an outage is not demand (the 5xx themselves are the error
+    /// model's business), while a burst of calls that are answered stands out in full.
+    pub fn surprise_retried(
+        &self,
+        st: &RateState,
+        count: f64,
+        retried: f64,
+        ctx: &Ctx,
+    ) -> Option<(f64, Expectation, f64)> {
         let e = self.expectation(st, ctx)?;
-        let z = Self::z(count, &e, st.disp);
+        // A rise is judged against the busier of the neighbouring half hours, a drop
+        // against the quieter (see `season_range`); a count between the two is no surprise.
+        let (lo, hi) = st.season_range(ctx.start);
+        let (e, z) = if count > e.mean {
+            let up = (count - retried).max(e.mean);
+            let e = self.expectation_with(st, ctx, hi)?;
+            (e, Self::z(up, &e, st.disp).max(0.0))
+        } else if count < e.mean {
+            let e = self.expectation_with(st, ctx, lo)?;
+            (e, Self::z(count, &e, st.disp).min(0.0))
+        } else {
+            (e, 0.0)
+        };
         let p = if z >= 0.0 {
             st.up.p_std(z)
         } else if e.mean >= self.min_drop_expected {
@@ -212,7 +256,7 @@ impl RateModel {
     pub fn expects_traffic(&self, st: &RateState, ctx: &Ctx) -> bool {
         st.run > -self.adopt_windows
             && st.n as f64 >= self.warmup
-            && ((st.level as f64 + st.season(ctx.start)).exp()).max(self.min_expected)
+            && ((st.level as f64 + st.season_range(ctx.start).0).exp()).max(self.min_expected)
                 >= self.min_drop_expected
     }
 
@@ -286,7 +330,8 @@ impl Model for RateModel {
     fn score(&self, st: &RateState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
         let c = w.count as f64;
         out.features[feature::LOG_COUNT] = c.ln_1p() as f32;
-        let Some((p, e, z)) = self.surprise(st, c, ctx) else {
+        let retried = w.status[class::SERVER] as f64;
+        let Some((p, e, z)) = self.surprise_retried(st, c, retried, ctx) else {
             return;
         };
         out.features[feature::RATE_Z] = z as f32;

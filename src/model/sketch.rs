@@ -227,6 +227,16 @@ impl<const N: usize> TopK<N> {
         };
     }
 
+    /// Halve every count while their sum exceeds `cap`: the counts then describe the most
+    /// recent `cap` to `2 cap` observations, so shares follow lasting change.
+    pub fn cap(&mut self, cap: u32) {
+        while self.total() > cap.max(1) {
+            for s in self.slots.iter_mut() {
+                s.count /= 2;
+            }
+        }
+    }
+
     /// Count of `key` (0 if not held).
     pub fn count(&self, key: u32) -> u32 {
         let key = key.max(1);

@@ -66,9 +66,20 @@ impl TelemetryModel {
     }
 }
 
-/// Mean bytes_out per call of a window.
+/// Calls in a window from which its response size leaves out the largest one.
+const TRIM_FROM: u32 = 5;
+
+/// Mean bytes_out per call of a window; from [`TRIM_FROM`] calls on, without its largest
+/// call. One huge response among many ordinary ones is what a token with heavy-tailed
+/// sizes does now and then, and it alone would make the mean look like an export; a bulk
+/// export makes many large calls and still moves the trimmed mean. A window of a few calls
+/// (a quiet token, an insider's single export) keeps every call.
 fn per_call(w: &WindowAgg) -> f64 {
-    w.bytes as f64 / w.count.max(1) as f64
+    if w.count >= TRIM_FROM {
+        w.bytes.saturating_sub(w.bytes_max) as f64 / (w.count - 1) as f64
+    } else {
+        w.bytes as f64 / w.count.max(1) as f64
+    }
 }
 
 impl TelemetryModel {
