@@ -1819,6 +1819,82 @@ mod tests {
         crate::server::convert::to_batch(&events, 0, clock, &mut Default::default())
     }
 
+    /// Ten days from DE / AS 3320, then a new place (FR / AS 12322): as a move (DE stops,
+    /// after a quiet night) it is flagged, its evidence decays and it is adopted after
+    /// `adopt-move-after`; as an addition (DE goes on beside it) it is never adopted and its
+    /// evidence grows while it lasts.
+    #[test]
+    fn a_move_is_adopted_and_an_addition_accumulates() {
+        let t0: i64 = 1_772_409_600_000; // Monday 2026-03-02 00:00 UTC
+        let ev = |t: i64, home: bool| crate::server::pb::Event {
+            ts_ms: t,
+            token_id: "tok".into(),
+            method: "GET".into(),
+            endpoint: "/a".into(),
+            status: 200,
+            bytes_out: 10,
+            src_ip: if home { "198.51.100.7" } else { "203.0.113.9" }.into(),
+            country: if home { "DE" } else { "FR" }.into(),
+            asn: Some(if home { 3320 } else { 12322 }),
+            ..Default::default()
+        };
+        let clock = crate::server::convert::Clock {
+            now_ms: i64::MAX / 2,
+            max_future_skew_ms: 0,
+        };
+        // Two calls a minute from 08h to 20h UTC; `place(minute)`: Some(home?) or None.
+        let run = |place: &dyn Fn(i64) -> Option<bool>| {
+            let mut cfg = Config::default();
+            cfg.window.size.ms = 300_000;
+            cfg.engine.shards = 1;
+            let mut e = Engine::new(cfg, Registry::default());
+            let mut out = Vec::new();
+            for day in 0..12i64 {
+                let mut evs = Vec::new();
+                for m in 8 * 60..20 * 60 {
+                    let t = t0 + day * 86_400_000 + m * 60_000;
+                    if let Some(home) = place(t) {
+                        evs.push(ev(t, home));
+                        evs.push(ev(t + 20_000, home));
+                    }
+                }
+                let b = crate::server::convert::to_batch(&evs, 0, clock, &mut Default::default());
+                out.extend(e.apply(&b).unwrap());
+            }
+            out.extend(e.finish());
+            out
+        };
+        let change = t0 + 10 * 86_400_000 + 8 * 3_600_000;
+        let country = |s: &WindowScore| {
+            s.contributions
+                .iter()
+                .find(|c| c.signal == SignalKind::NewCountry)
+                .map_or(0.0, |c| c.evidence)
+        };
+        // The move: from day 10 every call is from FR.
+        let moved = run(&|t| Some(t < change));
+        let after: Vec<&WindowScore> = moved.iter().filter(|s| s.start >= change).collect();
+        assert!(country(after[0]) > 2.0, "{:?}", after[0]);
+        let first_day: Vec<f64> = after.iter().take(144).map(|s| country(s)).collect();
+        assert!(first_day[60] < first_day[0], "{first_day:?}");
+        // Adopted: on the next day FR is home.
+        assert!(after[144..]
+            .iter()
+            .all(|s| country(s) == 0.0 && s.risk < 5.0));
+        // The addition: from day 10, every other minute from FR, DE goes on.
+        let added = run(&|t| Some(t < change || (t / 60_000) % 2 == 0));
+        let after: Vec<&WindowScore> = added.iter().filter(|s| s.start >= change).collect();
+        let ev0 = country(after[0]);
+        assert!(ev0 > 2.0, "{:?}", after[0]);
+        // After the ramp it speaks with over twice its first window's evidence (three times
+        // the novelty, of a novelty that its first, still calm windows made a little less
+        // rare), and it is still new the next day (never adopted, not learned while it alerts).
+        let later = country(after[24]);
+        assert!(later > 2.0 * ev0, "{ev0} -> {later}");
+        assert!(after[24].alert);
+        assert!(country(after[150]) > 2.0, "{:?}", after[150]);
+    }
+
     /// Tokens that take turns (one active each hour) under a budget of three: the idle
     /// ones are evicted to the spill and loaded back when their turn comes, and every
     /// window scores exactly as with no budget (the whole model state travels).

@@ -657,13 +657,7 @@ impl TokenState {
     /// Every number of the state is finite (a decoded state that is not could only come
     /// from a damaged or hand-made file, and would disable a signal for good).
     fn check_finite(&self) -> Result<(), DecodeError> {
-        let tails = [
-            &self.rate.up,
-            &self.rate.down,
-            &self.telemetry.bytes_tail,
-            &self.telemetry.latency_tail,
-            &self.surprise.0,
-        ];
+        let tails = [&self.rate.up, &self.rate.down, &self.surprise.0];
         let ewmas = self
             .telemetry
             .errors
@@ -676,6 +670,8 @@ impl TokenState {
             && tails
                 .iter()
                 .all(|t| t.u.is_finite() && t.excess.is_finite() && t.max.is_finite())
+            && self.telemetry.bytes_tail.is_finite()
+            && self.telemetry.latency_tail.is_finite()
             && ewmas
                 .into_iter()
                 .all(|e| e.mean.is_finite() && e.var.is_finite());

@@ -160,6 +160,113 @@ impl Tail {
     }
 }
 
+/// The upper tail of a statistic as three of its own running quantiles (90%, 99% and
+/// 99.9%, by stochastic approximation), interpolated log-linearly between them and extended
+/// past the last with the slope of the last stretch. Nothing is assumed about the shape: a
+/// mixture (ordinary sizes with now and then one huge response) keeps a far tail as wide as
+/// it really is, where one mean excess fitted to all the values above the 90% level would
+/// be set by the many small excesses and call every large one impossible. For heavy-tailed
+/// quantities (sizes, latency) per the token. 16 bytes; written by hand because no crate
+/// keeps a fixed-size, allocation-free quantile sketch that can be snapshotted bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quantiles {
+    /// Running 90%, 99% and 99.9% quantiles.
+    pub q: [f32; 3],
+    /// Updates so far.
+    pub n: u32,
+}
+
+impl Quantiles {
+    /// The levels tracked.
+    pub const LEVELS: [f64; 3] = [0.9, 0.99, 0.999];
+    /// A tail of a standardised residual before the token's own values move it (a standard
+    /// normal's quantiles).
+    pub const STANDARD: Quantiles = Quantiles {
+        q: [1.28, 2.33, 3.09],
+        n: 0,
+    };
+    /// A standardised residual is never called extreme below this (the 90% level's floor).
+    pub const MIN_Q: f64 = 1.0;
+    /// Smallest distance between two levels (a tenfold drop in probability), so a token
+    /// that has been perfectly regular cannot make the smallest wobble look extreme.
+    pub const MIN_GAP: f64 = 0.8;
+
+    fn floored(&self) -> [f64; 3] {
+        let a = (self.q[0] as f64).max(Self::MIN_Q);
+        let b = (self.q[1] as f64).max(a + Self::MIN_GAP);
+        let c = (self.q[2] as f64).max(b + Self::MIN_GAP);
+        [a, b, c]
+    }
+
+    /// Probability of a value at least `x` (1 well below the 90% level).
+    pub fn p(&self, x: f64) -> f64 {
+        if x.is_nan() {
+            return 1.0;
+        }
+        let [a, b, c] = self.floored();
+        let ln10 = std::f64::consts::LN_10;
+        let ln_p = if x <= b {
+            -ln10 * (1.0 + (x - a) / (b - a))
+        } else if x <= c {
+            -ln10 * (2.0 + (x - b) / (c - b))
+        } else {
+            -ln10 * (3.0 + (x - c) / (c - b))
+        };
+        ln_p.exp().min(1.0)
+    }
+
+    /// Fold in a value; `rate` is the learning rate (an EWMA factor). Each quantile moves by
+    /// a step proportional to the stretch of tail above it, larger for the higher levels in
+    /// proportion to their rarity (so each adapts at a similar pace in its own exceedances),
+    /// never past the value itself nor by more than the stretch below it.
+    pub fn update(&mut self, x: f64, rate: f64) {
+        if !x.is_finite() {
+            return;
+        }
+        // The starting quantiles count as 20 values, so the first few cannot throw them far.
+        let a = rate.max(1.0 / (self.n as f64 + 20.0));
+        let f = self.floored();
+        let ln10 = std::f64::consts::LN_10;
+        for i in 0..3 {
+            let tau = Self::LEVELS[i];
+            let gap = if i == 0 { f[1] - f[0] } else { f[2] - f[1] };
+            let step = 2.0 * a * (gap / ln10).min(1.0) * (0.1 / (1.0 - tau));
+            let q = self.q[i] as f64;
+            let q = if x > q {
+                // One value moves a level by at most the stretch below it: a single wild
+                // window cannot make everything short of it look familiar.
+                q + (step * tau).min(gap).min(x - q)
+            } else {
+                q - step * (1.0 - tau)
+            };
+            self.q[i] = q as f32;
+        }
+        // Keep the levels in order.
+        self.q[1] = self.q[1].max(self.q[0]);
+        self.q[2] = self.q[2].max(self.q[1]);
+        self.n = self.n.saturating_add(1);
+    }
+
+    /// Every number is finite.
+    pub fn is_finite(&self) -> bool {
+        self.q.iter().all(|v| v.is_finite())
+    }
+
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        for v in self.q {
+            w.f32(v);
+        }
+        w.u32(self.n);
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Quantiles {
+            q: [r.f32()?, r.f32()?, r.f32()?],
+            n: r.u32()?,
+        })
+    }
+}
+
 /// One slot of a [`TopK`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Slot {
@@ -421,5 +528,39 @@ mod tests {
         assert!(t.p(q99, 0.0, 0.0) > 0.003, "{}", t.p(q99, 0.0, 0.0));
         assert!(t.p(50f64.ln() + 3.0, 0.0, 0.0) < 1e-3);
         assert_eq!(t.p(-1.0, 0.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn quantiles_keep_a_mixture_tail_as_wide_as_it_is() {
+        // Mostly a standard-normal-like bulk, one value in 200 five to nine units out (an
+        // ordinary size with now and then a huge response). The three levels land near the
+        // sample's own quantiles; a value as far out as the outliers go is unusual, not
+        // impossible, while one far beyond everything seen is extreme.
+        let mut rng = 99u64;
+        let mut q = Quantiles::STANDARD;
+        let mut xs = Vec::new();
+        for _ in 0..40_000 {
+            rng = mix(rng);
+            let u = (rng >> 11) as f64 / (1u64 << 53) as f64;
+            rng = mix(rng);
+            let v = (rng >> 11) as f64 / (1u64 << 53) as f64;
+            let x = if v < 0.005 {
+                5.0 + 4.0 * u
+            } else {
+                2.0 * u - 1.0
+            };
+            xs.push(x);
+            q.update(x, 0.002);
+        }
+        xs.sort_by(|a, b| a.total_cmp(b));
+        let q99 = xs[39_600];
+        assert!((q.q[1] as f64 - q99).abs() < 0.5, "{:?} vs {q99}", q.q);
+        // An outlier of the usual kind: about as rare as it really is (1 in 200 to 2,000).
+        assert!(q.p(7.0) > 2e-4, "{}", q.p(7.0));
+        assert!(q.p(20.0) < 1e-4, "{}", q.p(20.0));
+        assert!(q.p(30.0) < 1e-6, "{}", q.p(30.0));
+        assert_eq!(q.p(-1.0), 1.0);
+        // Monotone.
+        assert!(q.p(3.0) >= q.p(5.0) && q.p(5.0) >= q.p(9.0));
     }
 }

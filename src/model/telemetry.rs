@@ -5,7 +5,7 @@
 //! a wide tail and stays quiet, a 20x export on a steady token does not.
 
 use super::codec::{Reader, Writer};
-use super::sketch::{Ewma, Tail};
+use super::sketch::{Ewma, Quantiles};
 use super::{feature, tail, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::window::{class, WindowAgg};
@@ -28,10 +28,10 @@ pub struct TelemetryState {
     pub latency: Ewma,
     /// Windows that had a latency.
     pub latency_n: u32,
-    /// Learned tail of the standardised log bytes.
-    pub bytes_tail: Tail,
-    /// Learned tail of the standardised log latency.
-    pub latency_tail: Tail,
+    /// Learned tail (own quantiles) of the standardised log bytes.
+    pub bytes_tail: Quantiles,
+    /// Learned tail (own quantiles) of the standardised log latency.
+    pub latency_tail: Quantiles,
 }
 
 impl Default for TelemetryState {
@@ -41,8 +41,8 @@ impl Default for TelemetryState {
             bytes: Ewma::default(),
             latency: Ewma::default(),
             latency_n: 0,
-            bytes_tail: Tail::STANDARD,
-            latency_tail: Tail::STANDARD,
+            bytes_tail: Quantiles::STANDARD,
+            latency_tail: Quantiles::STANDARD,
         }
     }
 }
@@ -146,7 +146,7 @@ impl Model for TelemetryModel {
             SignalKind::BytesOut,
             per_call(w),
             (st.bytes.mean as f64).exp_m1(),
-            st.bytes_tail.p_std(z),
+            st.bytes_tail.p(z),
         ));
         if let Some(z) = self.latency_z(st, w) {
             out.features[feature::LATENCY_Z] = z as f32;
@@ -154,7 +154,7 @@ impl Model for TelemetryModel {
                 SignalKind::Latency,
                 w.mean_latency().unwrap_or(0.0),
                 (st.latency.mean as f64).exp_m1(),
-                st.latency_tail.p_std(z),
+                st.latency_tail.p(z),
             ));
         }
     }
@@ -194,8 +194,8 @@ impl Model for TelemetryModel {
             bytes: Ewma::decode(r)?,
             latency: Ewma::decode(r)?,
             latency_n: r.u32()?,
-            bytes_tail: Tail::decode(r)?,
-            latency_tail: Tail::decode(r)?,
+            bytes_tail: Quantiles::decode(r)?,
+            latency_tail: Quantiles::decode(r)?,
         })
     }
 }

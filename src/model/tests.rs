@@ -514,3 +514,120 @@ fn a_burst_on_one_endpoint_stands_out_when_the_total_would_not() {
     }
     assert!(burst_p(&odd) < 1e-3, "{}", burst_p(&odd));
 }
+
+/// Windows of `n` calls of `size` bytes each (one of them `big` bytes if given).
+fn sized(start: i64, n: u32, size: u64, big: Option<u64>) -> WindowAgg {
+    let mut w = window(start, n, &["/v1/reports"]);
+    w.bytes = size * (n as u64 - big.is_some() as u64) + big.unwrap_or(0);
+    w.bytes_max = big.unwrap_or(size).max(size);
+    w
+}
+
+/// Three weeks of 5-minute windows of 2-12 calls of about 20 KB; with `heavy`, one window
+/// in 60 carries one response 30-100x larger (a report now and then).
+fn sizes_trained(
+    m: &telemetry::TelemetryModel,
+    env: &Env,
+    heavy: bool,
+) -> telemetry::TelemetryState {
+    let mut st = telemetry::TelemetryState::default();
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(3);
+    for i in 0..6000 {
+        let start = T0 + i * 300_000;
+        let size = rng.gen_range(15_000..25_000);
+        let big = (rng.gen_bool(1.0 / 60.0) && heavy).then(|| size * rng.gen_range(30..100));
+        let w = sized(start, rng.gen_range(2..13), size, big);
+        let ctx = env.ctx(start, i as u32);
+        m.track(&mut st, &w, &ctx);
+        m.learn(&mut st, &w, &ctx);
+    }
+    st
+}
+
+#[test]
+fn a_heavy_tailed_size_is_not_flagged_while_a_20x_export_is() {
+    let env = Env::new();
+    let m = telemetry::TelemetryModel::new(&env.cfg);
+    let p = |st: &telemetry::TelemetryState, w: &WindowAgg| {
+        let mut sc = Scratch::default();
+        m.score(st, w, &env.ctx(w.start, 6000), &mut sc);
+        sc.signals
+            .iter()
+            .find(|s| s.kind == SignalKind::BytesOut)
+            .map_or(1.0, |s| s.p)
+    };
+    let at = T0 + 6000 * 300_000;
+    let export = sized(at, 20, 400_000, None); // 20 calls, each 20x the usual size
+    let heavy = sizes_trained(&m, &env, true);
+    // Its usual now-and-then large response: unusual (about one window in a thousand, a
+    // nat or two of evidence), not alarming.
+    let report = p(&heavy, &sized(at, 3, 20_000, Some(20_000 * 80)));
+    assert!(report > 2e-4, "{report}");
+    // One huge response among many ordinary calls is not an export either (trimmed).
+    let one = p(&heavy, &sized(at, 12, 20_000, Some(20_000 * 100)));
+    assert!(one > 0.01, "{one}");
+    // A bulk export ranks above that on the same token, though only weakly (about as
+    // unusual as a few-call window with one of its large reports: the per-window mean
+    // cannot tell those apart), and is extreme on a token whose sizes are steady.
+    assert!(p(&heavy, &export) < one && p(&heavy, &export) < 0.01);
+    let steady = sizes_trained(&m, &env, false);
+    assert!(p(&steady, &export) < 1e-9, "{}", p(&steady, &export));
+    assert!(p(&steady, &sized(at, 6, 21_000, None)) > 0.05);
+}
+
+#[test]
+fn a_daily_burst_on_one_endpoint_alerts_on_its_first_day_only() {
+    let env = Env::new();
+    let m = endpoints::EndpointModel::new(&env.cfg);
+    let hist = history(5, 14 * 1440);
+    let mut st = train(&m, &env, &hist);
+    let n = hist.len() as u32;
+    // A nightly job: 40 calls to /v1/products at 02:10 UTC, every day from day 14 on.
+    let job = |day: i64| {
+        let mut w = window(
+            T0 + day * 86_400_000 + 2 * 3_600_000 + 600_000,
+            2,
+            &["/v1/orders"],
+        );
+        for _ in 0..40 {
+            w.count += 1;
+            w.endpoints.add(endpoint_key("GET", "/v1/products"));
+        }
+        w
+    };
+    let mut ps = Vec::new();
+    for day in 14..18 {
+        // A day's ordinary traffic first (the day rolls over), then the job; the job's
+        // windows alert, so they are never learned.
+        let w = window(T0 + day * 86_400_000 + 3_600_000, 3, &["/v1/orders"]);
+        let mut sc = Scratch::default();
+        m.score(&st, &w, &env.ctx(w.start, n), &mut sc);
+        m.track(&mut st, &env.ctx(w.start, n), sc.burst);
+        let j = job(day);
+        let mut sc = Scratch::default();
+        m.score(&st, &j, &env.ctx(j.start, n), &mut sc);
+        ps.push(
+            sc.signals
+                .iter()
+                .find(|s| s.kind == SignalKind::EndpointMix)
+                .map_or(1.0, |s| s.p),
+        );
+        m.track(&mut st, &env.ctx(j.start, n), sc.burst);
+    }
+    assert!(ps[0] < 1e-6, "{ps:?}");
+    // From the second day on, the same burst at the same time keeps only a share of its
+    // evidence; a burst at another time of day would not.
+    for p in &ps[1..] {
+        assert!(*p > ps[0].powf(0.5), "{ps:?}");
+    }
+    let mut other = job(18);
+    other.start += 8 * 3_600_000;
+    let mut sc = Scratch::default();
+    m.score(&st, &other, &env.ctx(other.start, n), &mut sc);
+    let p_other = sc
+        .signals
+        .iter()
+        .find(|s| s.kind == SignalKind::EndpointMix)
+        .map_or(1.0, |s| s.p);
+    assert!(p_other < 1e-6, "{p_other}");
+}
