@@ -657,7 +657,7 @@ impl TokenState {
     /// Every number of the state is finite (a decoded state that is not could only come
     /// from a damaged or hand-made file, and would disable a signal for good).
     fn check_finite(&self) -> Result<(), DecodeError> {
-        let tails = [&self.rate.up, &self.rate.down, &self.surprise.0];
+        let tails = [&self.rate.up, &self.surprise.0];
         let ewmas = self
             .telemetry
             .errors
@@ -670,6 +670,7 @@ impl TokenState {
             && tails
                 .iter()
                 .all(|t| t.u.is_finite() && t.excess.is_finite() && t.max.is_finite())
+            && self.rate.down.is_finite()
             && self.telemetry.bytes_tail.is_finite()
             && self.telemetry.latency_tail.is_finite()
             && ewmas

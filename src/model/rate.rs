@@ -8,9 +8,13 @@
 //! standardised by the token's own dispersion (learned as a multiple of counting noise, so
 //! it follows the rhythm: a quiet night is noisier in relative terms than a busy day, and a
 //! token steadier than Poisson is allowed to be), and its tail
-//! probability comes from the token's own learned tails of past residuals
-//! ([`Tail`](super::sketch::Tail), one for rises, one for drops): heavy-tailed tokens widen
-//! their own tails instead of breaking a parametric fit.
+//! probability comes from the token's own learned tails of past residuals: for rises a
+//! [`Tail`](super::sketch::Tail) (peaks over threshold, with a fall-off past the token's
+//! experience, so a burst beyond anything it has done is strong evidence), for drops its own
+//! running quantiles ([`Quantiles`](super::sketch::Quantiles)), because the drops of real
+//! traffic come as a mixture (a daily job that ends early, a gap) that one fitted excess
+//! would call impossible. Heavy-tailed tokens widen their own tails instead of breaking a
+//! parametric fit.
 //!
 //! The tails learn from every window, calm or not (they say how often this token looks odd),
 //! the baseline only from calm ones.
@@ -21,7 +25,7 @@
 //! operator confirmed an incident on the token (held), which keeps the old baseline.
 
 use super::codec::{Reader, Writer};
-use super::sketch::{Ewma, Tail};
+use super::sketch::{Ewma, Quantiles, Tail};
 use super::{feature, Ctx, DecodeError, Model, Scratch, Signal, SignalKind};
 use crate::config::Config;
 use crate::event::hour_of_week;
@@ -47,8 +51,8 @@ pub struct RateState {
     pub run: i16,
     /// Tail of standardised residuals above the baseline.
     pub up: Tail,
-    /// Tail of standardised residuals below the baseline.
-    pub down: Tail,
+    /// Tail (own quantiles) of standardised residuals below the baseline.
+    pub down: Quantiles,
     /// Windows folded into the baseline.
     pub n: u32,
 }
@@ -65,7 +69,7 @@ impl Default for RateState {
             week: [0; 7],
             run: 0,
             up: UP0,
-            down: UP0,
+            down: Quantiles::STANDARD,
             n: 0,
         }
     }
@@ -240,7 +244,7 @@ impl RateModel {
         let p = if z >= 0.0 {
             st.up.p_std(z)
         } else if e.mean >= self.min_drop_expected {
-            st.down.p_std(-z).powf(self.drop_weight)
+            st.down.p(-z).powf(self.drop_weight)
         } else {
             1.0
         };
@@ -426,7 +430,7 @@ impl Model for RateModel {
         }
         st.run = r.u16()? as i16;
         st.up = Tail::decode(r)?;
-        st.down = Tail::decode(r)?;
+        st.down = Quantiles::decode(r)?;
         st.n = r.u32()?;
         Ok(st)
     }
