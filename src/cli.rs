@@ -66,6 +66,10 @@ pub enum Command {
         /// from the labels) as CSV: the verdicts an operator would give.
         #[arg(long)]
         alerts_out: Option<PathBuf>,
+        /// Write a self-contained HTML report (PR curve, recall per kind, detection delays,
+        /// risk timelines of the worst misses and noisiest false alerts, summary table).
+        #[arg(long)]
+        report: Option<PathBuf>,
         /// Replay operator verdicts (token_id, window_start, verdict; as --alerts-out
         /// writes them): each is applied when its alert starts plus --feedback-delay.
         #[arg(long)]

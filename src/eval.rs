@@ -79,6 +79,8 @@ pub struct Options {
     pub feedback_delay_ms: i64,
     /// Write each evaluated alert (first window, last window, the verdict the labels give).
     pub alerts_out: Option<PathBuf>,
+    /// Write a self-contained HTML report of the evaluation (`report`).
+    pub report: Option<PathBuf>,
     /// Alert policies, as the server runs them (`respond::policy`): which windows page
     /// someone. Incidents, alert episodes and false alert episodes are counted from them.
     pub policies: Vec<crate::respond::policy::Policy>,
@@ -103,6 +105,7 @@ impl Options {
             feedback: None,
             feedback_delay_ms: 30 * 60_000,
             alerts_out: None,
+            report: None,
             policies: crate::respond::policy::parse(
                 crate::respond::policy::DEFAULT_POLICIES,
                 "models/policies.toml",
@@ -282,6 +285,7 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         }
     };
     let window_ms = cfg.window.size.ms;
+    let alert_risk = cfg.score.alert_risk;
     let split_at = match split_at {
         i64::MIN | i64::MAX => split_at,
         t => crate::window::window_start(t, window_ms),
@@ -461,12 +465,14 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         w.finish()?;
     }
     let stats = engine.stats();
+    let mut report_pictures: Option<(PathBuf, crate::report::Pictures)> = None;
     let metrics = if any_label && measure {
         let incidents = match &opts.incidents {
             Some(p) => Some(read_incidents(p, &tokens, &mut kinds)?),
             None => None,
         };
         let mut alerts = Vec::new();
+        let mut incidents_used = Vec::new();
         let mut m = compute_metrics(
             &recs,
             &kinds,
@@ -474,14 +480,25 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
             split_at,
             window_ms,
             opts,
-            &mut alerts,
+            (&mut alerts, &mut incidents_used),
         );
         m.verdicts_applied = applied;
+        let mut names: Vec<&str> = vec![""; tokens.len()];
+        for (name, &i) in &tokens {
+            names[i as usize] = name;
+        }
+        if let Some(p) = &opts.report {
+            let pics = pictures(
+                &recs,
+                &incidents_used,
+                &alerts,
+                (&names, &kinds),
+                window_ms,
+                alert_risk,
+            );
+            report_pictures = Some((p.clone(), pics));
+        }
         if let Some(p) = &opts.alerts_out {
-            let mut names: Vec<&str> = vec![""; tokens.len()];
-            for (name, &i) in &tokens {
-                names[i as usize] = name;
-            }
             let mut text = String::from("token_id,window_start,last_window_start,verdict\n");
             for (t, first, last, truth) in alerts {
                 text += &format!(
@@ -511,7 +528,7 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
     top.truncate(opts.top);
     let rr = &read;
 
-    Ok(Report {
+    let report = Report {
         events: stats.events,
         bad_rows: rr.bad_rows,
         late_events: stats.late,
@@ -528,11 +545,125 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         } else {
             String::new()
         },
-    })
+    };
+    if let Some(path) = &opts.report {
+        let pics = report_pictures.map(|p| p.1).unwrap_or_default();
+        let title = format!("tokenwatch eval: {}", opts.events.display());
+        std::fs::write(path, crate::report::html(&report, &pics, &title))
+            .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    }
+    Ok(report)
 }
 
 /// An incident: token, kind index, start, end (ms).
 type Incident = (u32, u16, i64, i64);
+
+/// An alert episode: token, first and last paged window start (ms), touches the truth.
+type Episode = (u32, i64, i64, bool);
+
+/// Timelines drawn per section of the report.
+const REPORT_TIMELINES: usize = 5;
+/// Event time shown before and after an incident or episode in its timeline.
+const REPORT_MARGIN_MS: i64 = 3 * 3_600_000;
+
+/// What the HTML report draws: the PR curve over the risk ranking, the delays, and the
+/// timelines of the longest missed incidents and of the false episodes that paged most.
+fn pictures(
+    recs: &[Rec],
+    incidents: &[Incident],
+    alerts: &[Episode],
+    (names, kinds): (&[&str], &[String]),
+    window_ms: i64,
+    alert_risk: f64,
+) -> crate::report::Pictures {
+    let mut order: Vec<(f32, bool)> = recs.iter().map(|r| (r.risk, r.positive)).collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total = order.iter().filter(|x| x.1).count().max(1) as f64;
+    let (mut pr, mut seen, mut pos, mut i) = (Vec::new(), 0usize, 0usize, 0);
+    while i < order.len() {
+        let mut j = i;
+        while j < order.len() && order[j].0 == order[i].0 {
+            pos += order[j].1 as usize;
+            j += 1;
+        }
+        seen += j - i;
+        pr.push((pos as f64 / total, pos as f64 / seen as f64));
+        i = j;
+    }
+    let mut by_token: FxHashMap<u32, Vec<&Rec>> = FxHashMap::default();
+    for r in recs {
+        by_token.entry(r.token).or_default().push(r);
+    }
+    for v in by_token.values_mut() {
+        v.sort_by_key(|r| r.start);
+    }
+    let line = |t: u32, title: String, (s, e): (i64, i64)| crate::report::Timeline {
+        token: names.get(t as usize).copied().unwrap_or("?").to_string(),
+        title,
+        span: (s, e),
+        points: by_token
+            .get(&t)
+            .map(|v| {
+                v.iter()
+                    .filter(|r| r.start >= s - REPORT_MARGIN_MS && r.start <= e + REPORT_MARGIN_MS)
+                    .map(|r| (r.start, r.risk, r.positive, r.paged))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut delays = Vec::new();
+    let mut missed = Vec::new();
+    for &(t, k, s, e) in incidents {
+        let first = by_token.get(&t).and_then(|v| {
+            v.iter()
+                .find(|r| r.paged && r.start + window_ms > s && r.start <= e)
+        });
+        match first {
+            Some(a) => delays.push(((a.start + window_ms - s).max(0)) as f64 / 1000.0),
+            None => missed.push((e - s, t, k, s, e)),
+        }
+    }
+    missed.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let misses = missed
+        .iter()
+        .take(REPORT_TIMELINES)
+        .map(|&(_, t, k, s, e)| {
+            let kind = kinds.get(k as usize).map_or("", |k| k.as_str());
+            line(t, format!("missed {kind}"), (s, e + window_ms))
+        })
+        .collect();
+    let mut noisy: Vec<(usize, u32, i64, i64)> = alerts
+        .iter()
+        .filter(|a| !a.3)
+        .map(|&(t, first, last, _)| {
+            let paged = by_token.get(&t).map_or(0, |v| {
+                v.iter()
+                    .filter(|r| r.paged && r.start >= first && r.start <= last)
+                    .count()
+            });
+            (paged, t, first, last)
+        })
+        .collect();
+    noisy.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let noisy = noisy
+        .iter()
+        .take(REPORT_TIMELINES)
+        .map(|&(n, t, first, last)| {
+            line(
+                t,
+                format!("false alert, {n} paged windows"),
+                (first, last + window_ms),
+            )
+        })
+        .collect();
+    crate::report::Pictures {
+        pr,
+        delays,
+        misses,
+        noisy,
+        alert_risk,
+    }
+}
 
 fn read_incidents(
     path: &Path,
@@ -647,7 +778,7 @@ fn compute_metrics(
     split_at: i64,
     window_ms: i64,
     opts: &Options,
-    alerts: &mut Vec<(u32, i64, i64, bool)>,
+    (alerts, incidents_out): (&mut Vec<Episode>, &mut Vec<Incident>),
 ) -> Metrics {
     let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
     for r in recs {
@@ -806,6 +937,7 @@ fn compute_metrics(
         }
     }
     alerts.sort_unstable();
+    incidents_out.clone_from(&incidents);
     let false_alerts = alerts.iter().filter(|a| !a.3).count() as u64;
     let episodes = alerts.len() as u64;
     let token_days = token_days.len() as u64;

@@ -33,6 +33,7 @@ pub mod ingest;
 pub mod loadgen;
 pub mod model;
 pub mod output;
+pub mod report;
 pub mod respond;
 pub mod scopes;
 pub mod score;

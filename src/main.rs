@@ -97,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
             json_out,
             incidents,
             alerts_out,
+            report,
             feedback,
             feedback_delay,
             policies,
@@ -117,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut o = replay_options(&replay, split);
             o.incidents = incidents;
             o.alerts_out = alerts_out;
+            o.report = report;
             o.feedback = feedback;
             o.feedback_delay_ms = feedback_delay.ms;
             if let Some(p) = policies {

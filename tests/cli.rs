@@ -50,9 +50,41 @@ fn generate_then_eval_meets_an_honest_floor() {
             .arg("--json-out")
             .arg(&json)
             .arg("--alerts-out")
-            .arg(dir.path().join("alerts.csv")),
+            .arg(dir.path().join("alerts.csv"))
+            .arg("--report")
+            .arg(dir.path().join("report.html")),
     );
     assert!(text.contains("precision"), "{text}");
+    // The HTML report: self-contained (no script, nothing fetched), with its pictures and
+    // the same F1 as the summary printed.
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    for part in [
+        "Precision-recall",
+        "Recall per incident kind",
+        "Detection delay",
+        "Worst misses",
+        "Noisiest false alerts",
+        "<polyline",
+    ] {
+        assert!(html.contains(part), "{part} missing");
+    }
+    assert!(!html.contains("<script") && !html.contains(" src=") && !html.contains("href="));
+    let f1_line = text
+        .lines()
+        .find(|l| l.contains("F1 "))
+        .expect("F1 in the summary");
+    let f1_text = f1_line
+        .split("F1 ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(
+        html.contains(&format!("<td>window F1</td><td>{f1_text}</td>")),
+        "F1 {f1_text} not in the report"
+    );
     // The alerts, with the verdicts the labels give, replay as an operator's feedback.
     let alerts = std::fs::read_to_string(dir.path().join("alerts.csv")).unwrap();
     assert!(alerts.starts_with("token_id,window_start,last_window_start,verdict\n"));
