@@ -1777,46 +1777,39 @@ impl Engine {
 mod tests {
     use super::*;
 
-    fn batch(ts: &[i64]) -> RecordBatch {
-        let events: Vec<crate::server::pb::Event> = ts
-            .iter()
-            .map(|&t| crate::server::pb::Event {
-                ts_ms: t,
-                token_id: "tok".into(),
-                method: "GET".into(),
-                endpoint: "/a".into(),
-                status: 200,
-                bytes_out: 10,
-                src_ip: "10.0.0.1".into(),
-                ..Default::default()
-            })
-            .collect();
+    use crate::server::pb::Event;
+
+    /// One ordinary call of `token` at `t`.
+    fn event(token: &str, t: i64) -> Event {
+        Event {
+            ts_ms: t,
+            token_id: token.into(),
+            method: "GET".into(),
+            endpoint: "/a".into(),
+            status: 200,
+            bytes_out: 10,
+            src_ip: "10.0.0.1".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Validated columnar batch of `events` (no clock limit).
+    fn to_batch(events: &[Event]) -> RecordBatch {
         let clock = crate::server::convert::Clock {
             now_ms: i64::MAX / 2,
             max_future_skew_ms: 0,
         };
-        crate::server::convert::to_batch(&events, 0, clock, &mut Default::default())
+        crate::server::convert::to_batch(events, 0, clock, &mut Default::default())
+    }
+
+    fn batch(ts: &[i64]) -> RecordBatch {
+        let events: Vec<Event> = ts.iter().map(|&t| event("tok", t)).collect();
+        to_batch(&events)
     }
 
     fn batch_of(events: &[(String, i64)]) -> RecordBatch {
-        let events: Vec<crate::server::pb::Event> = events
-            .iter()
-            .map(|(tok, t)| crate::server::pb::Event {
-                ts_ms: *t,
-                token_id: tok.clone(),
-                method: "GET".into(),
-                endpoint: "/a".into(),
-                status: 200,
-                bytes_out: 10,
-                src_ip: "10.0.0.1".into(),
-                ..Default::default()
-            })
-            .collect();
-        let clock = crate::server::convert::Clock {
-            now_ms: i64::MAX / 2,
-            max_future_skew_ms: 0,
-        };
-        crate::server::convert::to_batch(&events, 0, clock, &mut Default::default())
+        let events: Vec<Event> = events.iter().map(|(tok, t)| event(tok, *t)).collect();
+        to_batch(&events)
     }
 
     /// Ten days from DE / AS 3320, then a new place (FR / AS 12322): as a move (DE stops,
@@ -1826,21 +1819,11 @@ mod tests {
     #[test]
     fn a_move_is_adopted_and_an_addition_accumulates() {
         let t0: i64 = 1_772_409_600_000; // Monday 2026-03-02 00:00 UTC
-        let ev = |t: i64, home: bool| crate::server::pb::Event {
-            ts_ms: t,
-            token_id: "tok".into(),
-            method: "GET".into(),
-            endpoint: "/a".into(),
-            status: 200,
-            bytes_out: 10,
+        let ev = |t: i64, home: bool| Event {
             src_ip: if home { "198.51.100.7" } else { "203.0.113.9" }.into(),
             country: if home { "DE" } else { "FR" }.into(),
             asn: Some(if home { 3320 } else { 12322 }),
-            ..Default::default()
-        };
-        let clock = crate::server::convert::Clock {
-            now_ms: i64::MAX / 2,
-            max_future_skew_ms: 0,
+            ..event("tok", t)
         };
         // Two calls a minute from 08h to 20h UTC; `place(minute)`: Some(home?) or None.
         let run = |place: &dyn Fn(i64) -> Option<bool>| {
@@ -1858,8 +1841,7 @@ mod tests {
                         evs.push(ev(t + 20_000, home));
                     }
                 }
-                let b = crate::server::convert::to_batch(&evs, 0, clock, &mut Default::default());
-                out.extend(e.apply(&b).unwrap());
+                out.extend(e.apply(&to_batch(&evs)).unwrap());
             }
             out.extend(e.finish());
             out
