@@ -750,9 +750,9 @@ impl Shard {
                 if c.home > c.since {
                     // The usual place was back after the new one appeared: the two are in
                     // use side by side, an addition (sharing, a leak), never adopted.
-                    adding_for = now - c.since;
+                    adding_for = now.saturating_sub(c.since);
                 } else if moved {
-                    moving_for = now - c.since;
+                    moving_for = now.saturating_sub(c.since);
                     let after = (cfg.score.adopt_move_after.ms / 60_000) as u32;
                     // A new country is a move only if the old one went quiet long enough
                     // before it for a journey (a second user appearing while the owner was

@@ -74,13 +74,18 @@ impl Recurring {
     pub fn yesterday(&self, start: i64) -> bool {
         const HALF_HOUR: i64 = 1_800_000;
         let prev = self.0 & ((1 << Self::SLOTS) - 1);
-        [start - HALF_HOUR, start, start.saturating_add(HALF_HOUR)]
-            .into_iter()
-            .any(|t| prev & (1 << Self::slot(t)) != 0)
+        [
+            start.saturating_sub(HALF_HOUR),
+            start,
+            start.saturating_add(HALF_HOUR),
+        ]
+        .into_iter()
+        .any(|t| prev & (1 << Self::slot(t)) != 0)
     }
 
     /// Move to the day of `start`: today's slots become the previous day's if today was
-    /// the day before or up to two days earlier (a weekend), else they are forgotten.
+    /// the day before or up to three days earlier (Friday to Monday), else they are
+    /// forgotten.
     fn roll(&mut self, start: i64) {
         let day = start.div_euclid(86_400_000);
         let cur = (day & 0xFF) as u32;
