@@ -472,7 +472,7 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
             None => None,
         };
         let mut alerts = Vec::new();
-        let mut incidents_used = Vec::new();
+        let mut measured = Measured::default();
         let mut m = compute_metrics(
             &recs,
             &kinds,
@@ -480,7 +480,7 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
             split_at,
             window_ms,
             opts,
-            (&mut alerts, &mut incidents_used),
+            (&mut alerts, &mut measured),
         );
         m.verdicts_applied = applied;
         let mut names: Vec<&str> = vec![""; tokens.len()];
@@ -490,7 +490,7 @@ pub fn run(cfg: Config, registry: Registry, opts: &Options) -> Result<Report, Er
         if let Some(p) = &opts.report {
             let pics = pictures(
                 &recs,
-                &incidents_used,
+                measured,
                 &alerts,
                 (&names, &kinds),
                 window_ms,
@@ -561,42 +561,45 @@ type Incident = (u32, u16, i64, i64);
 /// An alert episode: token, first and last paged window start (ms), touches the truth.
 type Episode = (u32, i64, i64, bool);
 
+/// Per token, its windows in time order.
+fn by_token(recs: &[Rec]) -> BTreeMap<u32, Vec<&Rec>> {
+    let mut by: BTreeMap<u32, Vec<&Rec>> = BTreeMap::new();
+    for r in recs {
+        by.entry(r.token).or_default().push(r);
+    }
+    for v in by.values_mut() {
+        v.sort_by_key(|r| r.start);
+    }
+    by
+}
+
+/// What `compute_metrics` found on the way that the HTML report draws.
+#[derive(Debug, Default)]
+struct Measured {
+    /// (recall, precision) after each block of equal risk, highest first.
+    pr: Vec<(f64, f64)>,
+    /// Detection delays (s).
+    delays: Vec<f64>,
+    /// Incidents no page caught.
+    missed: Vec<Incident>,
+}
+
 /// Timelines drawn per section of the report.
 const REPORT_TIMELINES: usize = 5;
 /// Event time shown before and after an incident or episode in its timeline.
 const REPORT_MARGIN_MS: i64 = 3 * 3_600_000;
 
-/// What the HTML report draws: the PR curve over the risk ranking, the delays, and the
-/// timelines of the longest missed incidents and of the false episodes that paged most.
+/// What the HTML report draws: the PR curve and the delays `compute_metrics` measured, and
+/// the timelines of the longest missed incidents and of the false episodes that paged most.
 fn pictures(
     recs: &[Rec],
-    incidents: &[Incident],
+    measured: Measured,
     alerts: &[Episode],
     (names, kinds): (&[&str], &[String]),
     window_ms: i64,
     alert_risk: f64,
 ) -> crate::report::Pictures {
-    let mut order: Vec<(f32, bool)> = recs.iter().map(|r| (r.risk, r.positive)).collect();
-    order.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let total = order.iter().filter(|x| x.1).count().max(1) as f64;
-    let (mut pr, mut seen, mut pos, mut i) = (Vec::new(), 0usize, 0usize, 0);
-    while i < order.len() {
-        let mut j = i;
-        while j < order.len() && order[j].0 == order[i].0 {
-            pos += order[j].1 as usize;
-            j += 1;
-        }
-        seen += j - i;
-        pr.push((pos as f64 / total, pos as f64 / seen as f64));
-        i = j;
-    }
-    let mut by_token: FxHashMap<u32, Vec<&Rec>> = FxHashMap::default();
-    for r in recs {
-        by_token.entry(r.token).or_default().push(r);
-    }
-    for v in by_token.values_mut() {
-        v.sort_by_key(|r| r.start);
-    }
+    let by_token = by_token(recs);
     let line = |t: u32, title: String, (s, e): (i64, i64)| crate::report::Timeline {
         token: names.get(t as usize).copied().unwrap_or("?").to_string(),
         title,
@@ -611,18 +614,11 @@ fn pictures(
             })
             .unwrap_or_default(),
     };
-    let mut delays = Vec::new();
-    let mut missed = Vec::new();
-    for &(t, k, s, e) in incidents {
-        let first = by_token.get(&t).and_then(|v| {
-            v.iter()
-                .find(|r| r.paged && r.start + window_ms > s && r.start <= e)
-        });
-        match first {
-            Some(a) => delays.push(((a.start + window_ms - s).max(0)) as f64 / 1000.0),
-            None => missed.push((e - s, t, k, s, e)),
-        }
-    }
+    let mut missed: Vec<(i64, u32, u16, i64, i64)> = measured
+        .missed
+        .iter()
+        .map(|&(t, k, s, e)| (e - s, t, k, s, e))
+        .collect();
     missed.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let misses = missed
         .iter()
@@ -657,8 +653,8 @@ fn pictures(
         })
         .collect();
     crate::report::Pictures {
-        pr,
-        delays,
+        pr: measured.pr,
+        delays: measured.delays,
         misses,
         noisy,
         alert_risk,
@@ -778,7 +774,7 @@ fn compute_metrics(
     split_at: i64,
     window_ms: i64,
     opts: &Options,
-    (alerts, incidents_out): (&mut Vec<Episode>, &mut Vec<Incident>),
+    (alerts, seen_out): (&mut Vec<Episode>, &mut Measured),
 ) -> Metrics {
     let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
     for r in recs {
@@ -809,6 +805,7 @@ fn compute_metrics(
     order.sort_by(|a, b| b.0.total_cmp(&a.0));
     let total_pos = order.iter().filter(|x| x.1).count() as f64;
     let (mut ap, mut seen, mut seen_pos, mut i) = (0.0, 0.0, 0.0, 0);
+    let pr = &mut seen_out.pr;
     while i < order.len() {
         let mut j = i;
         let mut block_pos = 0.0;
@@ -823,18 +820,12 @@ fn compute_metrics(
         if block_pos > 0.0 {
             ap += block_pos * (seen_pos / seen);
         }
+        pr.push((seen_pos / total_pos.max(1.0), seen_pos / seen));
         i = j;
     }
     let pr_auc = if total_pos > 0.0 { ap / total_pos } else { 0.0 };
 
-    // Per token, windows in time order.
-    let mut by_token: BTreeMap<u32, Vec<&Rec>> = BTreeMap::new();
-    for r in recs {
-        by_token.entry(r.token).or_default().push(r);
-    }
-    for v in by_token.values_mut() {
-        v.sort_by_key(|r| r.start);
-    }
+    let by_token = by_token(recs);
     // Incidents: given, or runs of labelled windows of one token and kind.
     let incidents: Vec<Incident> = match incidents {
         Some(v) => v.into_iter().filter(|i| i.3 >= split_at).collect(),
@@ -879,8 +870,11 @@ fn compute_metrics(
             let d = ((a.start + window_ms - s).max(0)) as f64 / 1000.0;
             entry.2.push(d);
             all_delays.push(d);
+        } else {
+            seen_out.missed.push((t, k, s, e));
         }
     }
+    seen_out.delays.clone_from(&all_delays);
     for r in recs.iter().filter(|r| r.positive) {
         let e = per_kind.entry(r.kind).or_default();
         e.3 += 1;
@@ -937,7 +931,6 @@ fn compute_metrics(
         }
     }
     alerts.sort_unstable();
-    incidents_out.clone_from(&incidents);
     let false_alerts = alerts.iter().filter(|a| !a.3).count() as u64;
     let episodes = alerts.len() as u64;
     let token_days = token_days.len() as u64;

@@ -129,6 +129,17 @@ pub fn parse_ts(s: &str) -> Result<i64, String> {
     }
 }
 
+/// A time and the times half an hour before and after it: where a daily routine that does
+/// not start on the same minute every day may fall (the hour or slot beside it).
+pub fn within_half_hour(ms: i64) -> [i64; 3] {
+    const HALF_HOUR: i64 = 1_800_000;
+    [
+        ms.saturating_sub(HALF_HOUR),
+        ms,
+        ms.saturating_add(HALF_HOUR),
+    ]
+}
+
 /// Day of the week and hour, 0..168, Monday 00h = 0, in UTC.
 pub fn hour_of_week(ms: i64) -> usize {
     // 1970-01-01 was a Thursday: shift so that Monday starts the week.

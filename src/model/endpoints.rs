@@ -72,15 +72,10 @@ impl Recurring {
     /// a slot boundary, in the slot beside it (a job does not start on the same minute
     /// every day).
     pub fn yesterday(&self, start: i64) -> bool {
-        const HALF_HOUR: i64 = 1_800_000;
         let prev = self.0 & ((1 << Self::SLOTS) - 1);
-        [
-            start.saturating_sub(HALF_HOUR),
-            start,
-            start.saturating_add(HALF_HOUR),
-        ]
-        .into_iter()
-        .any(|t| prev & (1 << Self::slot(t)) != 0)
+        crate::event::within_half_hour(start)
+            .into_iter()
+            .any(|t| prev & (1 << Self::slot(t)) != 0)
     }
 
     /// Move to the day of `start`: today's slots become the previous day's if today was

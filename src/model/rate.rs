@@ -99,17 +99,12 @@ impl RateState {
     /// working day does not start on the same minute every day, so a window is judged
     /// against the neighbouring hour where that one is closer to what it saw.
     fn season_range(&self, start: i64) -> (f64, f64) {
-        const HALF_HOUR: i64 = 1_800_000;
-        [
-            start.saturating_sub(HALF_HOUR),
-            start,
-            start.saturating_add(HALF_HOUR),
-        ]
-        .into_iter()
-        .map(|t| self.season(t))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-            (lo.min(v), hi.max(v))
-        })
+        crate::event::within_half_hour(start)
+            .into_iter()
+            .map(|t| self.season(t))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            })
     }
 }
 
