@@ -1886,6 +1886,8 @@ mod tests {
             let mut cfg = Config::default();
             cfg.engine.shards = 1;
             cfg.engine.max_tokens = max_tokens;
+            // The spill's free-disk floor is the host's business, not this test's.
+            cfg.engine.spill_min_free = crate::config::Bytes(0);
             let mut e = Engine::new(cfg, Registry::default());
             let t0 = 1_772_409_600_000; // 2026-03-02
             let mut out = Vec::new();
@@ -1925,6 +1927,8 @@ mod tests {
             let mut cfg = Config::default();
             cfg.engine.shards = 2;
             cfg.engine.max_tokens = max_tokens;
+            // The spill's free-disk floor is the host's business, not this test's.
+            cfg.engine.spill_min_free = crate::config::Bytes(0);
             let mut e = Engine::new(cfg, Registry::default());
             let t0 = 1_772_409_600_000;
             let flood: Vec<(String, i64)> = (0..1000).map(|i| (format!("f{i}"), t0 + i)).collect();
