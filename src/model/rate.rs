@@ -339,6 +339,16 @@ impl Model for RateModel {
         };
         out.features[feature::RATE_Z] = z as f32;
         out.rate = Some((p, z));
+        // A change that goes on is flagged when it starts and fades toward its adoption
+        // (`adopt-after`): each window of a run on the same side speaks with less of its
+        // surprise, down to a quarter, so one lasting shift is one alert, not an hour of
+        // them, while a burst far past anything the token does still pages throughout.
+        let run = st.run as f64;
+        let p = if run != 0.0 && run.signum() == z.signum() {
+            p.powf((1.0 - run.abs() / self.adopt_windows as f64).max(0.25))
+        } else {
+            p
+        };
         out.push(Signal::new(SignalKind::Rate, c, e.mean, p));
     }
 
@@ -552,6 +562,39 @@ mod tests {
             }
         }
         flagged
+    }
+
+    /// The rate signal's tail probability in 8 windows at `k` times the usual rhythm.
+    fn run_of(k: u32) -> Vec<f64> {
+        let (m, mut st, c) = trained(10);
+        let g = Global::default();
+        let t0 = T0 + 10 * 86_400_000;
+        (0..8)
+            .map(|i| {
+                let s = t0 + i * W5;
+                let w = win(s, k * usual(s, 9_000 + i as u64));
+                let cx = ctx(&c, &g, s);
+                let mut out = Scratch::default();
+                m.score(&st, &w, &cx, &mut out);
+                m.track(&mut st, &w, &cx, false, out.rate);
+                out.signals
+                    .iter()
+                    .find(|x| x.kind == SignalKind::Rate)
+                    .unwrap()
+                    .p
+            })
+            .collect()
+    }
+
+    /// A lasting shift is flagged in full when it starts and fades while it lasts; a burst
+    /// far past anything the token does keeps paging through the same fade.
+    #[test]
+    fn a_lasting_shift_fades_while_a_huge_burst_keeps_paging() {
+        let shift = run_of(3);
+        assert!(shift[0] < 1e-3, "{shift:?}");
+        assert!(shift[6] > shift[0].sqrt(), "{shift:?}");
+        let burst = run_of(30);
+        assert!(burst.iter().all(|&p| p < 1e-6), "{burst:?}");
     }
 
     #[test]
