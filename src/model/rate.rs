@@ -343,6 +343,8 @@ impl Model for RateModel {
         // (`adopt-after`): each window of a run on the same side speaks with less of its
         // surprise, down to a quarter, so one lasting shift is one alert, not an hour of
         // them, while a burst far past anything the token does still pages throughout.
+        // Only the signal fades: `out.rate` keeps the full surprise, so the run that
+        // leads to adoption is not cut short by its own fade.
         let run = st.run as f64;
         let p = if run != 0.0 && run.signum() == z.signum() {
             p.powf((1.0 - run.abs() / self.adopt_windows as f64).max(0.25))
