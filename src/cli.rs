@@ -244,6 +244,10 @@ pub struct ServeArgs {
     /// Serve /metrics without a key even when the API has keys.
     #[arg(long)]
     pub metrics_public: bool,
+    /// Serve the web console here too (e.g. 127.0.0.1:8080): pages for the people who answer
+    /// the alerts, with a login by API key (read or admin); over TLS when --tls-cert is given.
+    #[arg(long, env = "TOKENWATCH_HTTP")]
+    pub http: Option<String>,
 }
 
 /// Flags shared by `eval` and `replay`.

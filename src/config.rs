@@ -73,6 +73,8 @@ pub struct Config {
     pub respond: RespondConfig,
     /// What operator verdicts do.
     pub feedback: FeedbackConfig,
+    /// The web console (`serve --http`).
+    pub console: ConsoleConfig,
 }
 
 /// `[feedback]`: effects of operator verdicts on a token's models.
@@ -150,6 +152,24 @@ pub struct ServerConfig {
     pub stream_idle_timeout: Duration,
     /// Most recent (token_id, event_id) pairs remembered to drop resent events (0: off).
     pub dedup_ids: usize,
+}
+
+/// `[console]`: the web console of `tokenwatch serve --http`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Windows kept for the risk timelines, all tokens together (0: no timelines).
+    pub timeline_windows: usize,
+    /// How far back one token's timeline goes (event time).
+    pub timeline_span: Duration,
+    /// A console session ends this long after its login.
+    pub session_ttl: Duration,
+    /// Sessions open at once; a new login past it ends the oldest.
+    pub max_sessions: usize,
+    /// A least-privilege report is made again once it is this old.
+    pub scope_report_max_age: Duration,
+    /// Days of history the least-privilege page looks at by default.
+    pub scope_days: u32,
 }
 
 /// `[window]`
@@ -628,6 +648,18 @@ impl Config {
             return bad(
                 "server",
                 "max-ingest-streams must be at least 1 and max-message-bytes at least 1024",
+            );
+        }
+        if self.console.session_ttl.ms <= 0 || self.console.max_sessions == 0 {
+            return bad(
+                "console",
+                "session-ttl must be positive and max-sessions at least 1",
+            );
+        }
+        if self.console.timeline_span.ms < 0 || self.console.scope_days == 0 {
+            return bad(
+                "console",
+                "timeline-span must not be negative and scope-days at least 1",
             );
         }
         if self.server.stream_idle_timeout.ms <= 0 {

@@ -1528,6 +1528,25 @@ impl Engine {
             .find_map(|sh| sh.tokens.get(token).map(|&t| &sh.slots[t as usize].state))
     }
 
+    /// A token's baseline as the console shows it: its state as it is now, and the printable
+    /// names of its most used endpoints where its shard noted them (folded key, name).
+    pub fn describe(&self, token: &str) -> Option<(TokenState, Vec<(u32, String)>)> {
+        let sh = self
+            .shards
+            .iter()
+            .find(|sh| sh.tokens.contains_key(token))?;
+        let st = sh.slots[*sh.tokens.get(token)? as usize].state.clone();
+        let names = st
+            .endpoints
+            .top
+            .slots
+            .iter()
+            .filter(|s| s.key != 0)
+            .filter_map(|s| Some((s.key, sh.names.get_folded(s.key)?.to_string())))
+            .collect();
+        Some((st, names))
+    }
+
     /// The token is tracked in memory now.
     pub fn is_tracked(&self, token: &str) -> bool {
         let n = self.shards.len() as u64;

@@ -40,6 +40,7 @@ pub mod score;
 pub mod server;
 pub mod signal;
 pub mod store;
+pub mod svg;
 pub mod sys;
 pub mod window;
 

@@ -376,6 +376,20 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let http = match &args.http {
+            Some(h) => {
+                let l = tokio::net::TcpListener::bind(h)
+                    .await
+                    .with_context(|| format!("binding the console's --http {h}"))?;
+                let a = l.local_addr()?;
+                if tls.is_none() && !a.ip().is_loopback() {
+                    tracing::warn!(addr = %a, "the console serves without TLS on a non-loopback address: keys and session cookies cross the network in clear (use --tls-cert/--tls-key)");
+                }
+                Some((l, a))
+            }
+            None => None,
+        };
+        let console_addr = http.as_ref().map(|(_, a)| *a);
         tracing::info!(
             %addr,
             auth = if keys.is_some() { "bearer keys" } else { "OFF" },
@@ -388,8 +402,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         // The one line scripts and tests wait for: printed once state is recovered and every
         // RPC is served.
         let (ready, is_ready) = tokio::sync::oneshot::channel();
+        let tls_on = tls.is_some();
         tokio::spawn(async move {
             if is_ready.await.is_ok() {
+                if let Some(a) = console_addr {
+                    println!("console on {}://{a}/", if tls_on { "https" } else { "http" });
+                }
                 println!("listening on {addr}");
             }
         });
@@ -404,6 +422,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             dry_run: args.dry_run,
             faults: None,
             ready: Some(ready),
+            http: http.map(|(l, _)| l),
         };
         let summary = server::run(listener, opts, server::shutdown_signal()).await?;
         // Whoever started us may have stopped reading stdout: not worth failing the stop.

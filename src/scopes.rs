@@ -174,6 +174,87 @@ pub fn from_history(data_dir: &Path, registry: &Registry, days: u32) -> Result<S
     })
 }
 
+/// The latest report of a server, made again once it is older than `max_age` or another
+/// number of days is asked for. One report is made at a time (a full read of the history):
+/// callers that arrive meanwhile wait for it instead of starting their own, so readers cannot
+/// multiply the work.
+pub struct Cache {
+    dir: Option<std::path::PathBuf>,
+    registry: std::sync::Arc<Registry>,
+    max_age: std::time::Duration,
+    /// Held while a report is made.
+    making: tokio::sync::Mutex<()>,
+    last: std::sync::Mutex<Option<Cached>>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    days: u32,
+    made: std::time::Instant,
+    at_ms: i64,
+    report: std::sync::Arc<ScopeReport>,
+}
+
+impl Cache {
+    /// Reports from the history under `dir` (`None`: the server keeps no history).
+    pub fn new(
+        dir: Option<std::path::PathBuf>,
+        registry: std::sync::Arc<Registry>,
+        max_age: std::time::Duration,
+    ) -> Self {
+        Cache {
+            dir,
+            registry,
+            max_age,
+            making: tokio::sync::Mutex::new(()),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn fresh(&self, days: u32) -> Option<Cached> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref()
+            .filter(|c| c.days == days && c.made.elapsed() < self.max_age)
+            .cloned()
+    }
+
+    /// The report made last, if any (never waits, never reads the history).
+    pub fn peek(&self) -> Option<std::sync::Arc<ScopeReport>> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().map(|c| c.report.clone())
+    }
+
+    /// The report over `days`, and when it was made (epoch ms, wall clock).
+    pub async fn get(&self, days: u32) -> Result<(std::sync::Arc<ScopeReport>, i64), String> {
+        let dir = self
+            .dir
+            .clone()
+            .ok_or("this server keeps no history (no data directory), so it has no scope report")?;
+        if let Some(c) = self.fresh(days) {
+            return Ok((c.report, c.at_ms));
+        }
+        let _making = self.making.lock().await;
+        // Made by another caller while this one waited?
+        if let Some(c) = self.fresh(days) {
+            return Ok((c.report, c.at_ms));
+        }
+        let registry = self.registry.clone();
+        let report = tokio::task::spawn_blocking(move || from_history(&dir, &registry, days))
+            .await
+            .map_err(|e| format!("the scope report failed: {e}"))?
+            .map_err(|e| format!("reading the history for the scope report: {e}"))?;
+        let report = std::sync::Arc::new(report);
+        let at_ms = chrono::Utc::now().timestamp_millis();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cached {
+            days,
+            made: std::time::Instant::now(),
+            at_ms,
+            report: report.clone(),
+        });
+        Ok((report, at_ms))
+    }
+}
+
 fn joined<'a>(v: impl IntoIterator<Item = &'a String>) -> String {
     v.into_iter().cloned().collect::<Vec<_>>().join(" ")
 }

@@ -66,6 +66,7 @@ impl TestServer {
             dry_run: false,
             faults: None,
             ready: None,
+            http: None,
         };
         f(&mut opts);
         // Wait for readiness unless the test watches it itself.
@@ -931,7 +932,8 @@ fn python_client_ingests_a_file_and_lists_the_riskiest() {
 }
 
 /// TLS: with a certificate the server speaks only TLS; a client trusting the certificate
-/// works. Needs `openssl` to make a throwaway certificate (says so and passes without).
+/// works; the console (`--http`) is served over the same TLS, with `Secure` session cookies.
+/// Needs `openssl` to make a throwaway certificate (says so and passes without).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_clients_that_trust_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -964,6 +966,8 @@ async fn tls_serves_clients_that_trust_the_certificate() {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
     let opts = server::Options {
         config: tokenwatch::Config::default(),
         registry: Default::default(),
@@ -975,6 +979,7 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         dry_run: false,
         faults: None,
         ready: Some(ready_tx),
+        http: Some(http),
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;
@@ -1012,6 +1017,57 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         );
         assert!(c.get_stats(pb::GetStatsRequest {}).await.is_err());
     }
+    // The console over the same certificate: the login page, and a Secure session cookie.
+    let https = |req: String| {
+        let pem = pem.clone();
+        async move {
+            use rustls_pki_types::pem::PemObject;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            use tokio_rustls::rustls;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).to_string()
+        }
+    };
+    let page =
+        https("GET /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".into()).await;
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("type=\"password\""),
+        "{page}"
+    );
+    let body = format!("key={READ}");
+    let login = https(format!(
+        "POST /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let cookie = login
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_default();
+    assert!(
+        cookie.contains("Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }

@@ -142,6 +142,7 @@ async fn run_scenario_with(
         dry_run,
         faults: None,
         ready: Some(ready_tx),
+        http: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;
@@ -348,6 +349,7 @@ async fn verdict_then_same_behaviour(verdict: &str) -> (pb::FeedbackResponse, pb
         dry_run: false,
         faults: None,
         ready: Some(ready_tx),
+        http: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;

@@ -141,6 +141,7 @@ async fn serve_and_replay_give_the_same_scores_and_alerts() {
         dry_run: false,
         faults: None,
         ready: Some(ready_tx),
+        http: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = stopped.await;

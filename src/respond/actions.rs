@@ -582,6 +582,23 @@ pub struct AlertInfo {
     pub signals: Vec<crate::model::SignalKind>,
     /// Verdict, once given.
     pub verdict: Option<crate::engine::Verdict>,
+    /// The policy that raised it.
+    pub policy: Arc<str>,
+    /// The policy's severity.
+    pub severity: Arc<str>,
+    /// Matching windows so far.
+    pub windows: u32,
+    /// Highest risk so far.
+    pub max_risk: f32,
+}
+
+/// One remembered alert, as the console lists it.
+#[derive(Debug, Clone)]
+pub struct AlertRow {
+    /// Alert id.
+    pub alert_id: String,
+    /// What is known of it.
+    pub info: AlertInfo,
 }
 
 /// Alert and verdict counters, per signal (position in `SignalKind::ALL`).
@@ -683,6 +700,8 @@ impl Responder {
     fn remember(&mut self, d: &Decision) {
         if let Some(a) = self.alerts.get_mut(&d.alert_id) {
             a.last = a.last.max(d.score.start);
+            a.windows = a.windows.max(d.windows);
+            a.max_risk = a.max_risk.max(d.max_risk);
             return;
         }
         let signals: Vec<_> = d
@@ -716,8 +735,38 @@ impl Responder {
                 last: d.score.start,
                 signals,
                 verdict: None,
+                policy: self.arcs[d.policy].name.as_str().into(),
+                severity: self.arcs[d.policy].severity.as_str().into(),
+                windows: d.windows,
+                max_risk: d.max_risk,
             },
         );
+    }
+
+    /// Remembered alerts, most recently raised first: `offset` skipped, at most `limit`;
+    /// with `token`, only that token's. Also how many are remembered, and how many of them
+    /// have no verdict yet (open).
+    pub fn recent(
+        &self,
+        offset: usize,
+        limit: usize,
+        token: Option<&str>,
+    ) -> (Vec<AlertRow>, usize, usize) {
+        let rows = self
+            .order
+            .iter()
+            .rev()
+            .filter_map(|id| Some((id, self.alerts.get(id)?)))
+            .filter(|(_, a)| token.is_none_or(|t| *a.token == *t))
+            .skip(offset)
+            .take(limit)
+            .map(|(id, a)| AlertRow {
+                alert_id: id.clone(),
+                info: a.clone(),
+            })
+            .collect();
+        let open = self.alerts.values().filter(|a| a.verdict.is_none()).count();
+        (rows, self.order.len(), open)
     }
 
     /// Record a verdict on a remembered alert (a second verdict replaces the first).

@@ -343,7 +343,7 @@ static FAILURES: Mutex<FailureLog> = Mutex::new(FailureLog {
     suppressed: 0,
 });
 
-fn refused(why: &'static str) {
+pub(crate) fn refused(why: &'static str) {
     metrics::counter!("tokenwatch_auth_failures_total", "reason" => why).increment(1);
     let mut f = FAILURES.lock().unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();

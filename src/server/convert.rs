@@ -233,6 +233,29 @@ impl From<&pb::TokenRisk> for pb::Alert {
     }
 }
 
+impl From<&crate::scopes::TokenScopes> for pb::TokenScopeUsage {
+    fn from(t: &crate::scopes::TokenScopes) -> Self {
+        let calls = |m: &std::collections::BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(s, n)| pb::ScopeCalls {
+                    scope: s.clone(),
+                    calls: *n,
+                })
+                .collect()
+        };
+        pb::TokenScopeUsage {
+            token_id: t.token_id.clone(),
+            owner: t.owner.clone(),
+            env: t.env.clone().unwrap_or_default(),
+            registered: t.registered,
+            granted: t.granted.clone(),
+            used: calls(&t.used),
+            unused: t.unused.clone(),
+            not_granted: calls(&t.not_granted),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

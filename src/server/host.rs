@@ -19,7 +19,15 @@ use crate::store::{LogPos, Store};
 /// A reply carrying a path or a reason.
 pub type PathReply = oneshot::Sender<Result<std::path::PathBuf, String>>;
 
-/// Work for the engine thread.
+/// One token's baseline, for the console.
+#[derive(Debug, Clone)]
+pub struct TokenView {
+    /// The model state as it is now.
+    pub state: crate::model::TokenState,
+    /// Printable names of its most used endpoints (folded key, method and route).
+    pub endpoints: Vec<(u32, String)>,
+}
+
 /// What one ingest stream learns about the batches it queued.
 #[derive(Debug, Default)]
 pub struct Ack {
@@ -41,6 +49,7 @@ impl Ack {
     }
 }
 
+/// Work for the engine thread.
 pub enum Cmd {
     /// Validated events, and what their stream learns about them.
     Batch(RecordBatch, Arc<Ack>),
@@ -68,6 +77,19 @@ pub enum Cmd {
     },
     /// Counters for GetStats.
     Stats(oneshot::Sender<pb::StatsResponse>),
+    /// One token's model state as it is now (`None`: not tracked), for the console.
+    Describe(Arc<str>, oneshot::Sender<Option<Box<TokenView>>>),
+    /// Remembered policy alerts, most recently raised first, and how many are remembered.
+    Alerts {
+        /// Skipped first.
+        offset: usize,
+        /// Most returned.
+        limit: usize,
+        /// Only this token's.
+        token: Option<String>,
+        /// The page.
+        reply: oneshot::Sender<(Vec<crate::respond::actions::AlertRow>, usize, usize)>,
+    },
     /// Close every window, publish, snapshot, and stop.
     Stop(oneshot::Sender<Stats>),
 }
@@ -83,6 +105,8 @@ pub struct Board {
     pub windows: AtomicU64,
     /// Alerts published.
     pub alerted: AtomicU64,
+    /// Recent windows per token and alerts per hour, for the console (empty without it).
+    pub timelines: std::sync::Mutex<super::timeline::Timelines>,
 }
 
 /// Entries written per write-lock acquisition.
@@ -119,14 +143,44 @@ impl Latest {
 }
 
 impl Board {
-    /// An empty board.
-    pub fn new(alert_buffer: usize) -> Self {
+    /// An empty board; timelines of at most `timeline` (points in all, points per token,
+    /// event time from a token's newest).
+    pub fn new(alert_buffer: usize, timeline: (usize, usize, i64)) -> Self {
         Board {
             latest: RwLock::new(Latest::default()),
             alerts: broadcast::channel(alert_buffer).0,
             windows: AtomicU64::new(0),
             alerted: AtomicU64::new(0),
+            timelines: std::sync::Mutex::new(super::timeline::Timelines::new(
+                timeline.0, timeline.1, timeline.2,
+            )),
         }
+    }
+
+    /// The timelines (a poisoned lock still holds consistent data: every update is whole).
+    pub fn timelines(&self) -> std::sync::MutexGuard<'_, super::timeline::Timelines> {
+        self.timelines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The riskiest tokens that `keep` says yes to, highest first: `offset` skipped, at most
+    /// `limit`, looking at no more than the `scan` riskiest (a bounded walk of the index).
+    pub fn riskiest_where(
+        &self,
+        keep: impl Fn(&pb::TokenRisk) -> bool,
+        offset: usize,
+        limit: usize,
+        scan: usize,
+    ) -> Vec<Arc<pb::TokenRisk>> {
+        let l = self.latest.read().unwrap_or_else(|p| p.into_inner());
+        l.by_risk
+            .iter()
+            .take(scan)
+            .filter_map(|(_, t)| l.map.get(t))
+            .filter(|r| keep(r))
+            .skip(offset)
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     /// The latest scored window of a token.
@@ -151,6 +205,7 @@ impl Board {
     /// Forget the latest scores of `tokens` (evicted from the engine: the board holds only
     /// tracked tokens, so it follows the same budget).
     pub fn forget(&self, tokens: &[Arc<str>]) {
+        self.timelines().forget(tokens);
         for chunk in tokens.chunks(PUBLISH_CHUNK) {
             let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
             for t in chunk {
@@ -201,6 +256,7 @@ impl Board {
             .collect();
         self.windows
             .fetch_add(scores.len() as u64, Ordering::Relaxed);
+        self.timelines().record(&scores, &built);
         for chunk in built.chunks(PUBLISH_CHUNK) {
             let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
             for (token, risk) in chunk {
@@ -392,6 +448,25 @@ impl Worker {
                 Cmd::Stats(tx) => {
                     let _ = tx.send(self.stats());
                 }
+                Cmd::Describe(token, tx) => {
+                    let view = self
+                        .engine
+                        .describe(&token)
+                        .map(|(state, endpoints)| Box::new(TokenView { state, endpoints }));
+                    let _ = tx.send(view);
+                }
+                Cmd::Alerts {
+                    offset,
+                    limit,
+                    token,
+                    reply,
+                } => {
+                    let page = match self.responder.as_ref() {
+                        Some(r) => r.recent(offset, limit, token.as_deref()),
+                        None => (Vec::new(), 0, 0),
+                    };
+                    let _ = reply.send(page);
+                }
                 Cmd::Stop(tx) => {
                     let scores = self.engine.close_open();
                     self.emit(scores);
@@ -581,6 +656,16 @@ impl Worker {
         metrics::counter!("tokenwatch_tokens_reloaded_total").absolute(st.reloaded);
         metrics::counter!("tokenwatch_events_untracked_total").absolute(st.untracked);
         metrics::gauge!("tokenwatch_board_tokens").set(self.board.len() as f64);
+        let (points, lines, dropped) = {
+            let t = self.board.timelines();
+            let (p, l) = t.size();
+            (p, l, t.dropped)
+        };
+        if points > 0 || dropped > 0 {
+            metrics::gauge!("tokenwatch_console_timeline_windows").set(points as f64);
+            metrics::gauge!("tokenwatch_console_timeline_tokens").set(lines as f64);
+            metrics::counter!("tokenwatch_console_timelines_dropped_total").absolute(dropped);
+        }
         let (_, per_token) = self.engine.state_bytes();
         metrics::gauge!("tokenwatch_model_state_bytes").set((per_token as u64 * st.tokens) as f64);
         if let Some(store) = self.store.as_ref() {
@@ -727,7 +812,7 @@ mod tests {
     /// through updates that move tokens up and down.
     #[test]
     fn riskiest_from_the_index_equals_a_full_sort() {
-        let board = Board::new(16);
+        let board = Board::new(16, (0, 1, 0));
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             rng ^= rng << 13;

@@ -8,11 +8,13 @@
 //! - `service`: the RPC handlers.
 
 pub mod auth;
+pub mod console;
 pub mod convert;
 pub mod dedup;
 mod host;
 mod service;
 pub mod telemetry;
+mod timeline;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -78,6 +80,8 @@ pub struct Options {
     /// Told once state is recovered and every RPC is served (the readiness line waits for
     /// it); until then health says NOT_SERVING and RPCs answer UNAVAILABLE.
     pub ready: Option<oneshot::Sender<()>>,
+    /// Where the web console listens (`serve --http`); `None`: no console.
+    pub http: Option<TcpListener>,
 }
 
 /// The engine thread counts as stuck when it has not finished a command (it gets a tick
@@ -119,7 +123,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Summary, Error> {
     let scfg = opts.config.server.clone();
-    let board = Arc::new(host::Board::new(scfg.alert_buffer));
+    // The console's timelines cost memory only when there is a console to show them.
+    let timeline = match &opts.http {
+        Some(_) => {
+            let c = &opts.config.console;
+            let per_token = c.timeline_span.ms / opts.config.window.size.ms.max(1);
+            let per_token = per_token.clamp(1, 1 << 20) as usize;
+            (c.timeline_windows, per_token, c.timeline_span.ms)
+        }
+        None => (0, 1, 0),
+    };
+    let board = Arc::new(host::Board::new(scfg.alert_buffer, timeline));
+    let registry = Arc::new(opts.registry.clone());
+    let scopes = Arc::new(crate::scopes::Cache::new(
+        opts.data_dir.clone(),
+        registry.clone(),
+        Duration::from_millis(opts.config.console.scope_report_max_age.ms.max(0) as u64),
+    ));
     // The engine's queue exists before the engine: the service is reachable (and says it is
     // recovering) while state is read back.
     let (etx, erx) = tokio::sync::mpsc::channel(scfg.queue_batches.max(1));
@@ -127,20 +147,43 @@ pub async fn run(
     let (finished_tx, finished_rx) = watch::channel(false);
     let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));
     let (ready_tx, ready_rx) = watch::channel(false);
-    let svc = service::Service {
+    let svc = Arc::new(service::Service {
+        scopes,
         dedup: Arc::new(std::sync::Mutex::new(dedup::Dedup::new(scfg.dedup_ids))),
         engine: etx.clone(),
         board: board.clone(),
         ready: ready_rx,
         cfg: scfg.clone(),
         streams: streams.clone(),
-        closing: close_rx,
+        closing: close_rx.clone(),
         finished: finished_rx,
-    };
-    let authn = auth::Authenticate {
-        keys: opts.keys.map(Arc::new),
-    };
-    let api = pb::token_watch_server::TokenWatchServer::new(svc)
+    });
+    let keys = opts.keys.map(Arc::new);
+    let authn = auth::Authenticate { keys: keys.clone() };
+    if let Some(listener) = opts.http {
+        let console = Arc::new(console::Console::new(
+            svc.clone(),
+            board.clone(),
+            etx.clone(),
+            keys.clone(),
+            registry.clone(),
+            opts.config.console.clone(),
+            opts.data_dir.clone(),
+            opts.tls.is_some(),
+            opts.config.score.alert_risk,
+        ));
+        let mut closing = close_rx.clone();
+        let stop = async move {
+            let _ = closing.wait_for(|c| *c).await;
+        };
+        let tls = opts.tls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = console::serve(listener, console, tls, stop).await {
+                tracing::error!(error = %e, "the console stopped");
+            }
+        });
+    }
+    let api = pb::token_watch_server::TokenWatchServer::from_arc(svc)
         .max_decoding_message_size(scfg.max_message_bytes)
         .max_encoding_message_size(scfg.max_message_bytes);
     let reflection = tonic_reflection::server::Builder::configure()
@@ -259,15 +302,6 @@ pub async fn run(
         },
         heartbeat.clone(),
     );
-    if replayed > 0 {
-        // Start from a fresh snapshot, so the next restart replays nothing twice over.
-        let (tx, rx) = oneshot::channel();
-        if host.tx.send(host::Cmd::Snapshot(tx)).await.is_ok() {
-            if let Ok(Err(e)) = rx.await {
-                tracing::warn!(error = %e, "snapshot after recovery failed");
-            }
-        }
-    }
     if replayed > 0 {
         // Start from a fresh snapshot, so the next restart replays nothing twice over.
         let (tx, rx) = oneshot::channel();

@@ -33,6 +33,8 @@ pub struct Service {
     pub(super) ready: watch::Receiver<bool>,
     /// Recently accepted event ids (resent events are dropped).
     pub(super) dedup: Arc<std::sync::Mutex<super::dedup::Dedup>>,
+    /// Least-privilege reports from the history.
+    pub(super) scopes: Arc<crate::scopes::Cache>,
 }
 
 impl Service {
@@ -374,5 +376,57 @@ impl pb::token_watch_server::TokenWatch for Service {
             .await
             .map_err(|_| engine_gone())?;
         Ok(Response::new(rx.await.map_err(|_| engine_gone())?))
+    }
+
+    async fn get_scope_usage(
+        &self,
+        req: Request<pb::GetScopeUsageRequest>,
+    ) -> Result<Response<pb::GetScopeUsageResponse>, Status> {
+        require(&req, Role::Read)?;
+        self.ready()?;
+        let r = req.into_inner();
+        let days = match r.days {
+            0 => 30,
+            d => d.min(3650),
+        };
+        let limit = match r.limit as usize {
+            0 => 100,
+            n => n.min(MAX_LIMIT),
+        };
+        let (report, at_ms) = self
+            .scopes
+            .get(days)
+            .await
+            .map_err(Status::failed_precondition)?;
+        let chosen: Vec<&crate::scopes::TokenScopes> = if r.token_id.is_empty() {
+            report
+                .tokens
+                .iter()
+                .skip(r.offset as usize)
+                .take(limit)
+                .collect()
+        } else {
+            report
+                .tokens
+                .iter()
+                .filter(|t| t.token_id == r.token_id)
+                .collect()
+        };
+        if !r.token_id.is_empty() && chosen.is_empty() {
+            return Err(Status::not_found(
+                "the token is neither in the registry nor in the history",
+            ));
+        }
+        Ok(Response::new(pb::GetScopeUsageResponse {
+            tokens: chosen.into_iter().map(pb::TokenScopeUsage::from).collect(),
+            days,
+            from_ms: report.from_ms,
+            to_ms: report.to_ms,
+            granted_total: report.granted_total,
+            unused_total: report.unused_total,
+            removable_share: report.removable_share(),
+            total_tokens: report.tokens.len() as u64,
+            computed_at_ms: at_ms,
+        }))
     }
 }

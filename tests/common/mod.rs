@@ -67,3 +67,5 @@ pub fn write_secret(path: &std::path::Path, text: &str) {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 }
+pub mod http;
+pub mod webdriver;
