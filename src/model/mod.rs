@@ -547,6 +547,10 @@ impl Default for SurpriseState {
 /// Version of the encoded [`TokenState`].
 pub const STATE_VERSION: u8 = 5;
 
+/// A rise of the token's rate this unlikely (or less) marks its slot of the day as the
+/// token's routine (see [`Models::track`]).
+const ROUTINE_RISE_P: f64 = 1e-6;
+
 /// All per-token models, built from the configuration.
 #[derive(Debug, Clone)]
 pub struct Models {
@@ -583,7 +587,19 @@ impl Models {
     /// Every per-token model's signals for a window (isolation is added by the caller,
     /// from the features).
     pub fn score(&self, st: &TokenState, w: &WindowAgg, ctx: &Ctx, out: &mut Scratch) {
+        let before = out.signals.len();
         self.rate.score(&st.rate, w, ctx, out);
+        // A rise at the time of day the token rose on its previous day with traffic (within
+        // a two-hour slot, see `endpoints::Recurring`) is its daily routine, a nightly job:
+        // it keeps a share of its evidence, so such a job alerts on its first days, not
+        // every day, while a rise far past the routine still stands out.
+        if out.rate.is_some_and(|(_, z)| z > 0.0) && st.endpoints.recurring.yesterday(ctx.start) {
+            for s in &mut out.signals[before..] {
+                if s.kind == SignalKind::Rate {
+                    s.p = s.p.powf(endpoints::RECURRING_WEIGHT);
+                }
+            }
+        }
         self.seasonal.score(&st.seasonal, w, ctx, out);
         self.network.score(&st.network, w, ctx, out);
         self.endpoints.score(&st.endpoints, w, ctx, out);
@@ -617,7 +633,17 @@ impl Models {
         scored: &Scratch,
     ) {
         self.rate.track(&mut st.rate, w, ctx, held, scored.rate);
-        self.endpoints.track(&mut st.endpoints, ctx, scored.burst);
+        // Bursts of the whole token count for the routine as bursts on one endpoint do.
+        // Only a rise that would page on its own (far past the quiet level) marks the slot.
+        let rise = scored
+            .rate
+            .filter(|&(p, z)| z > 0.0 && p < ROUTINE_RISE_P)
+            .map(|(p, _)| p);
+        let burst = match (scored.burst, rise) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.endpoints.track(&mut st.endpoints, ctx, burst);
         self.registry.track(&mut st.registry, w, ctx);
         if !held {
             self.telemetry.track(&mut st.telemetry, w, ctx);

@@ -631,3 +631,51 @@ fn a_daily_burst_on_one_endpoint_alerts_on_its_first_day_only() {
         .map_or(1.0, |s| s.p);
     assert!(p_other < 1e-6, "{p_other}");
 }
+
+#[test]
+fn a_nightly_rise_of_the_whole_token_alerts_on_its_first_day_only() {
+    let env = Env::new();
+    let models = Models::new(&env.cfg);
+    let hist = history(7, 14 * 1440);
+    let mut st = TokenState::default();
+    for (i, w) in hist.iter().enumerate() {
+        models.learn(&mut st, w, &env.ctx(w.start, i as u32));
+    }
+    let n = hist.len() as u32;
+    let eps = ["/v1/orders", "/v1/orders/{id}", "/v1/products"];
+    // Score and follow one window as the engine does (the rises alert: never learned).
+    let mut step = |st: &mut TokenState, w: &WindowAgg| {
+        let ctx = env.ctx(w.start, n);
+        let mut sc = Scratch::default();
+        models.score(st, w, &ctx, &mut sc);
+        models.track(st, w, &ctx, false, &sc);
+        sc.signals
+            .iter()
+            .find(|s| s.kind == SignalKind::Rate)
+            .map_or(1.0, |s| s.p)
+    };
+    let day = 86_400_000;
+    let mut ps = Vec::new();
+    for d in 14..18 {
+        // An ordinary window at 09:00, then a job: 400 calls at 10:10 UTC, every day.
+        let nine = T0 + d * day + 9 * 3_600_000;
+        let ordinary = window(nine, 8, &eps);
+        step(&mut st, &ordinary);
+        models.learn(&mut st, &ordinary, &env.ctx(nine, n));
+        ps.push(step(
+            &mut st,
+            &window(T0 + d * day + 10 * 3_600_000 + 600_000, 400, &eps),
+        ));
+    }
+    assert!(ps[0] < 1e-6, "{ps:?}");
+    // From the second day on, the same rise at the same time of day keeps only a share of
+    // its evidence; a rise at another time of day keeps all of it.
+    for p in &ps[1..] {
+        assert!(*p > ps[0].powf(0.5), "{ps:?}");
+    }
+    let other = step(
+        &mut st,
+        &window(T0 + 18 * day + 15 * 3_600_000 + 600_000, 400, &eps),
+    );
+    assert!(other < 1e-6, "{other}");
+}
