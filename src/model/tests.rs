@@ -644,7 +644,7 @@ fn a_nightly_rise_of_the_whole_token_alerts_on_its_first_day_only() {
     let n = hist.len() as u32;
     let eps = ["/v1/orders", "/v1/orders/{id}", "/v1/products"];
     // Score and follow one window as the engine does (the rises alert: never learned).
-    let mut step = |st: &mut TokenState, w: &WindowAgg| {
+    let step = |st: &mut TokenState, w: &WindowAgg| {
         let ctx = env.ctx(w.start, n);
         let mut sc = Scratch::default();
         models.score(st, w, &ctx, &mut sc);
