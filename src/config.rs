@@ -170,6 +170,8 @@ pub struct ConsoleConfig {
     pub scope_report_max_age: Duration,
     /// Days of history the least-privilege page looks at by default.
     pub scope_days: u32,
+    /// A connection must send a request's head (and finish a TLS handshake) within this.
+    pub header_timeout: Duration,
 }
 
 /// `[window]`
@@ -650,10 +652,13 @@ impl Config {
                 "max-ingest-streams must be at least 1 and max-message-bytes at least 1024",
             );
         }
-        if self.console.session_ttl.ms <= 0 || self.console.max_sessions == 0 {
+        if self.console.session_ttl.ms <= 0
+            || self.console.max_sessions == 0
+            || self.console.header_timeout.ms <= 0
+        {
             return bad(
                 "console",
-                "session-ttl must be positive and max-sessions at least 1",
+                "session-ttl and header-timeout must be positive and max-sessions at least 1",
             );
         }
         if self.console.timeline_span.ms < 0 || self.console.scope_days == 0 {

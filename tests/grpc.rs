@@ -1253,3 +1253,34 @@ async fn a_distinct_token_flood_stays_within_the_budget_and_an_evicted_token_kee
     let summary = srv.stop().await;
     assert!(summary.stats.tracked <= 224, "{:?}", summary.stats);
 }
+
+/// The console cuts off a client that opens a connection and sends its request head slowly
+/// (slowloris), while an ordinary request on another connection is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_closes_connections_that_never_finish_a_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    let srv = TestServer::start_opts(move |o| {
+        o.config.console.header_timeout = tokenwatch::config::Duration { ms: 1_000 };
+        o.http = Some(http);
+    })
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /login HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ok.write_all(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    ok.read_to_string(&mut page).await.unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let t0 = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the slow connection was not closed");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    drop(srv);
+}

@@ -15,7 +15,6 @@
 mod pages;
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -834,38 +833,7 @@ pub(super) fn router(c: Arc<Console>) -> Router {
         .with_state(c)
 }
 
-/// A listener whose connections have finished their TLS handshake. Handshakes run on their
-/// own tasks with a deadline, so a client that connects and never speaks holds nothing up.
-struct TlsListener {
-    rx: mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        SocketAddr,
-    )>,
-    addr: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept task ended (the listener failed): wait for the shutdown.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
-    }
-}
-
-fn tls_listener(
-    listener: tokio::net::TcpListener,
-    cert: &[u8],
-    key: &[u8],
-) -> Result<TlsListener, String> {
+fn tls_acceptor(cert: &[u8], key: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(cert)
         .collect::<Result<Vec<_>, _>>()
@@ -879,54 +847,76 @@ fn tls_listener(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("console TLS: {e}"))?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("console listener: {e}"))?;
-    let (tx, rx) = mpsc::channel(64);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(256));
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                break;
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Ok(Ok(tls)) =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                {
-                    let _ = tx.send((tls, peer)).await;
-                }
-            });
-        }
-    });
-    Ok(TlsListener { rx, addr })
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serve the console on `listener` until `shutdown` resolves.
+/// Connections open at once; one more is closed at once (it would only wait).
+const MAX_CONNECTIONS: usize = 1024;
+/// How long in-flight requests may finish after the shutdown starts.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Serve the console on `listener` until `shutdown` resolves. Each connection is served by
+/// hyper with a header-read deadline (`console.header-timeout`: a client that opens a
+/// connection and sends a request head slowly, or nothing, is cut off; `axum::serve` installs
+/// no timer, so hyper's deadline would not apply there) and, with TLS, a handshake deadline.
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     console: Arc<Console>,
     tls: Option<(Vec<u8>, Vec<u8>)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    let header_timeout = Duration::from_millis(console.cfg.header_timeout.ms.max(1) as u64);
     let app = router(console);
-    match tls {
-        None => axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| format!("console: {e}")),
-        Some((cert, key)) => {
-            let l = tls_listener(listener, &cert, &key)?;
-            axum::serve(l, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(|e| format!("console: {e}"))
-        }
+    let acceptor = match tls {
+        Some((c, k)) => Some(tls_acceptor(&c, &k)?),
+        None => None,
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(_) => {
+                    // Out of descriptors, or a connection reset while queued: go on.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("tokenwatch_console_connections_refused_total").increment(1);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, acceptor) = (app.clone(), acceptor.clone());
+        conns.spawn(async move {
+            let _slot = slot;
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            match acceptor {
+                None => {
+                    let _ = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                }
+                Some(a) => {
+                    if let Ok(Ok(s)) = tokio::time::timeout(header_timeout, a.accept(tcp)).await {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                            .await;
+                    }
+                }
+            }
+        });
     }
+    // Stop accepting; let the requests under way finish, briefly.
+    let _ = tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    conns.abort_all();
+    Ok(())
 }
