@@ -80,6 +80,9 @@ pub struct WindowScore {
     /// How much of the token's own history its baseline rests on, 0..=1 (a week of it and
     /// the rate model's warm-up make 1); below 0.5 the top reason says so.
     pub confidence: f32,
+    /// The window's two most frequent user agents (key, calls; key 0: none), for the
+    /// console's view of what clients a token has (the models keep agents only as a set).
+    pub agents: [(u64, u32); 2],
 }
 
 impl WindowScore {
@@ -904,8 +907,23 @@ impl Shard {
             kind: (agg.kind != 0).then(|| self.names.get(agg.kind).unwrap_or("?").to_string()),
             contributions,
             confidence,
+            agents: top_two(&agg.agents.items),
         }
     }
+}
+
+/// The two largest counts of a window's items (no allocation).
+fn top_two(items: &[(u64, u32)]) -> [(u64, u32); 2] {
+    let mut top = [(0u64, 0u32); 2];
+    for &(k, c) in items {
+        if c > top[0].1 {
+            top[1] = top[0];
+            top[0] = (k, c);
+        } else if c > top[1].1 {
+            top[1] = (k, c);
+        }
+    }
+    top
 }
 
 /// The shard (of `n`) that owns `token`: a stable hash of the id, the same on every run,
@@ -1531,10 +1549,30 @@ impl Engine {
     /// A token's baseline as the console shows it: its state as it is now, and the printable
     /// names of its most used endpoints where its shard noted them (folded key, name).
     pub fn describe(&self, token: &str) -> Option<(TokenState, Vec<(u32, String)>)> {
+        self.describe_with(token, &[]).map(|(st, eps, _)| (st, eps))
+    }
+
+    /// [`Engine::describe`], and the printable names of the text keys `keys` (user agents)
+    /// where the token's shard noted them.
+    #[allow(clippy::type_complexity)]
+    pub fn describe_with(
+        &self,
+        token: &str,
+        keys: &[u64],
+    ) -> Option<(TokenState, Vec<(u32, String)>, Vec<(u64, String)>)> {
         let sh = self
             .shards
             .iter()
             .find(|sh| sh.tokens.contains_key(token))?;
+        let named = keys
+            .iter()
+            .filter_map(|&k| Some((k, sh.names.get(k)?.to_string())))
+            .collect();
+        let (st, eps) = Self::describe_in(sh, token)?;
+        Some((st, eps, named))
+    }
+
+    fn describe_in(sh: &Shard, token: &str) -> Option<(TokenState, Vec<(u32, String)>)> {
         let st = sh.slots[*sh.tokens.get(token)? as usize].state.clone();
         let names = st
             .endpoints

@@ -425,10 +425,14 @@ fn console_pages_login_verdicts_and_least_privilege() {
         168
     );
     assert!(!tj["baseline"]["countries"].as_array().unwrap().is_empty());
+    let agents = tj["baseline"]["user_agents"].as_array().unwrap();
+    assert!(!agents.is_empty(), "{tj}");
+    assert!(!agents[0]["name"].as_str().unwrap().starts_with("agent #"));
     assert!(tj["registry"]["owner"].is_string());
     let th = get(http, &format!("/tokens/{}", form_value(top)), &reader);
     assert!(th.body.contains("id=\"risk-chart\"") && th.body.contains("<svg"));
     assert!(th.body.contains("id=\"heat-map\"") && th.body.contains("id=\"reasons\""));
+    assert!(th.body.contains("id=\"user-agents\""));
     bodies.push(th.body.clone());
     let ov = get(http, "/?format=json", &reader).json();
     assert!(ov["windows"].as_u64().unwrap() > 0 && ov["tokens_tracked"].as_u64().unwrap() > 0);
@@ -556,11 +560,7 @@ fn console_pages_login_verdicts_and_least_privilege() {
         assert_eq!(shown, rpc[..shown.len()].to_vec());
         b.screenshot(&shots.join("risky-tokens.png"));
         b.click(&links[0]);
-        assert!(
-            b.url().contains(&format!("/tokens/{}", form_value(top))),
-            "{}",
-            b.url()
-        );
+        b.wait_url(|u| u.contains(&format!("/tokens/{}", form_value(top))));
         b.find("#risk-chart svg");
         let reason = b.text(&b.find("#reasons td.reason"));
         assert!(!reason.is_empty());
@@ -569,9 +569,10 @@ fn console_pages_login_verdicts_and_least_privilege() {
         b.goto(&format!("{base}/alerts"));
         assert!(b.find_all("form.verdict button").is_empty());
         b.click(&b.find("nav form button"));
-        assert!(b.url().ends_with("/login"), "{}", b.url());
+        b.wait_url(|u| u.ends_with("/login"));
         b.type_into(&b.find("#key"), ADMIN);
         b.click(&b.find("#submit"));
+        b.wait_url(|u| !u.ends_with("/login"));
         b.goto(&format!("{base}/alerts"));
         b.screenshot(&shots.join("alerts.png"));
         // The second alert (the first has its verdict): false positive from the page.
@@ -590,7 +591,7 @@ fn console_pages_login_verdicts_and_least_privilege() {
             .next()
             .expect("a false-positive button");
         b.click(&button);
-        assert!(b.url().ends_with("/alerts"), "{}", b.url());
+        b.wait_url(|u| u.ends_with("/alerts"));
         let stats = rt.block_on(async {
             let mut read = client(&srv.grpc, READ).await;
             read.get_stats(pb::GetStatsRequest {})

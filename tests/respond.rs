@@ -803,6 +803,7 @@ async fn an_action_queued_at_a_crash_is_delivered_after_the_restart() {
         kind: None,
         contributions: Vec::new(),
         confidence: 1.0,
+        agents: Default::default(),
     };
     let job = Job {
         decision: Decision {

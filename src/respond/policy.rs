@@ -436,6 +436,7 @@ mod tests {
                 reason: "x".into(),
             }],
             confidence: 1.0,
+            agents: Default::default(),
         }
     }
 

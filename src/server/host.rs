@@ -26,6 +26,8 @@ pub struct TokenView {
     pub state: crate::model::TokenState,
     /// Printable names of its most used endpoints (folded key, method and route).
     pub endpoints: Vec<(u32, String)>,
+    /// Printable names of the user agents asked for (key, name).
+    pub agents: Vec<(u64, String)>,
 }
 
 /// What one ingest stream learns about the batches it queued.
@@ -77,8 +79,9 @@ pub enum Cmd {
     },
     /// Counters for GetStats.
     Stats(oneshot::Sender<pb::StatsResponse>),
-    /// One token's model state as it is now (`None`: not tracked), for the console.
-    Describe(Arc<str>, oneshot::Sender<Option<Box<TokenView>>>),
+    /// One token's model state as it is now (`None`: not tracked), with the names of the
+    /// given user-agent keys, for the console.
+    Describe(Arc<str>, Vec<u64>, oneshot::Sender<Option<Box<TokenView>>>),
     /// Remembered policy alerts, most recently raised first, and how many are remembered.
     Alerts {
         /// Skipped first.
@@ -448,11 +451,16 @@ impl Worker {
                 Cmd::Stats(tx) => {
                     let _ = tx.send(self.stats());
                 }
-                Cmd::Describe(token, tx) => {
-                    let view = self
-                        .engine
-                        .describe(&token)
-                        .map(|(state, endpoints)| Box::new(TokenView { state, endpoints }));
+                Cmd::Describe(token, keys, tx) => {
+                    let view = self.engine.describe_with(&token, &keys).map(
+                        |(state, endpoints, agents)| {
+                            Box::new(TokenView {
+                                state,
+                                endpoints,
+                                agents,
+                            })
+                        },
+                    );
                     let _ = tx.send(view);
                 }
                 Cmd::Alerts {

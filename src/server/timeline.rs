@@ -38,6 +38,33 @@ pub struct Point {
 #[derive(Default)]
 struct Line {
     points: VecDeque<Point>,
+    /// Calls per user agent over the token's recent windows (the top two of each window),
+    /// at most `AGENTS` kept: a newcomer replaces the smallest, counts are halved when one
+    /// would overflow.
+    agents: Vec<(u64, u32)>,
+}
+
+/// User agents kept per timeline.
+const AGENTS: usize = 6;
+
+impl Line {
+    fn count_agents(&mut self, top: &[(u64, u32); 2]) {
+        for &(k, c) in top.iter().filter(|a| a.0 != 0 && a.1 > 0) {
+            if let Some(a) = self.agents.iter_mut().find(|a| a.0 == k) {
+                a.1 = a.1.saturating_add(c);
+            } else if self.agents.len() < AGENTS {
+                self.agents.push((k, c));
+            } else if let Some(min) = self.agents.iter_mut().min_by_key(|a| a.1) {
+                // Space-saving: the newcomer inherits the smallest count.
+                *min = (k, min.1.saturating_add(c));
+            }
+            if self.agents.iter().any(|a| a.1 > u32::MAX / 2) {
+                for a in self.agents.iter_mut() {
+                    a.1 /= 2;
+                }
+            }
+        }
+    }
 }
 
 impl Line {
@@ -104,6 +131,7 @@ impl Timelines {
                     self.lines.entry(token.clone()).or_default()
                 }
             };
+            line.count_agents(&s.agents);
             let detail = (s.alert || s.risk >= DETAIL_MIN_RISK).then(|| risk.clone());
             line.points.push_back(Point {
                 start: s.start,
@@ -183,6 +211,17 @@ impl Timelines {
             .unwrap_or_default()
     }
 
+    /// A token's user agents over its recent windows (key, calls), most calls first.
+    pub fn agents_of(&self, token: &str) -> Vec<(u64, u32)> {
+        let mut v = self
+            .lines
+            .get(token)
+            .map(|l| l.agents.clone())
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v
+    }
+
     /// Alerting windows per top signal over the 24 event-time hours up to the newest one
     /// with an alert: (hour start ms, counts by `SignalKind::index`).
     pub fn alert_hours(&self) -> Vec<(i64, [u32; SignalKind::ALL.len()])> {
@@ -234,6 +273,7 @@ mod tests {
                 reason: "r".into(),
             }],
             confidence: 1.0,
+            agents: Default::default(),
         }
     }
 
@@ -274,6 +314,13 @@ mod tests {
             short.of("s").iter().map(|p| p.start).collect::<Vec<_>>(),
             vec![120_000, 180_000, 240_000]
         );
+        let mut ua = Timelines::new(100, 10, i64::MAX);
+        for w in 0..4i64 {
+            let mut s = score("u", w * 60_000, 1.0, false);
+            s.agents = [(7, 10), (if w == 3 { 9 } else { 0 }, 2)];
+            publish(&mut ua, vec![s]);
+        }
+        assert_eq!(ua.agents_of("u"), vec![(7, 40), (9, 2)]);
         t.forget(&["t19".into()]);
         assert!(t.of("t19").is_empty());
         assert_eq!(

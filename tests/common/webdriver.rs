@@ -128,6 +128,33 @@ impl Browser {
             .to_string()
     }
 
+    /// Wait (up to 15 s) until the current URL satisfies `ok` (a click on a form button
+    /// returns before the navigation it starts has finished); returns the URL.
+    pub fn wait_url(&self, ok: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let u = self.url();
+            if ok(&u) && self.ready() {
+                return u;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "still at {u} after 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.call(
+            "POST",
+            &self.at("/execute/sync"),
+            json!({"script": "return document.readyState", "args": []}),
+        )
+        .as_str()
+            == Some("complete")
+    }
+
     /// The page's HTML as the browser holds it.
     pub fn source(&self) -> String {
         self.call("GET", &self.at("/source"), Value::Null)

@@ -613,8 +613,13 @@ async fn token(
         .await
         .ok()
         .map(|r| r.into_inner());
+    let agents = c.board.timelines().agents_of(&token_id);
+    let keys = agents.iter().map(|a| a.0).collect();
     let (tx, rx) = oneshot::channel();
-    let view = match c.ask(Cmd::Describe(token_id.as_str().into(), tx), rx).await {
+    let view = match c
+        .ask(Cmd::Describe(token_id.as_str().into(), keys, tx), rx)
+        .await
+    {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -654,7 +659,7 @@ async fn token(
     let scopes = report.and_then(|r| r.tokens.iter().find(|t| t.token_id == token_id).cloned());
     let timeline = c.board.timelines().of(&token_id);
     let data = pages::TokenPage::new(
-        token_id, latest, reg, view, timeline, q.window, alerts, scopes,
+        token_id, latest, reg, view, timeline, q.window, alerts, scopes, agents,
     );
     page(json, &data, |d| pages::token(&who, d, c.alert_risk))
 }

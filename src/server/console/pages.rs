@@ -248,6 +248,9 @@ pub struct Baseline {
     pub endpoints: Vec<Share>,
     /// Learned windows per hour of the week (Monday 00:00 UTC first).
     pub hour_of_week: Vec<u8>,
+    /// User agents of its recent windows (the console's timeline: the two busiest agents of
+    /// each window kept there), by calls.
+    pub user_agents: Vec<Share>,
 }
 
 fn shares<const N: usize>(
@@ -273,7 +276,7 @@ fn shares<const N: usize>(
 }
 
 impl Baseline {
-    fn of(v: &TokenView) -> Self {
+    fn of(v: &TokenView, agents: &[(u64, u32)]) -> Self {
         let st = &v.state;
         let country = |k: u32| {
             let (a, b) = ((k >> 8) as u8, k as u8);
@@ -297,6 +300,20 @@ impl Baseline {
             networks: shares(&st.network.asns, |k| format!("AS{k}")),
             endpoints: shares(&st.endpoints.top, endpoint),
             hour_of_week: st.seasonal.active.to_vec(),
+            user_agents: {
+                let total: u64 = agents.iter().map(|a| a.1 as u64).sum();
+                agents
+                    .iter()
+                    .map(|&(k, c)| Share {
+                        name: v
+                            .agents
+                            .iter()
+                            .find(|(key, _)| *key == k)
+                            .map_or_else(|| format!("agent #{k:016x}"), |(_, n)| n.clone()),
+                        share: c as f64 / total.max(1) as f64,
+                    })
+                    .collect()
+            },
         }
     }
 }
@@ -408,6 +425,7 @@ impl TokenPage {
         pick: Option<i64>,
         alerts: Vec<AlertRow>,
         scopes: Option<crate::scopes::TokenScopes>,
+        agents: Vec<(u64, u32)>,
     ) -> Self {
         let chosen = match pick {
             Some(t) => timeline.iter().find(|p| p.start == t),
@@ -454,7 +472,7 @@ impl TokenPage {
                 })
                 .collect(),
             window,
-            baseline: view.as_deref().map(Baseline::of),
+            baseline: view.as_deref().map(|v| Baseline::of(v, &agents)),
             alerts: alerts
                 .into_iter()
                 .map(|a| AlertOut::new(a, Vec::new()))
@@ -1172,6 +1190,11 @@ pub fn token(who: &Who, d: &TokenPage, alert_risk: f64) -> String {
             b.push_str(&share_table("countries", "country", &bl.countries));
             b.push_str(&share_table("networks", "network", &bl.networks));
             b.push_str(&share_table("endpoints", "endpoint", &bl.endpoints));
+            b.push_str(&share_table(
+                "user-agents",
+                "user agent (recent windows)",
+                &bl.user_agents,
+            ));
             b.push_str(&heat_map(bl));
         }
         None => b.push_str("<p class=\"muted\">Not tracked in memory now (idle tokens are kept on disk and come back with their next event).</p>"),
