@@ -6,6 +6,8 @@
 //! - [`convert`]: proto events -> validated Arrow batch; scores -> `TokenRisk` / `Alert`.
 //! - `host`: the engine thread and the board of published scores.
 //! - `service`: the RPC handlers.
+//! - [`console`]: the web console (`serve --http`) over the same handlers.
+//! - `timeline`: each token's recent windows and the alerts per hour, for the console.
 
 pub mod auth;
 pub mod console;
