@@ -1546,16 +1546,11 @@ impl Engine {
             .find_map(|sh| sh.tokens.get(token).map(|&t| &sh.slots[t as usize].state))
     }
 
-    /// A token's baseline as the console shows it: its state as it is now, and the printable
-    /// names of its most used endpoints where its shard noted them (folded key, name).
-    pub fn describe(&self, token: &str) -> Option<(TokenState, Vec<(u32, String)>)> {
-        self.describe_with(token, &[]).map(|(st, eps, _)| (st, eps))
-    }
-
-    /// [`Engine::describe`], and the printable names of the text keys `keys` (user agents)
-    /// where the token's shard noted them.
+    /// A token's baseline as the console shows it: its state as it is now, the printable
+    /// names of its most used endpoints (folded key, name) and of the text keys `keys` (user
+    /// agents), where its shard noted them.
     #[allow(clippy::type_complexity)]
-    pub fn describe_with(
+    pub fn describe(
         &self,
         token: &str,
         keys: &[u64],
@@ -1564,17 +1559,8 @@ impl Engine {
             .shards
             .iter()
             .find(|sh| sh.tokens.contains_key(token))?;
-        let named = keys
-            .iter()
-            .filter_map(|&k| Some((k, sh.names.get(k)?.to_string())))
-            .collect();
-        let (st, eps) = Self::describe_in(sh, token)?;
-        Some((st, eps, named))
-    }
-
-    fn describe_in(sh: &Shard, token: &str) -> Option<(TokenState, Vec<(u32, String)>)> {
         let st = sh.slots[*sh.tokens.get(token)? as usize].state.clone();
-        let names = st
+        let endpoints = st
             .endpoints
             .top
             .slots
@@ -1582,7 +1568,11 @@ impl Engine {
             .filter(|s| s.key != 0)
             .filter_map(|s| Some((s.key, sh.names.get_folded(s.key)?.to_string())))
             .collect();
-        Some((st, names))
+        let named = keys
+            .iter()
+            .filter_map(|&k| Some((k, sh.names.get(k)?.to_string())))
+            .collect();
+        Some((st, endpoints, named))
     }
 
     /// The token is tracked in memory now.

@@ -109,7 +109,7 @@ pub struct Board {
     /// Alerts published.
     pub alerted: AtomicU64,
     /// Recent windows per token and alerts per hour, for the console (empty without it).
-    pub timelines: std::sync::Mutex<super::timeline::Timelines>,
+    timelines: std::sync::Mutex<super::timeline::Timelines>,
 }
 
 /// Entries written per write-lock acquisition.
@@ -452,15 +452,16 @@ impl Worker {
                     let _ = tx.send(self.stats());
                 }
                 Cmd::Describe(token, keys, tx) => {
-                    let view = self.engine.describe_with(&token, &keys).map(
-                        |(state, endpoints, agents)| {
-                            Box::new(TokenView {
-                                state,
-                                endpoints,
-                                agents,
-                            })
-                        },
-                    );
+                    let view =
+                        self.engine
+                            .describe(&token, &keys)
+                            .map(|(state, endpoints, agents)| {
+                                Box::new(TokenView {
+                                    state,
+                                    endpoints,
+                                    agents,
+                                })
+                            });
                     let _ = tx.send(view);
                 }
                 Cmd::Alerts {
