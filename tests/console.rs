@@ -544,15 +544,11 @@ fn console_pages_login_verdicts_and_least_privilege() {
         let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
         let base = format!("http://{http}");
         b.goto(&format!("{base}/tokens"));
-        assert!(b.url().ends_with("/login"), "{}", b.url());
+        b.wait_url(|u| u.ends_with("/login"));
         let k = b.find("#key");
         b.type_into(&k, READ);
         b.click(&b.find("#submit"));
-        assert!(
-            !b.url().ends_with("/login"),
-            "login failed:\n{}",
-            b.source()
-        );
+        b.wait_url(|u| !u.ends_with("/login"));
         b.goto(&format!("{base}/tokens"));
         let links = b.find_all("#risky a.token");
         assert!(!links.is_empty(), "no token rows:\n{}", b.source());
