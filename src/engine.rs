@@ -1493,6 +1493,18 @@ impl Engine {
     /// partial statistics (`RefitPartial`, the models' own view of them), the partials are
     /// merged and fitted once.
     pub fn refit(&mut self, at: i64) {
+        let (merged, sample) = self.refit_share();
+        let iso = self.cfg.isolation.reservoir;
+        let sample = Reservoir::merged(&[&sample], iso);
+        let global = merged.fit(&sample, &self.cfg, at);
+        self.install_global(Arc::new(global));
+    }
+
+    /// This engine's share of a refit: its tracked tokens' partials merged over the shards,
+    /// and the bottom-k of its shards' isolation samples. A cluster partition sends this
+    /// to the others (the bottom-k of the union of bottom-k's is the union's bottom-k, so
+    /// merging shares gives the sample a single engine would have).
+    pub fn refit_share(&self) -> (RefitPartial, Reservoir) {
         let min_w = self.cfg.peers.min_windows;
         let mut merged = RefitPartial::default();
         for sh in &self.shards {
@@ -1502,10 +1514,16 @@ impl Engine {
             }
             merged.merge(part);
         }
-        let iso = &self.cfg.isolation;
-        let parts: Vec<&Reservoir> = self.shards.iter().map(|s| &s.reservoir).collect();
-        let sample = Reservoir::merged(&parts, iso.reservoir);
-        let global = Arc::new(merged.fit(&sample, &self.cfg, at));
+        let mut sample = Reservoir::new(self.cfg.isolation.reservoir);
+        for sh in &self.shards {
+            sample.merge_from(&sh.reservoir);
+        }
+        (merged, sample)
+    }
+
+    /// Hand fitted cross-token models to every shard (and move each token to its nearest
+    /// peer group).
+    pub fn install_global(&mut self, global: Arc<Global>) {
         for sh in self.shards.iter_mut() {
             sh.global = global.clone();
             if let Some(p) = &global.peers {

@@ -21,6 +21,31 @@ pub struct Rarity {
 }
 
 impl Rarity {
+    /// Write the token count and the endpoint users sorted by key (bytes independent of
+    /// hash-map order).
+    pub fn encode(&self, w: &mut Writer) {
+        w.u32(self.tokens);
+        let mut users: Vec<(u32, u32)> = self.users.iter().map(|(&k, &v)| (k, v)).collect();
+        users.sort_unstable();
+        w.u32(users.len() as u32);
+        for (k, v) in users {
+            w.u32(k);
+            w.u32(v);
+        }
+    }
+
+    /// Read what [`Rarity::encode`] wrote.
+    pub fn decode(r: &mut Reader) -> Result<Rarity, DecodeError> {
+        let tokens = r.u32()?;
+        let n = r.count(8)?;
+        let mut users = FxHashMap::default();
+        for _ in 0..n {
+            let k = r.u32()?;
+            users.insert(k, r.u32()?);
+        }
+        Ok(Rarity { users, tokens })
+    }
+
     /// Fewer tokens than this and rarity says nothing.
     pub const MIN_TOKENS: u32 = 20;
 

@@ -334,6 +334,13 @@ impl Reservoir {
         }
     }
 
+    /// Fold another reservoir's points in (the bottom-k of both is kept).
+    pub fn merge_from(&mut self, other: &Reservoir) {
+        for e in other.heap.iter() {
+            self.offer(e.0, &e.1);
+        }
+    }
+
     /// Merge several reservoirs into the points of the global bottom-k, in hash order.
     pub fn merged(parts: &[&Reservoir], cap: usize) -> Vec<Point> {
         let mut all: Vec<(u64, Point)> = parts

@@ -195,14 +195,7 @@ impl Global {
                 m.encode(w);
             }
         }
-        w.u32(self.rarity.tokens);
-        let mut users: Vec<(u32, u32)> = self.rarity.users.iter().map(|(&k, &v)| (k, v)).collect();
-        users.sort_unstable();
-        w.u32(users.len() as u32);
-        for (k, v) in users {
-            w.u32(k);
-            w.u32(v);
-        }
+        self.rarity.encode(w);
         match &self.novelty {
             None => w.u8(0),
             Some(n) => {
@@ -244,13 +237,7 @@ impl Global {
             0 => None,
             _ => Some(isolation::IsolationModel::decode(r)?),
         };
-        let tokens = r.u32()?;
-        let n = r.count(8)?;
-        let mut users = rustc_hash::FxHashMap::default();
-        for _ in 0..n {
-            let k = r.u32()?;
-            users.insert(k, r.u32()?);
-        }
+        let rarity = endpoints::Rarity::decode(r)?;
         let novelty = match r.u8()? {
             0 => None,
             _ => {
@@ -265,7 +252,7 @@ impl Global {
         Ok(Global {
             peers,
             isolation,
-            rarity: endpoints::Rarity { users, tokens },
+            rarity,
             novelty,
             fitted_at,
         })
@@ -324,6 +311,71 @@ impl RefitPartial {
             a.extend(b);
         }
         self.points.extend(other.points);
+    }
+
+    /// Encode for another process (a cluster partition's share of a refit). The bytes do
+    /// not depend on hash-map order (see [`endpoints::Rarity::encode`]).
+    pub fn encode(&self, w: &mut Writer) {
+        self.rarity.encode(w);
+        for obs in &self.novelty {
+            w.u32(obs.len() as u32);
+            for &(a, b) in obs {
+                w.u32(a);
+                w.u32(b);
+            }
+        }
+        w.u32(self.points.len() as u32);
+        for p in &self.points {
+            w.bytes(p.token.as_bytes());
+            for &u in &p.usage {
+                w.f32(u);
+            }
+            w.f64(p.d_own);
+            w.f64(p.rate_mean);
+            w.f64(p.rate_var);
+        }
+    }
+
+    /// Decode what [`RefitPartial::encode`] wrote; truncated, oversized or non-finite input
+    /// is an error (a fit must never see a NaN from a damaged message).
+    pub fn decode(r: &mut Reader) -> Result<RefitPartial, DecodeError> {
+        let mut out = RefitPartial {
+            rarity: endpoints::Rarity::decode(r)?,
+            ..RefitPartial::default()
+        };
+        for obs in out.novelty.iter_mut() {
+            let n = r.count(8)?;
+            obs.reserve(n);
+            for _ in 0..n {
+                obs.push((r.u32()?, r.u32()?));
+            }
+        }
+        let n = r.count(4 + 4 * peers::DIMS + 24)?;
+        out.points.reserve(n);
+        for _ in 0..n {
+            let token = std::str::from_utf8(r.bytes()?).map_err(|_| DecodeError::Truncated)?;
+            let token: std::sync::Arc<str> = token.into();
+            let mut usage = [0f32; peers::DIMS];
+            for u in usage.iter_mut() {
+                *u = r.f32()?;
+            }
+            let (d_own, rate_mean, rate_var) = (r.f64()?, r.f64()?, r.f64()?);
+            let finite = usage.iter().all(|u| u.is_finite())
+                && [d_own, rate_mean, rate_var].iter().all(|v| v.is_finite());
+            if !finite {
+                return Err(DecodeError::Invalid(
+                    "a refit peer point is not finite".into(),
+                ));
+            }
+            out.points.push(peers::PeerPoint {
+                token,
+                usage,
+                d_own,
+                rate_mean,
+                rate_var,
+            });
+        }
+        Ok(out)
     }
 
     /// Fit the cross-token models from the merged partials and the isolation sample, as of

@@ -679,3 +679,58 @@ fn a_nightly_rise_of_the_whole_token_alerts_on_its_first_day_only() {
     );
     assert!(other < 1e-6, "{other}");
 }
+
+#[test]
+fn a_refit_partial_survives_encoding_and_fits_the_same() {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(11);
+    let mut part = RefitPartial::default();
+    part.rarity.tokens = 40;
+    for k in 0..30u32 {
+        part.rarity
+            .users
+            .insert(k.wrapping_mul(2_654_435_761), 1 + k % 7);
+    }
+    for t in 0..40u32 {
+        let windows = 50 + rng.gen_range(0..500u32);
+        for obs in part.novelty.iter_mut() {
+            obs.push((rng.gen_range(0..windows / 4), windows));
+        }
+        let mut usage = [0f32; peers::DIMS];
+        for u in usage.iter_mut() {
+            *u = rng.gen_range(0.0..1.0f32);
+        }
+        part.points.push(peers::PeerPoint {
+            token: format!("tok-{t}").into(),
+            usage,
+            d_own: rng.gen_range(0.0..2.0),
+            rate_mean: rng.gen_range(1.0..100.0),
+            rate_var: rng.gen_range(1.0..400.0),
+        });
+    }
+    let mut w = Writer::default();
+    part.encode(&mut w);
+    let mut r = Reader::new(&w.buf);
+    let back = RefitPartial::decode(&mut r).unwrap();
+    assert_eq!(r.remaining(), 0);
+    let mut again = Writer::default();
+    back.encode(&mut again);
+    assert_eq!(again.buf, w.buf, "encoding is canonical");
+
+    // What a partition receives fits the same global models as what it sent.
+    let cfg = Config::default();
+    let fitted = |p: RefitPartial| {
+        let mut g = Writer::default();
+        p.fit(&[], &cfg, 1_000).encode(&mut g);
+        g.buf
+    };
+    assert_eq!(fitted(back), fitted(part));
+
+    // Damaged input is an error, never a panic.
+    for cut in 0..w.buf.len() {
+        assert!(RefitPartial::decode(&mut Reader::new(&w.buf[..cut])).is_err());
+    }
+    let mut bad = w.buf.clone();
+    let at = bad.len() - 8;
+    bad[at..].copy_from_slice(&f64::NAN.to_le_bytes());
+    assert!(RefitPartial::decode(&mut Reader::new(&bad)).is_err());
+}
