@@ -248,6 +248,23 @@ pub struct ServeArgs {
     /// the alerts, with a login by API key (read or admin); over TLS when --tls-cert is given.
     #[arg(long, env = "TOKENWATCH_HTTP")]
     pub http: Option<String>,
+    /// Run as a node of a cluster on NATS JetStream (e.g. nats://127.0.0.1:4222) instead of
+    /// the embedded engine and its local log: events go to the stream, partitions are owned
+    /// through leases, state is snapshotted to the object store.
+    #[arg(long, env = "TOKENWATCH_CLUSTER")]
+    pub cluster: Option<String>,
+    /// This node's id in the cluster (default: host name and process id).
+    #[arg(long, env = "TOKENWATCH_NODE_ID", requires = "cluster")]
+    pub node_id: Option<String>,
+    /// Partitions of the cluster, fixed when its stream is created (every node must agree).
+    #[arg(long, default_value_t = 12, requires = "cluster")]
+    pub partitions: u32,
+    /// How often each owned partition writes its snapshot to the object store.
+    #[arg(long, default_value = "30s", requires = "cluster")]
+    pub cluster_snapshot_every: Duration,
+    /// How long the cluster's streams keep events, scores and alerts.
+    #[arg(long, default_value = "7d", requires = "cluster")]
+    pub cluster_retention: Duration,
 }
 
 /// Flags shared by `eval` and `replay`.

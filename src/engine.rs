@@ -1106,6 +1106,89 @@ impl Shard {
     }
 }
 
+/// A cluster partition's side of a refit: the engine of one partition holds only its own
+/// tokens, so at each refit point it sends its share and gets back what every partition's
+/// shares fit to (the same on every node: the merge is order-free and the fit
+/// deterministic).
+pub trait Exchange: Send {
+    /// Send this engine's share of the refit at event time `at` (with its earliest open
+    /// window, or its newest event time when it has none open, whichever is earlier), and
+    /// wait for the models fitted from every partition's shares and the earliest of all
+    /// partitions' `earliest`. `None`: this engine may not go on (its partition was lost);
+    /// it stops advancing and [`Engine::fenced`] says so.
+    fn refit(
+        &mut self,
+        at: i64,
+        share: Share,
+    ) -> Option<(Arc<Global>, i64)>;
+}
+
+/// One partition's part of a refit as the cluster carries it: its tokens' partials, its
+/// bottom-k isolation sample and its earliest open window ([`Exchange::refit`]).
+pub struct Share {
+    /// Partial statistics of its tracked tokens.
+    pub partial: RefitPartial,
+    /// Bottom-k sample of its windows' isolation points.
+    pub sample: Reservoir,
+    /// Its earliest open window (or newest event time, whichever is earlier).
+    pub earliest: i64,
+}
+
+/// Version of [`Share`]'s bytes.
+const SHARE_VERSION: u8 = 1;
+
+impl Share {
+    /// Canonical bytes (the same share always encodes the same).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = crate::model::codec::Writer::default();
+        w.u8(SHARE_VERSION);
+        w.i64(self.earliest);
+        self.partial.encode(&mut w);
+        self.sample.encode(&mut w);
+        w.buf
+    }
+
+    /// Decode what [`Share::encode`] wrote (keeping at most `cap` sample points); damaged
+    /// bytes are an error, never a partial share.
+    pub fn decode(buf: &[u8], cap: usize) -> Result<Share, crate::model::DecodeError> {
+        use crate::model::DecodeError;
+        let mut r = crate::model::codec::Reader::new(buf);
+        let v = r.u8()?;
+        if v != SHARE_VERSION {
+            return Err(DecodeError::Version {
+                found: v,
+                expected: SHARE_VERSION,
+            });
+        }
+        let earliest = r.i64()?;
+        let partial = RefitPartial::decode(&mut r)?;
+        let mut sample = Reservoir::new(cap);
+        sample.absorb(&mut r)?;
+        if r.remaining() > 0 {
+            return Err(DecodeError::Trailing(r.remaining()));
+        }
+        Ok(Share {
+            partial,
+            sample,
+            earliest,
+        })
+    }
+}
+
+/// Fit the cross-token models of the refit at `at` from every partition's share (in any
+/// order: the merge is order-free and the fit deterministic, so every node that fits the
+/// same shares installs the same models), and the earliest of their `earliest`.
+pub fn fit_shares(shares: Vec<Share>, cfg: &Config, at: i64) -> (Global, i64) {
+    let earliest = shares.iter().map(|s| s.earliest).min().unwrap_or(at);
+    let samples: Vec<&Reservoir> = shares.iter().map(|s| &s.sample).collect();
+    let sample = Reservoir::merged(&samples, cfg.isolation.reservoir);
+    let mut merged = RefitPartial::default();
+    for s in shares {
+        merged.merge(s.partial);
+    }
+    (merged.fit(&sample, cfg, at), earliest)
+}
+
 /// The engine: shards, watermark, global refits.
 pub struct Engine {
     cfg: Arc<Config>,
@@ -1119,6 +1202,11 @@ pub struct Engine {
     spill: SpillCell,
     /// File name of the spill in the data directory (`None`: temporary or none yet).
     spill_name: Option<String>,
+    /// Where refits are shared with the other partitions of a cluster (`None`: this
+    /// engine sees every token and refits alone).
+    exchange: Option<Box<dyn Exchange>>,
+    /// The exchange failed: this engine no longer advances.
+    fenced: bool,
 }
 
 impl Engine {
@@ -1150,7 +1238,33 @@ impl Engine {
             next_refit: None,
             rows: vec![Vec::new(); n],
             refits: 0,
+            exchange: None,
+            fenced: false,
         }
+    }
+
+    /// Share every refit with the other partitions of a cluster through `x`.
+    pub fn set_exchange(&mut self, x: Box<dyn Exchange>) {
+        self.exchange = Some(x);
+    }
+
+    /// The first refit at event time `at` (a cluster's partitions share one grid of refit
+    /// points), unless this engine already has one (restored, or events applied).
+    pub fn set_refit_origin(&mut self, at: i64) {
+        if self.next_refit.is_none() {
+            self.next_refit = Some(at);
+        }
+    }
+
+    /// The next refit point, if the grid is set.
+    pub fn next_refit(&self) -> Option<i64> {
+        self.next_refit
+    }
+
+    /// The refit exchange failed (a cluster partition that lost its lease): nothing this
+    /// engine closed after that may be published.
+    pub fn fenced(&self) -> bool {
+        self.fenced
     }
 
     /// The configuration in force.
@@ -1331,8 +1445,12 @@ impl Engine {
     /// what the watermark passes. The server calls this when no event has arrived for a
     /// while, so that the last window of a token whose traffic stopped is still scored.
     /// Does nothing before the first event or when `now` is not ahead of the newest event.
+    /// An engine that has seen no event moves too once its refit grid is set
+    /// ([`Engine::set_refit_origin`]): a cluster partition with no traffic still takes part
+    /// in every refit.
     pub fn advance_to(&mut self, now: i64) -> Vec<WindowScore> {
-        if self.max_ts == i64::MIN || now <= self.max_ts {
+        let unset = self.max_ts == i64::MIN && self.next_refit.is_none();
+        if unset || now <= self.max_ts {
             return Vec::new();
         }
         self.max_ts = now;
@@ -1375,15 +1493,16 @@ impl Engine {
         let limit = wm.min(self.max_ts);
         let every = self.cfg.engine.refit_every.ms.max(1);
         while let Some(r) = self.next_refit.filter(|&r| r <= limit) {
+            if self.fenced {
+                return out;
+            }
             self.close_all(r, &mut out);
             self.watermark = self.watermark.max(r);
-            self.refit(r);
-            let next = r.saturating_add(every);
             // Event time that jumped far ahead (a long gap in traffic, or one broken clock)
             // is caught up with one refit at the last point of the grid before the next open
             // window, not one per interval of the gap: with no window open in between, those
             // refits would all see the same state (so the scores are the same either way,
-            // whatever the batching).
+            // whatever the batching). A cluster's partitions skip by the earliest of all.
             let earliest = self
                 .shards
                 .iter()
@@ -1395,6 +1514,33 @@ impl Engine {
                 .min()
                 .unwrap_or(limit)
                 .min(limit);
+            let earliest = match self.exchange.take() {
+                None => {
+                    self.refit(r);
+                    earliest
+                }
+                Some(mut x) => {
+                    let (partial, sample) = self.refit_share();
+                    let share = Share {
+                        partial,
+                        sample,
+                        earliest,
+                    };
+                    let got = x.refit(r, share);
+                    self.exchange = Some(x);
+                    match got {
+                        Some((global, all)) => {
+                            self.install_global(global);
+                            all
+                        }
+                        None => {
+                            self.fenced = true;
+                            return out;
+                        }
+                    }
+                }
+            };
+            let next = r.saturating_add(every);
             let skip = earliest.saturating_sub(next) / every;
             self.next_refit = Some(if skip >= 2 {
                 next.saturating_add(skip.saturating_mul(every))
@@ -1493,10 +1639,13 @@ impl Engine {
     /// partial statistics (`RefitPartial`, the models' own view of them), the partials are
     /// merged and fitted once.
     pub fn refit(&mut self, at: i64) {
-        let (merged, sample) = self.refit_share();
-        let iso = self.cfg.isolation.reservoir;
-        let sample = Reservoir::merged(&[&sample], iso);
-        let global = merged.fit(&sample, &self.cfg, at);
+        let (partial, sample) = self.refit_share();
+        let share = Share {
+            partial,
+            sample,
+            earliest: at,
+        };
+        let (global, _) = fit_shares(vec![share], &self.cfg, at);
         self.install_global(Arc::new(global));
     }
 
@@ -1875,6 +2024,136 @@ mod tests {
     fn batch_of(events: &[(String, i64)]) -> RecordBatch {
         let events: Vec<Event> = events.iter().map(|(tok, t)| event(tok, *t)).collect();
         to_batch(&events)
+    }
+
+    /// An exchange between partitions in one process: each puts its share of refit `at`
+    /// and waits for all of them (what a cluster does through its object store).
+    #[derive(Clone)]
+    struct Board {
+        n: usize,
+        cfg: Arc<Config>,
+        shares: Arc<(std::sync::Mutex<BTreeMap<(i64, usize), Vec<u8>>>, std::sync::Condvar)>,
+    }
+
+    impl Exchange for (Board, usize) {
+        fn refit(&mut self, at: i64, share: Share) -> Option<(Arc<Global>, i64)> {
+            let (b, me) = (&self.0, self.1);
+            let (lock, cv) = &*b.shares;
+            let mut m = lock.lock().unwrap();
+            // Through the bytes, as between nodes.
+            m.insert((at, me), share.encode());
+            cv.notify_all();
+            while (0..b.n).any(|p| !m.contains_key(&(at, p))) {
+                m = cv.wait(m).unwrap();
+            }
+            let cap = b.cfg.isolation.reservoir;
+            let all: Vec<Share> = (0..b.n)
+                .rev() // any order fits the same
+                .map(|p| Share::decode(&m[&(at, p)], cap).unwrap())
+                .collect();
+            let (g, earliest) = fit_shares(all, &b.cfg, at);
+            Some((Arc::new(g), earliest))
+        }
+    }
+
+    /// The cluster's engine side: three partitions, each an engine over its own tokens
+    /// only (`shard_of(token, 3)`), that share the refit grid's origin and exchange every
+    /// refit, give exactly the windows of one engine over every token: the cross-token
+    /// models (peer groups, priors, rarity, isolation forest) only ever come from the merge.
+    #[test]
+    fn partitions_that_exchange_their_refits_score_as_one_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = crate::generate::Options::new(dir.path().to_path_buf());
+        g.tokens = 18;
+        g.days = 4;
+        g.seed = 5;
+        g.scale = 0.2;
+        crate::generate::run(&g).unwrap();
+        let path = dir.path().join("events.parquet");
+        let mut reader =
+            crate::ingest::EventReader::open(&path, crate::ingest::BadRowPolicy::Fail).unwrap();
+        let mut batches = Vec::new();
+        while let Some(b) = reader.next_batch().unwrap() {
+            batches.push(b);
+        }
+        let mut cfg = Config::default();
+        cfg.window.size.ms = 300_000;
+        cfg.engine.shards = 1;
+        cfg.engine.warmup.ms = 86_400_000;
+        cfg.engine.refit_every.ms = 43_200_000;
+        let mut one = Engine::new(cfg.clone(), Registry::default());
+        let mut want = Vec::new();
+        for b in &batches {
+            want.extend(one.apply(b).unwrap());
+        }
+        let newest = one.newest().unwrap();
+        want.extend(one.finish());
+        assert!(one.stats().refits >= 4, "{:?}", one.stats());
+        assert_eq!(one.stats().late, 0, "the file is in time order");
+        let origin = one_origin(&batches, &cfg);
+
+        let n = 3;
+        let board = Board {
+            n,
+            cfg: Arc::new(cfg.clone()),
+            shares: Arc::default(),
+        };
+        let parts: Vec<Vec<RecordBatch>> = (0..n)
+            .map(|p| {
+                batches
+                    .iter()
+                    .map(|b| {
+                        let tok = b.column(col::TOKEN_ID).as_string::<i32>();
+                        let keep: arrow::array::BooleanArray = (0..b.num_rows())
+                            .map(|i| Some(shard_of(tok.value(i), n) == p))
+                            .collect();
+                        arrow::compute::filter_record_batch(b, &keep).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        let got: Vec<WindowScore> = std::thread::scope(|sc| {
+            let hs: Vec<_> = parts
+                .iter()
+                .enumerate()
+                .map(|(p, bs)| {
+                    let (cfg, board) = (cfg.clone(), board.clone());
+                    sc.spawn(move || {
+                        let mut e = Engine::new(cfg, Registry::default());
+                        e.set_refit_origin(origin);
+                        e.set_exchange(Box::new((board, p)));
+                        let mut out = Vec::new();
+                        for b in bs {
+                            out.extend(e.apply(b).unwrap());
+                        }
+                        // Cluster time: a partition follows the newest event of all.
+                        out.extend(e.advance_to(newest));
+                        out.extend(e.finish());
+                        assert!(!e.fenced());
+                        out
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let key = |s: &WindowScore| (s.start, s.token.clone());
+        let mut got = got;
+        got.sort_by_key(key);
+        want.sort_by_key(key);
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!(a == b, "{a:?}\n!=\n{b:?}");
+        }
+        assert!(want.iter().any(|s| s.alert));
+    }
+
+    /// The first refit point of an engine fed `batches` (what a cluster stores as origin).
+    fn one_origin(batches: &[RecordBatch], cfg: &Config) -> i64 {
+        let ts = batches[0]
+            .column(col::TS)
+            .as_primitive::<TimestampMillisecondType>();
+        let min = ts.values().iter().copied().min().unwrap();
+        window_start(min, cfg.window.size.ms) + cfg.engine.warmup.ms
     }
 
     /// Ten days from DE / AS 3320, then a new place (FR / AS 12322): as a move (DE stops,

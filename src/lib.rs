@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod eval;

@@ -326,6 +326,16 @@ fn init_logs(format: LogFormat) {
     };
 }
 
+/// A cluster node id when none is given: the host name and this process's id.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{}", std::process::id())
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     use tokenwatch::server;
     init_logs(args.log_format);
@@ -423,6 +433,18 @@ fn serve(args: ServeArgs) -> Result<()> {
             faults: None,
             ready: Some(ready),
             http: http.map(|(l, _)| l),
+            cluster: args.cluster.clone().map(|url| tokenwatch::cluster::Options {
+                url,
+                node_id: args.node_id.clone().unwrap_or_else(default_node_id),
+                partitions: args.partitions,
+                snapshot_every: std::time::Duration::from_millis(
+                    args.cluster_snapshot_every.ms.max(1000) as u64,
+                ),
+                work_dir: args.data_dir.join("cluster"),
+                retention: std::time::Duration::from_millis(
+                    args.cluster_retention.ms.max(3_600_000) as u64,
+                ),
+            }),
         };
         let summary = server::run(listener, opts, server::shutdown_signal()).await?;
         // Whoever started us may have stopped reading stdout: not worth failing the stop.

@@ -67,6 +67,7 @@ impl TestServer {
             faults: None,
             ready: None,
             http: None,
+            cluster: None,
         };
         f(&mut opts);
         // Wait for readiness unless the test watches it itself.
@@ -980,6 +981,7 @@ async fn tls_serves_clients_that_trust_the_certificate() {
         faults: None,
         ready: Some(ready_tx),
         http: Some(http),
+        cluster: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;

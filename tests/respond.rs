@@ -143,6 +143,7 @@ async fn run_scenario_with(
         faults: None,
         ready: Some(ready_tx),
         http: None,
+        cluster: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;
@@ -350,6 +351,7 @@ async fn verdict_then_same_behaviour(verdict: &str) -> (pb::FeedbackResponse, pb
         faults: None,
         ready: Some(ready_tx),
         http: None,
+        cluster: None,
     };
     let task = tokio::spawn(server::run(listener, opts, async {
         let _ = rx.await;

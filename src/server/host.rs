@@ -240,6 +240,22 @@ impl Board {
         }
     }
 
+    /// One window closed elsewhere (a cluster's owner): it becomes the token's latest
+    /// unless the board already has a later one.
+    pub fn put_risk(&self, r: pb::TokenRisk) {
+        self.windows.fetch_add(1, Ordering::Relaxed);
+        let token: Arc<str> = r.token_id.as_str().into();
+        let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
+        if l
+            .map
+            .get(&token)
+            .is_some_and(|old| old.window_start_ms > r.window_start_ms)
+        {
+            return;
+        }
+        l.insert(token, Arc::new(r));
+    }
+
     /// Publish windows without alerting (replayed after a restart: alerted before it).
     pub fn publish_quietly(&self, scores: &[WindowScore]) {
         let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());

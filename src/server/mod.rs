@@ -13,7 +13,7 @@ pub mod auth;
 pub mod console;
 pub mod convert;
 pub mod dedup;
-mod host;
+pub(crate) mod host;
 mod service;
 pub mod telemetry;
 mod timeline;
@@ -56,6 +56,9 @@ pub enum Error {
     /// The server task panicked or was cancelled.
     #[error("server task: {0}")]
     Task(String),
+    /// The cluster could not be joined.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// How to serve.
@@ -84,6 +87,38 @@ pub struct Options {
     pub ready: Option<oneshot::Sender<()>>,
     /// Where the web console listens (`serve --http`); `None`: no console.
     pub http: Option<TcpListener>,
+    /// Run as a node of a NATS JetStream cluster (`serve --cluster`) instead of the
+    /// embedded engine and its local log.
+    pub cluster: Option<crate::cluster::Options>,
+}
+
+/// What the RPC handlers' queue leads to: the embedded engine thread, or a cluster node.
+enum Backend {
+    Local(host::Host),
+    Cluster(crate::cluster::Node),
+}
+
+impl Backend {
+    fn tx(&self) -> &tokio::sync::mpsc::Sender<host::Cmd> {
+        match self {
+            Backend::Local(h) => &h.tx,
+            Backend::Cluster(n) => &n.tx,
+        }
+    }
+
+    fn board(&self) -> Arc<host::Board> {
+        match self {
+            Backend::Local(h) => h.board.clone(),
+            Backend::Cluster(n) => n.board.clone(),
+        }
+    }
+
+    async fn stop(self) -> Stats {
+        match self {
+            Backend::Local(h) => h.stop().await,
+            Backend::Cluster(n) => n.stop().await,
+        }
+    }
 }
 
 /// The engine thread counts as stuck when it has not finished a command (it gets a tick
@@ -121,7 +156,7 @@ async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
 /// requests finish (at most `shutdown_grace`), close every open window and return.
 pub async fn run(
     listener: TcpListener,
-    opts: Options,
+    mut opts: Options,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Summary, Error> {
     let scfg = opts.config.server.clone();
@@ -219,103 +254,125 @@ pub async fn run(
                 let _ = stop_rx.await;
             }),
     );
-    let recovered = async {
-        let (engine, store, replayed) = match opts.data_dir.clone() {
-            None => (
-                Engine::new(opts.config.clone(), opts.registry.clone()),
-                None,
-                0,
-            ),
-            Some(dir) => {
-                let (cfg, reg) = (opts.config.clone(), opts.registry.clone());
-                let t0 = std::time::Instant::now();
-                let (mut store, rec) =
-                    tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, &cfg, reg))
-                        .await
-                        .map_err(|e| Error::Task(e.to_string()))??;
-                store.set_faults(opts.faults.clone());
-                for w in &rec.warnings {
-                    tracing::warn!("{w}");
+    let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(host::now_ms()));
+    let mut deliveries = None;
+    let backend = if let Some(c) = opts.cluster.take() {
+        let node = crate::cluster::Node::start(
+            c,
+            &opts.config,
+            &opts.registry,
+            board.clone(),
+            (etx, erx),
+        )
+        .await;
+        match node {
+            Ok(n) => Backend::Cluster(n),
+            Err(e) => {
+                let _ = stop_tx.send(());
+                let _ = server.await;
+                return Err(Error::Cluster(e));
+            }
+        }
+    } else {
+        let recovered = async {
+            let (engine, store, replayed) = match opts.data_dir.clone() {
+                None => (
+                    Engine::new(opts.config.clone(), opts.registry.clone()),
+                    None,
+                    0,
+                ),
+                Some(dir) => {
+                    let (cfg, reg) = (opts.config.clone(), opts.registry.clone());
+                    let t0 = std::time::Instant::now();
+                    let (mut store, rec) =
+                        tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, &cfg, reg))
+                            .await
+                            .map_err(|e| Error::Task(e.to_string()))??;
+                    store.set_faults(opts.faults.clone());
+                    for w in &rec.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    board.restore(rec.extras.iter().filter_map(|(t, b)| {
+                        let r: pb::TokenRisk = prost::Message::decode(b.as_slice()).ok()?;
+                        Some((t.clone(), r))
+                    }));
+                    board.publish_quietly(&rec.scores);
+                    tracing::info!(
+                        snapshot = ?rec.snapshot,
+                        batches = rec.replayed_batches,
+                        events = rec.replayed_events,
+                        seconds = t0.elapsed().as_secs_f64(),
+                        "state recovered"
+                    );
+                    (rec.engine, Some(store), rec.replayed_batches)
                 }
-                board.restore(rec.extras.iter().filter_map(|(t, b)| {
-                    let r: pb::TokenRisk = prost::Message::decode(b.as_slice()).ok()?;
-                    Some((t.clone(), r))
-                }));
-                board.publish_quietly(&rec.scores);
-                tracing::info!(
-                    snapshot = ?rec.snapshot,
-                    batches = rec.replayed_batches,
-                    events = rec.replayed_events,
-                    seconds = t0.elapsed().as_secs_f64(),
-                    "state recovered"
-                );
-                (rec.engine, Some(store), rec.replayed_batches)
+            };
+            Ok::<_, Error>((engine, store, replayed))
+        }
+        .await;
+        let (engine, store, replayed) = match recovered {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = stop_tx.send(());
+                let _ = server.await;
+                return Err(e);
             }
         };
-        Ok::<_, Error>((engine, store, replayed))
-    }
-    .await;
-    let (engine, store, replayed) = match recovered {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = stop_tx.send(());
-            let _ = server.await;
-            return Err(e);
-        }
-    };
-    let (responder, deliveries) = if opts.policies.is_empty() {
-        (None, None)
-    } else {
-        let cfg = opts.config.respond.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(cfg.queue.max(1));
-        let (actions, resumed, bad) = crate::respond::actions::Actions::new(
-            opts.data_dir.as_deref(),
-            cfg,
-            opts.dry_run,
-            &opts.policies,
+        let (responder, delivery) = if opts.policies.is_empty() {
+            (None, None)
+        } else {
+            let cfg = opts.config.respond.clone();
+            let (tx, rx) = tokio::sync::mpsc::channel(cfg.queue.max(1));
+            let (actions, resumed, bad) = crate::respond::actions::Actions::new(
+                opts.data_dir.as_deref(),
+                cfg,
+                opts.dry_run,
+                &opts.policies,
+            );
+            for w in bad {
+                tracing::warn!("{w}");
+            }
+            let actions = Arc::new(actions);
+            let responder = crate::respond::actions::Responder::new(
+                opts.policies.clone(),
+                opts.config.window.size.ms,
+                tx,
+                actions.clone(),
+            );
+            let task = tokio::spawn(crate::respond::actions::run(rx, actions, resumed));
+            (Some(responder), Some(task))
+        };
+        deliveries = delivery;
+        let host = host::Host::start_on(
+            (etx, erx),
+            engine,
+            board,
+            host::Setup {
+                idle_close: Duration::from_millis(scfg.idle_close.ms as u64),
+                snapshot_every: Duration::from_millis(
+                    opts.config.store.snapshot_every.ms.max(1000) as u64
+                ),
+                store,
+                config: opts.config.clone(),
+                registry: opts.registry.clone(),
+                responder,
+            },
+            heartbeat.clone(),
         );
-        for w in bad {
-            tracing::warn!("{w}");
-        }
-        let actions = Arc::new(actions);
-        let responder = crate::respond::actions::Responder::new(
-            opts.policies.clone(),
-            opts.config.window.size.ms,
-            tx,
-            actions.clone(),
-        );
-        let task = tokio::spawn(crate::respond::actions::run(rx, actions, resumed));
-        (Some(responder), Some(task))
-    };
-    let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(host::now_ms()));
-    let host = host::Host::start_on(
-        (etx, erx),
-        engine,
-        board,
-        host::Setup {
-            idle_close: Duration::from_millis(scfg.idle_close.ms as u64),
-            snapshot_every: Duration::from_millis(
-                opts.config.store.snapshot_every.ms.max(1000) as u64
-            ),
-            store,
-            config: opts.config.clone(),
-            registry: opts.registry.clone(),
-            responder,
-        },
-        heartbeat.clone(),
-    );
-    if replayed > 0 {
-        // Start from a fresh snapshot, so the next restart replays nothing twice over.
-        let (tx, rx) = oneshot::channel();
-        if host.tx.send(host::Cmd::Snapshot(tx)).await.is_ok() {
-            if let Ok(Err(e)) = rx.await {
-                tracing::warn!(error = %e, "snapshot after recovery failed");
+        if replayed > 0 {
+            // Start from a fresh snapshot, so the next restart replays nothing twice over.
+            let (tx, rx) = oneshot::channel();
+            if host.tx.send(host::Cmd::Snapshot(tx)).await.is_ok() {
+                if let Ok(Err(e)) = rx.await {
+                    tracing::warn!(error = %e, "snapshot after recovery failed");
+                }
             }
         }
-    }
+        Backend::Local(host)
+    };
     // Idle close runs on processing time; a full queue means the engine is busy anyway.
     let ticker = {
-        let tx = host.tx.clone();
+        let tx = backend.tx().clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -329,7 +386,7 @@ pub async fn run(
             }
         })
     };
-    let watchdog = {
+    let watchdog = matches!(backend, Backend::Local(_)).then(|| {
         let health = health.clone();
         let heartbeat = heartbeat.clone();
         tokio::spawn(async move {
@@ -354,7 +411,7 @@ pub async fn run(
                 }
             }
         })
-    };
+    });
     let _ = ready_tx.send(true);
     set_health(&health, true).await;
     if let Some(r) = opts.ready {
@@ -366,8 +423,10 @@ pub async fn run(
     };
     if let Some(r) = early {
         ticker.abort();
-        watchdog.abort();
-        let _ = host.stop().await;
+        if let Some(w) = &watchdog {
+            w.abort();
+        }
+        let _ = backend.stop().await;
         return match r {
             Ok(Ok(())) => Err(Error::Task("server stopped by itself".into())),
             Ok(Err(e)) => Err(e.into()),
@@ -392,8 +451,8 @@ pub async fn run(
         tracing::warn!(grace = ?opts.shutdown_grace, "ingest streams still open after the grace period");
     }
     ticker.abort();
-    let board = host.board.clone();
-    let stats = host.stop().await;
+    let board = backend.board();
+    let stats = backend.stop().await;
     let _ = finished_tx.send(true);
     if let Some(task) = deliveries {
         // The engine thread is gone, so the action queue is closed: deliver what is left.

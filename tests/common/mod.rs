@@ -1,6 +1,9 @@
 //! Helpers shared by the black-box tests: events, steady traffic, keys.
 #![allow(dead_code)]
 
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float32Type, TimestampMillisecondType, UInt16Type, UInt32Type, UInt64Type};
+use tokenwatch::event::col;
 use tokenwatch::server::pb;
 
 pub const MINUTE: i64 = 60_000;
@@ -69,3 +72,52 @@ pub fn write_secret(path: &std::path::Path, text: &str) {
 }
 pub mod http;
 pub mod webdriver;
+
+/// The events of a canonical batch (as read from a file) as the proto sends them.
+pub fn events_of(batch: &arrow::record_batch::RecordBatch) -> Vec<pb::Event> {
+    let ts = batch
+        .column(col::TS)
+        .as_primitive::<TimestampMillisecondType>();
+    let s = |c: usize| batch.column(c).as_string::<i32>().clone();
+    let (token, method, endpoint, ip) = (
+        s(col::TOKEN_ID),
+        s(col::METHOD),
+        s(col::ENDPOINT),
+        s(col::SRC_IP),
+    );
+    let (country, agent, scope, env) = (
+        s(col::COUNTRY),
+        s(col::USER_AGENT),
+        s(col::SCOPE),
+        s(col::ENV),
+    );
+    let status = batch.column(col::STATUS).as_primitive::<UInt16Type>();
+    let bytes = batch.column(col::BYTES_OUT).as_primitive::<UInt64Type>();
+    let lat = batch.column(col::LATENCY_MS).as_primitive::<Float32Type>();
+    let asn = batch.column(col::ASN).as_primitive::<UInt32Type>();
+    let text = |a: &arrow::array::StringArray, i: usize| {
+        if a.is_valid(i) {
+            a.value(i).to_string()
+        } else {
+            String::new()
+        }
+    };
+    (0..batch.num_rows())
+        .map(|i| pb::Event {
+            ts_ms: ts.value(i),
+            token_id: token.value(i).into(),
+            method: method.value(i).into(),
+            endpoint: endpoint.value(i).into(),
+            status: status.value(i) as u32,
+            bytes_out: bytes.value(i),
+            latency_ms: lat.is_valid(i).then(|| lat.value(i) as f64),
+            src_ip: ip.value(i).into(),
+            country: text(&country, i),
+            asn: asn.is_valid(i).then(|| asn.value(i)),
+            user_agent: text(&agent, i),
+            scope: text(&scope, i),
+            env: text(&env, i),
+            event_id: String::new(),
+        })
+        .collect()
+}

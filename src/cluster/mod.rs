@@ -1,0 +1,784 @@
+//! Cluster mode (`serve --cluster nats://HOST:PORT`): several nodes on NATS JetStream,
+//! partitioned by token.
+//!
+//! - Ingest on any node: validated as in embedded mode, split by partition
+//!   (`engine::shard_of(token, N)`), published to `TOKENWATCH_EVENTS` on
+//!   `tokenwatch.events.<p>` as Arrow IPC with a content-digest de-duplication id; the
+//!   Ingest response waits for JetStream's ack of every piece.
+//! - Ownership ([`lease`]): leases in `tokenwatch_leases`, the partitions spread evenly over
+//!   the live nodes, taken over within about the lease TTL when a node dies.
+//! - State ([`partition`]): each owned partition is an [`Engine`] of its own tokens,
+//!   restored from its snapshot in `tokenwatch_snapshots` and replaying the stream from
+//!   the sequence after it; refits are shared through `tokenwatch_refits` so that the
+//!   cross-token models are those of one engine over every token.
+//! - Outputs: every closed window on `TOKENWATCH_SCORES`, alerts on `tokenwatch.alerts`
+//!   (both de-duplicated per window). Every node folds the scores into its own board and
+//!   relays the alerts into its WatchAlerts streams, so GetTokenRisk, ListRiskyTokens and
+//!   WatchAlerts answer the same on every node; GetStats gathers every node's counters.
+//!
+//! Embedded mode (no `--cluster`) does not touch any of this.
+
+pub mod lease;
+pub mod partition;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{AsArray, UInt32Array};
+use arrow::datatypes::TimestampMillisecondType;
+use arrow::record_batch::RecordBatch;
+use async_nats::jetstream::{self, kv, object_store, stream};
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+
+use crate::config::Config;
+use crate::engine::{shard_of, Stats};
+use crate::event::col;
+use crate::model::registry::Registry;
+use crate::server::host::{now_ms, Ack, Board, Cmd};
+use crate::server::pb;
+use crate::window::window_start;
+
+/// How to join a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// NATS server URL(s), e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// This node's id (unique in the cluster).
+    pub node_id: String,
+    /// Partitions (fixed when the events stream is created).
+    pub partitions: u32,
+    /// How often each owned partition writes its snapshot.
+    pub snapshot_every: Duration,
+    /// Local scratch directory (snapshot files on their way to and from the object store).
+    pub work_dir: PathBuf,
+    /// How long events are kept in the events stream (must exceed the snapshot interval
+    /// by a wide margin: a new owner replays from its partition's last snapshot).
+    pub retention: Duration,
+}
+
+/// What an owned partition reports.
+#[derive(Debug, Clone, Default)]
+pub struct PartStatus {
+    /// Its engine's counters.
+    pub stats: Stats,
+    /// Last stream sequence applied.
+    pub seq: u64,
+    /// Messages of its subject not yet delivered (0: caught up).
+    pub lag: u64,
+}
+
+/// What a node's tasks and partition threads share.
+pub struct Shared {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    leases: kv::Store,
+    facts: kv::Store,
+    snaps: object_store::ObjectStore,
+    refits: object_store::ObjectStore,
+    events: stream::Stream,
+    /// Partition count.
+    pub n: u32,
+    /// This node's id.
+    pub node: String,
+    cfg: Config,
+    registry: Registry,
+    handle: tokio::runtime::Handle,
+    snapshot_every: Duration,
+    idle_close: Duration,
+    work_dir: PathBuf,
+    /// Owned partitions' reports.
+    parts: Mutex<BTreeMap<u32, PartStatus>>,
+    /// Partitions this node holds leases for.
+    owned: Mutex<Vec<u32>>,
+    /// Live nodes seen at the last lease round.
+    live: AtomicU64,
+    /// Events this node published (acknowledged by JetStream).
+    accepted: AtomicU64,
+}
+
+/// A running cluster node: the queue the RPC handlers send to, and the board they read.
+pub struct Node {
+    /// Queue of commands from the RPC handlers.
+    pub tx: mpsc::Sender<Cmd>,
+    /// Latest scores of every token of the cluster, and the alert feed.
+    pub board: Arc<Board>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    leases: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Read an integer fact (`origin`, `clock`).
+async fn read_i64(facts: &kv::Store, key: &str) -> Result<Option<i64>, String> {
+    let v = facts.get(key).await.map_err(|e| e.to_string())?;
+    Ok(v.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()))
+}
+
+/// The cluster's first refit point, once ingest has set it.
+async fn origin(shared: &Shared) -> Result<Option<i64>, String> {
+    read_i64(&shared.facts, "origin").await
+}
+
+/// Raise the cluster clock to `t` (never lower it; compare-and-set on the revision).
+async fn raise_clock(facts: &kv::Store, t: i64) -> Result<(), String> {
+    for _ in 0..16 {
+        match facts.entry("clock").await.map_err(|e| e.to_string())? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let cur: i64 = std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(i64::MIN);
+                if cur >= t {
+                    return Ok(());
+                }
+                if facts
+                    .update("clock", t.to_string().into(), e.revision)
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+            }
+            _ => {
+                if facts.create("clock", t.to_string().into()).await.is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err("the cluster clock is contended; not raised".into())
+}
+
+async fn stream_of(
+    js: &jetstream::Context,
+    cfg: stream::Config,
+) -> Result<stream::Stream, String> {
+    let name = cfg.name.clone();
+    match js.get_stream(&name).await {
+        Ok(s) => Ok(s),
+        Err(_) => match js.create_stream(cfg).await {
+            Ok(s) => Ok(s),
+            // Another node created it in between.
+            Err(e) => js
+                .get_stream(&name)
+                .await
+                .map_err(|_| format!("cannot create the stream {name}: {e}")),
+        },
+    }
+}
+
+async fn kv_of(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store, String> {
+    let name = cfg.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(s) => Ok(s),
+        Err(_) => match js.create_key_value(cfg).await {
+            Ok(s) => Ok(s),
+            Err(e) => js
+                .get_key_value(&name)
+                .await
+                .map_err(|_| format!("cannot create the key-value bucket {name}: {e}")),
+        },
+    }
+}
+
+async fn objects_of(
+    js: &jetstream::Context,
+    cfg: object_store::Config,
+) -> Result<object_store::ObjectStore, String> {
+    let name = cfg.bucket.clone();
+    match js.get_object_store(&name).await {
+        Ok(s) => Ok(s),
+        Err(_) => match js.create_object_store(cfg).await {
+            Ok(s) => Ok(s),
+            Err(e) => js
+                .get_object_store(&name)
+                .await
+                .map_err(|_| format!("cannot create the object store {name}: {e}")),
+        },
+    }
+}
+
+/// Duplicate window of every stream: a resend within it is dropped.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+
+impl Node {
+    /// Connect, create what is missing (streams, buckets), check the partition count, and
+    /// start the lease round, the relays and the command router on `queue`.
+    pub async fn start(
+        opts: Options,
+        cfg: &Config,
+        registry: &Registry,
+        board: Arc<Board>,
+        queue: (mpsc::Sender<Cmd>, mpsc::Receiver<Cmd>),
+    ) -> Result<Node, String> {
+        let n = opts.partitions;
+        let id_ok = !opts.node_id.is_empty()
+            && opts.node_id.len() <= 64
+            && opts
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !id_ok {
+            return Err(format!(
+                "--node-id {:?}: 1 to 64 of A-Z, a-z, 0-9, '-' and '_'",
+                opts.node_id
+            ));
+        }
+        if n == 0 || n > 4096 {
+            return Err(format!("--partitions {n}: must be 1..=4096"));
+        }
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("tokenwatch {}", opts.node_id))
+            .connection_timeout(Duration::from_secs(10))
+            .connect(opts.url.as_str())
+            .await
+            .map_err(|e| format!("cannot connect to the cluster at {}: {e}", opts.url))?;
+        let js = jetstream::new(client.clone());
+        let events = stream_of(
+            &js,
+            stream::Config {
+                name: wire::EVENTS.into(),
+                subjects: vec!["tokenwatch.events.*".into()],
+                duplicate_window: DUPLICATE_WINDOW,
+                max_age: opts.retention,
+                metadata: [(wire::PARTITIONS_KEY.to_string(), n.to_string())].into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let theirs = events
+            .cached_info()
+            .config
+            .metadata
+            .get(wire::PARTITIONS_KEY)
+            .cloned()
+            .unwrap_or_default();
+        if theirs != n.to_string() {
+            return Err(format!(
+                "the cluster's stream {} was created with {} partitions; this node was started with --partitions {n} (start it with --partitions {})",
+                wire::EVENTS,
+                if theirs.is_empty() { "an unknown number of" } else { &theirs },
+                if theirs.is_empty() { "?" } else { &theirs },
+            ));
+        }
+        for (name, subject) in [
+            (wire::SCORES, "tokenwatch.scores.*"),
+            (wire::ALERTS, wire::ALERTS_SUBJECT),
+        ] {
+            stream_of(
+                &js,
+                stream::Config {
+                    name: name.into(),
+                    subjects: vec![subject.into()],
+                    duplicate_window: DUPLICATE_WINDOW,
+                    max_age: opts.retention,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        }
+        let leases = kv_of(
+            &js,
+            kv::Config {
+                bucket: wire::LEASES.into(),
+                history: 1,
+                max_age: lease::TTL,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let facts = kv_of(
+            &js,
+            kv::Config {
+                bucket: wire::FACTS.into(),
+                history: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let snaps = objects_of(
+            &js,
+            object_store::Config {
+                bucket: wire::SNAPSHOTS.into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let refits = objects_of(
+            &js,
+            object_store::Config {
+                bucket: wire::REFITS.into(),
+                max_age: opts.retention,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut pcfg = cfg.clone();
+        // One thread per partition; the node's memory budget shared by its partitions.
+        pcfg.engine.shards = 1;
+        pcfg.engine.memory_budget.0 /= u64::from(n).max(1);
+        if pcfg.engine.max_tokens > 0 {
+            pcfg.engine.max_tokens = pcfg.engine.max_tokens.div_ceil(u64::from(n)).max(1);
+        }
+        std::fs::create_dir_all(&opts.work_dir)
+            .map_err(|e| format!("{}: {e}", opts.work_dir.display()))?;
+        let shared = Arc::new(Shared {
+            js,
+            client,
+            leases,
+            facts,
+            snaps,
+            refits,
+            events,
+            n,
+            node: opts.node_id.clone(),
+            cfg: pcfg,
+            registry: registry.clone(),
+            handle: tokio::runtime::Handle::current(),
+            snapshot_every: opts.snapshot_every,
+            idle_close: Duration::from_millis(cfg.server.idle_close.ms.max(0) as u64),
+            work_dir: opts.work_dir.clone(),
+            parts: Mutex::default(),
+            owned: Mutex::default(),
+            live: AtomicU64::new(1),
+            accepted: AtomicU64::new(0),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let leases = tokio::spawn(lease::run(shared.clone(), stop_rx.clone()));
+        let (tx, rx) = queue;
+        let tasks = vec![
+            tokio::spawn(relay_scores(shared.clone(), board.clone(), stop_rx.clone())),
+            tokio::spawn(relay_alerts(shared.clone(), board.clone(), stop_rx.clone())),
+            tokio::spawn(answer_stats(shared.clone(), board.clone(), stop_rx.clone())),
+            tokio::spawn(route(rx, shared.clone(), board.clone())),
+        ];
+        tracing::info!(node = %opts.node_id, partitions = n, url = %opts.url, "joined the cluster");
+        Ok(Node {
+            tx,
+            board,
+            shared,
+            stop,
+            leases,
+            tasks,
+        })
+    }
+
+    /// Stop every partition (each writes a last snapshot), give the leases back, stop the
+    /// relays; the counters of the partitions this node held.
+    pub async fn stop(self) -> Stats {
+        let stats = self.shared.local().1;
+        let _ = self.stop.send(true);
+        let _ = self.leases.await;
+        for t in self.tasks {
+            t.abort();
+        }
+        let _ = self.shared.client.flush().await;
+        stats
+    }
+}
+
+impl Shared {
+    /// This node's report: owned partitions with their status, and their counters summed.
+    fn local(&self) -> (Vec<(u32, PartStatus)>, Stats) {
+        let parts: Vec<(u32, PartStatus)> = self
+            .parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(p, s)| (*p, s.clone()))
+            .collect();
+        let mut sum = Stats::default();
+        for (_, s) in &parts {
+            let s = &s.stats;
+            sum.events += s.events;
+            sum.late += s.late;
+            sum.windows += s.windows;
+            sum.alerts += s.alerts;
+            sum.tokens += s.tokens;
+            sum.tracked += s.tracked;
+            sum.evicted += s.evicted;
+            sum.reloaded += s.reloaded;
+            sum.untracked += s.untracked;
+            sum.refits = sum.refits.max(s.refits);
+        }
+        (parts, sum)
+    }
+
+    fn report(&self) -> pb::ClusterNode {
+        let (parts, _) = self.local();
+        pb::ClusterNode {
+            node_id: self.node.clone(),
+            partitions: self
+                .owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            lag: parts.iter().map(|(_, s)| s.lag).sum(),
+            live_nodes: self.live.load(Ordering::Relaxed) as u32,
+            partition_count: self.n,
+            applied: parts
+                .iter()
+                .map(|(p, s)| pb::PartitionApplied {
+                    partition: *p,
+                    sequence: s.seq,
+                    lag: s.lag,
+                })
+                .collect(),
+        }
+    }
+
+    /// This node's counters as a StatsResponse (engine counters of its partitions).
+    fn local_stats(&self) -> pb::StatsResponse {
+        let (_, s) = self.local();
+        pb::StatsResponse {
+            events: s.events,
+            late_events: s.late,
+            windows: s.windows,
+            alert_windows: s.alerts,
+            tokens: s.tokens,
+            tracked_tokens: s.tracked,
+            evicted_tokens: s.evicted,
+            reloaded_tokens: s.reloaded,
+            untracked_events: s.untracked,
+            cluster: Some(self.report()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Fold every closed window of the cluster into this node's board (its latest score per
+/// token), from the start of the scores stream.
+async fn relay_scores(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Receiver<bool>) {
+    relay(shared, wire::SCORES, async_nats::jetstream::consumer::DeliverPolicy::All, stop, move |b| {
+        if let Ok(r) = pb::TokenRisk::decode(b) {
+            board.put_risk(r);
+        }
+    })
+    .await
+}
+
+/// Relay alerts raised from now on by every owner into this node's WatchAlerts streams.
+async fn relay_alerts(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Receiver<bool>) {
+    relay(shared, wire::ALERTS, async_nats::jetstream::consumer::DeliverPolicy::New, stop, move |b| {
+        if let Ok(a) = pb::Alert::decode(b) {
+            board.alerted.fetch_add(1, Ordering::Relaxed);
+            // No subscriber is not an error.
+            let _ = board.alerts.send(Arc::new(a));
+        }
+    })
+    .await
+}
+
+async fn relay(
+    shared: Arc<Shared>,
+    name: &str,
+    deliver_policy: async_nats::jetstream::consumer::DeliverPolicy,
+    mut stop: watch::Receiver<bool>,
+    mut each: impl FnMut(&[u8]),
+) {
+    use async_nats::jetstream::consumer::pull;
+    let mut from = deliver_policy;
+    loop {
+        let consumer = async {
+            let s = shared.js.get_stream(name).await.map_err(|e| e.to_string())?;
+            let c = s
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: from,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            c.messages().await.map_err(|e| e.to_string())
+        };
+        let mut messages = match consumer.await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(stream = name, error = %e, "cannot follow the stream; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        loop {
+            let m = tokio::select! {
+                m = messages.next() => m,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match m {
+                Some(Ok(m)) => {
+                    if let Ok(i) = m.info() {
+                        from = async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                            start_sequence: i.stream_sequence + 1,
+                        };
+                    }
+                    each(&m.payload);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(stream = name, error = %e, "following the stream");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Answer GetStats' scatter: this node's counters.
+async fn answer_stats(shared: Arc<Shared>, board: Arc<Board>, mut stop: watch::Receiver<bool>) {
+    let _ = board;
+    let mut sub = match shared.client.subscribe(wire::STATS_SUBJECT).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot answer cluster stats");
+            return;
+        }
+    };
+    loop {
+        let m = tokio::select! {
+            m = sub.next() => m,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(m) = m else { return };
+        if let Some(reply) = m.reply {
+            let body = shared.local_stats().encode_to_vec();
+            let _ = shared.client.publish(reply, body.into()).await;
+        }
+    }
+}
+
+/// Every node's counters, summed (nodes that do not answer within a second are left
+/// out); the cluster-wide view of windows and tokens comes from this node's board.
+async fn gather_stats(shared: &Shared, board: &Board) -> pb::StatsResponse {
+    let live = shared.live.load(Ordering::Relaxed).max(1) as usize;
+    let inbox = shared.client.new_inbox();
+    let mut replies = Vec::new();
+    if let Ok(mut sub) = shared.client.subscribe(inbox.clone()).await {
+        if shared
+            .client
+            .publish_with_reply(wire::STATS_SUBJECT, inbox, Vec::new().into())
+            .await
+            .is_ok()
+        {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            while replies.len() < live {
+                match tokio::time::timeout_at(deadline, sub.next()).await {
+                    Ok(Some(m)) => {
+                        if let Ok(r) = pb::StatsResponse::decode(m.payload.as_ref()) {
+                            replies.push(r);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    let mut out = pb::StatsResponse {
+        cluster: Some(shared.report()),
+        ..Default::default()
+    };
+    for r in &replies {
+        out.events += r.events;
+        out.late_events += r.late_events;
+        out.windows += r.windows;
+        out.alert_windows += r.alert_windows;
+        out.tokens += r.tokens;
+        out.tracked_tokens += r.tracked_tokens;
+        out.evicted_tokens += r.evicted_tokens;
+        out.reloaded_tokens += r.reloaded_tokens;
+        out.untracked_events += r.untracked_events;
+        if let Some(c) = &r.cluster {
+            out.nodes.push(c.clone());
+        }
+    }
+    out.nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    out.published_windows = board.windows.load(Ordering::Relaxed);
+    out
+}
+
+/// Ingest pieces at most this many rows (and below the server's payload limit).
+const PIECE_ROWS: usize = 4096;
+
+/// The command queue of a cluster node: batches are published (their streams learn of
+/// any failure at their flush), stats are gathered; what only the embedded mode has is
+/// refused with a clear reason.
+async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Board>) {
+    let mut pending: Vec<(async_nats::jetstream::context::PublishAckFuture, u64, Arc<Ack>)> =
+        Vec::new();
+    let mut newest = i64::MIN;
+    let mut origin_set = false;
+    let not_here = "not available in cluster mode yet (see the README's cluster section)";
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Cmd::Batch(b, ack) => {
+                let (min, max) = ts_range(&b);
+                if !origin_set {
+                    match ensure_origin(&shared, min).await {
+                        Ok(()) => origin_set = true,
+                        Err(e) => {
+                            fail(&ack, format!("cannot reach the cluster: {e}"));
+                            continue;
+                        }
+                    }
+                }
+                newest = newest.max(max.min(now_ms() as i64));
+                if let Err(e) = publish_batch(&shared, &b, &ack, &mut pending).await {
+                    fail(&ack, e);
+                }
+            }
+            Cmd::Flush(tx) => {
+                let acks = std::mem::take(&mut pending);
+                let clock = std::mem::replace(&mut newest, i64::MIN);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    for (f, rows, ack) in acks {
+                        match f.await {
+                            Ok(_) => {
+                                shared.accepted.fetch_add(rows, Ordering::Relaxed);
+                            }
+                            Err(e) => fail(&ack, format!("JetStream did not acknowledge: {e}")),
+                        }
+                    }
+                    if clock != i64::MIN {
+                        if let Err(e) = raise_clock(&shared.facts, clock).await {
+                            tracing::warn!(error = %e, "cluster clock");
+                        }
+                    }
+                    let _ = tx.send(Ok(()));
+                });
+            }
+            Cmd::Tick => {
+                let (parts, _) = shared.local();
+                for (p, s) in parts {
+                    metrics::gauge!("tokenwatch_cluster_partition_lag", "partition" => p.to_string())
+                        .set(s.lag as f64);
+                }
+            }
+            Cmd::Stats(tx) => {
+                let shared = shared.clone();
+                let board = board.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(gather_stats(&shared, &board).await);
+                });
+            }
+            Cmd::Snapshot(tx) | Cmd::Retrain(_, _, tx) => {
+                let _ = tx.send(Err(format!(
+                    "{not_here}: each partition snapshots itself into the object store"
+                )));
+            }
+            Cmd::Swap(_, tx) => {
+                let _ = tx.send(Err(not_here.to_string()));
+            }
+            Cmd::Feedback { reply, .. } => {
+                let _ = reply.send(Err(format!("verdicts are {not_here}")));
+            }
+            Cmd::Describe(_, _, tx) => {
+                let _ = tx.send(None);
+            }
+            Cmd::Alerts { reply, .. } => {
+                let _ = reply.send((Vec::new(), 0, 0));
+            }
+            Cmd::Stop(tx) => {
+                let _ = tx.send(shared.local().1);
+                break;
+            }
+        }
+    }
+}
+
+fn fail(ack: &Ack, msg: String) {
+    let mut f = ack.failed.lock().unwrap_or_else(|e| e.into_inner());
+    if f.is_none() {
+        *f = Some(msg);
+    }
+}
+
+fn ts_range(b: &RecordBatch) -> (i64, i64) {
+    let ts = b.column(col::TS).as_primitive::<TimestampMillisecondType>();
+    let mut lo = i64::MAX;
+    let mut hi = i64::MIN;
+    for &t in ts.values().iter() {
+        lo = lo.min(t);
+        hi = hi.max(t);
+    }
+    (lo, hi)
+}
+
+/// The cluster's refit grid starts from the first request any node ingests (create if
+/// absent: the first writer wins, everyone reads the same).
+async fn ensure_origin(shared: &Shared, min_ts: i64) -> Result<(), String> {
+    if origin(shared).await?.is_some() {
+        return Ok(());
+    }
+    let w = shared.cfg.window.size.ms;
+    let o = window_start(min_ts, w).saturating_add(shared.cfg.engine.warmup.ms);
+    if shared
+        .facts
+        .create("origin", o.to_string().into())
+        .await
+        .is_err()
+        && origin(shared).await?.is_none()
+    {
+        return Err("cannot set the refit origin".into());
+    }
+    Ok(())
+}
+
+/// Split a validated batch by partition and publish its pieces (not waiting for acks).
+async fn publish_batch(
+    shared: &Shared,
+    b: &RecordBatch,
+    ack: &Arc<Ack>,
+    pending: &mut Vec<(async_nats::jetstream::context::PublishAckFuture, u64, Arc<Ack>)>,
+) -> Result<(), String> {
+    let n = shared.n as usize;
+    let tok = b.column(col::TOKEN_ID).as_string::<i32>();
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for i in 0..b.num_rows() {
+        rows[shard_of(tok.value(i), n)].push(i as u32);
+    }
+    let now = now_ms().to_string();
+    let limit = (shared.client.server_info().max_payload as usize).max(64 * 1024) - 16 * 1024;
+    for (p, idx) in rows.into_iter().enumerate() {
+        if idx.is_empty() {
+            continue;
+        }
+        let part = arrow::compute::take_record_batch(b, &UInt32Array::from(idx))
+            .map_err(|e| e.to_string())?;
+        // In order: a partition's events reach its owner as they were sent.
+        let mut pieces = std::collections::VecDeque::new();
+        let mut off = 0;
+        while off < part.num_rows() {
+            let len = PIECE_ROWS.min(part.num_rows() - off);
+            pieces.push_back(part.slice(off, len));
+            off += len;
+        }
+        while let Some(piece) = pieces.pop_front() {
+            let bytes = wire::encode_batch(&piece)?;
+            if bytes.len() > limit && piece.num_rows() > 1 {
+                let half = piece.num_rows() / 2;
+                pieces.push_front(piece.slice(half, piece.num_rows() - half));
+                pieces.push_front(piece.slice(0, half));
+                continue;
+            }
+            let id = wire::message_id(p as u32, &bytes);
+            let msg = async_nats::jetstream::message::PublishMessage::build()
+                .payload(bytes.into())
+                .message_id(&id)
+                .header(wire::NOW_HEADER, now.as_str());
+            let f = shared
+                .js
+                .send_publish(wire::events_subject(p as u32), msg)
+                .await
+                .map_err(|e| format!("cannot publish to the cluster: {e}"))?;
+            pending.push((f, piece.num_rows() as u64, ack.clone()));
+        }
+    }
+    Ok(())
+}

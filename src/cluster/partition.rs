@@ -1,0 +1,448 @@
+//! One owned partition: its own OS thread with an [`Engine`] holding only the partition's
+//! tokens. It loads the partition's newest snapshot from the object store, consumes the
+//! partition's subject from the sequence after it, applies every batch with the clock its
+//! ingesting node stamped on it (so a replay applies exactly what the first owner did),
+//! publishes every closed window, shares every refit with the other partitions, and
+//! writes a snapshot now and then. Every side effect first checks the lease.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use prost::Message as _;
+use tokio::io::AsyncReadExt;
+use tokio_stream::StreamExt;
+
+use super::lease::Lease;
+use super::wire;
+use super::{PartStatus, Shared};
+use crate::engine::{fit_shares, Engine, Exchange, Share, WindowScore};
+use crate::model::Global;
+use crate::server::pb;
+use crate::store::LogPos;
+
+/// How long one wait for the next message lasts before the partition looks at cluster
+/// time (and its lease, and its snapshot clock).
+const POLL: Duration = Duration::from_millis(200);
+
+/// How often a partition waiting at a refit looks for the other partitions' shares.
+const EXCHANGE_POLL: Duration = Duration::from_millis(50);
+
+/// Run partition `p` until `stop` is set or its lease is lost. A stop (handover,
+/// shutdown) with the lease still held writes a last snapshot first.
+pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>) {
+    let h = shared.handle.clone();
+    let (mut engine, mut seq) = match load(&shared, p) {
+        Ok(Some((e, s))) => (e, s),
+        Ok(None) => (
+            Engine::new(shared.cfg.clone(), shared.registry.clone()),
+            0,
+        ),
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "cannot load the partition's snapshot; not taking it");
+            return;
+        }
+    };
+    tracing::info!(
+        partition = p,
+        from_sequence = seq + 1,
+        "partition owned: replaying its events from the stream"
+    );
+    engine.set_exchange(Box::new(Refits {
+        shared: shared.clone(),
+        p,
+        lease: lease.clone(),
+    }));
+    let mut messages = match h.block_on(consume(&shared, p, seq)) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "cannot consume the partition's events");
+            return;
+        }
+    };
+    let mut snap_seq = seq;
+    let mut last_snapshot = Instant::now();
+    let mut last_arrival = Instant::now();
+    let mut newest_at_arrival = engine.newest();
+    let mut lag: u64;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            if lease.valid() && seq > snap_seq {
+                if let Err(e) = save(&shared, p, &engine, seq) {
+                    tracing::warn!(partition = p, error = %e, "last snapshot before handing over failed");
+                }
+            }
+            break;
+        }
+        if !lease.valid() {
+            tracing::warn!(partition = p, "lease lost: this node stops applying the partition");
+            break;
+        }
+        if seq > snap_seq && last_snapshot.elapsed() >= shared.snapshot_every {
+            match save(&shared, p, &engine, seq) {
+                Ok(()) => snap_seq = seq,
+                Err(e) => tracing::warn!(partition = p, error = %e, "partition snapshot failed"),
+            }
+            last_snapshot = Instant::now();
+        }
+        let next = h.block_on(async { tokio::time::timeout(POLL, messages.next()).await });
+        let scores = match next {
+            Ok(Some(Ok(m))) => {
+                let (s, pending) = match m.info() {
+                    Ok(i) => (i.stream_sequence, i.pending),
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "a message without stream info; skipped");
+                        continue;
+                    }
+                };
+                if s <= seq {
+                    continue;
+                }
+                lag = pending;
+                if engine.next_refit().is_none() {
+                    match h.block_on(super::origin(&shared)) {
+                        Ok(Some(o)) => engine.set_refit_origin(o),
+                        // Ingest writes the origin before it publishes anything.
+                        Ok(None) => tracing::warn!(partition = p, "no refit origin in the cluster; taking this batch's"),
+                        Err(e) => {
+                            tracing::warn!(partition = p, error = %e, "cannot read the refit origin; retrying");
+                            break;
+                        }
+                    }
+                }
+                let now = m
+                    .headers
+                    .as_ref()
+                    .and_then(|hd| hd.get(wire::NOW_HEADER))
+                    .and_then(|v| v.as_str().parse::<i64>().ok())
+                    .unwrap_or(i64::MAX);
+                let out = match wire::decode_batch(&m.payload) {
+                    Ok(b) => engine.apply_at(&b, now).map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                seq = s;
+                last_arrival = Instant::now();
+                newest_at_arrival = engine.newest();
+                match out {
+                    Ok(scores) => scores,
+                    Err(e) => {
+                        // Published by a node of this cluster: a defect, not an attack;
+                        // every replay skips it the same way.
+                        tracing::error!(partition = p, sequence = s, error = %e, "a message of the events stream cannot be applied; skipped");
+                        Vec::new()
+                    }
+                }
+            }
+            Ok(Some(Err(e))) => {
+                tracing::warn!(partition = p, error = %e, "reading the partition's events");
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Ok(None) => {
+                tracing::warn!(partition = p, "the partition's consumer ended; consuming again");
+                match h.block_on(consume(&shared, p, seq)) {
+                    Ok(m) => messages = m,
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "cannot consume the partition's events");
+                        break;
+                    }
+                }
+                continue;
+            }
+            // Nothing for a while: follow cluster time, then idle close.
+            Err(_) => {
+                lag = 0;
+                let mut scores = match h.block_on(cluster_time(&shared, p, seq)) {
+                    Ok(Some(t)) => engine.advance_to(t),
+                    Ok(None) => Vec::new(),
+                    Err(e) => {
+                        tracing::debug!(partition = p, error = %e, "cannot read cluster time");
+                        Vec::new()
+                    }
+                };
+                let idle = last_arrival.elapsed();
+                if let Some(newest) = newest_at_arrival.filter(|_| idle >= shared.idle_close) {
+                    let now = newest.saturating_add(idle.as_millis().min(i64::MAX as u128) as i64);
+                    scores.extend(engine.advance_to(now));
+                }
+                scores
+            }
+        };
+        if engine.fenced() {
+            tracing::warn!(partition = p, "refit exchange abandoned: this node stops applying the partition");
+            break;
+        }
+        if !scores.is_empty() {
+            if !lease.valid() {
+                break;
+            }
+            if let Err(e) = h.block_on(publish(&shared, p, &scores)) {
+                // Not applied as far as the cluster knows: the next owner (or this node
+                // again) replays from the last snapshot and publishes them then.
+                tracing::error!(partition = p, error = %e, "cannot publish window scores; giving the partition up");
+                break;
+            }
+        }
+        let status = PartStatus {
+            stats: engine.stats(),
+            seq,
+            lag,
+        };
+        shared
+            .parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p, status);
+    }
+    shared
+        .parts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&p);
+    tracing::info!(partition = p, sequence = seq, "partition released");
+}
+
+/// Cluster event time, if this partition has applied everything published before it:
+/// the clock is raised by ingest only after the events behind it are acknowledged, so a
+/// partition whose last applied sequence is its subject's last has every one of them.
+async fn cluster_time(shared: &Shared, p: u32, seq: u64) -> Result<Option<i64>, String> {
+    let Some(clock) = super::read_i64(&shared.facts, "clock").await? else {
+        return Ok(None);
+    };
+    match shared
+        .events
+        .get_last_raw_message_by_subject(&wire::events_subject(p))
+        .await
+    {
+        Ok(m) if m.sequence > seq => return Ok(None),
+        Ok(_) => {}
+        Err(e)
+            if e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(Some(clock))
+}
+
+/// An ordered consumer of partition `p`'s subject from the sequence after `seq`.
+async fn consume(
+    shared: &Shared,
+    p: u32,
+    seq: u64,
+) -> Result<pull::Ordered, String> {
+    let deliver_policy = if seq == 0 {
+        DeliverPolicy::All
+    } else {
+        DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        }
+    };
+    let consumer = shared
+        .events
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: wire::events_subject(p),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
+/// Publish closed windows (and the alerting ones as alerts), waiting for every ack.
+async fn publish(shared: &Shared, p: u32, scores: &[WindowScore]) -> Result<(), String> {
+    let subject = wire::scores_subject(p);
+    let mut acks = Vec::with_capacity(scores.len());
+    for s in scores {
+        let risk = pb::TokenRisk::from(s);
+        let id = wire::window_id(&s.token, s.start);
+        if s.alert {
+            let alert = pb::Alert::from(&risk);
+            let msg = PublishMessage::build()
+                .payload(alert.encode_to_vec().into())
+                .message_id(&id);
+            acks.push(
+                shared
+                    .js
+                    .send_publish(wire::ALERTS_SUBJECT, msg)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let msg = PublishMessage::build()
+            .payload(risk.encode_to_vec().into())
+            .message_id(&id);
+        acks.push(
+            shared
+                .js
+                .send_publish(subject.clone(), msg)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    for a in acks {
+        a.await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Object name of partition `p`'s snapshot.
+fn snapshot_name(p: u32) -> String {
+    format!("p{p}")
+}
+
+/// Metadata key of the stream sequence a snapshot covers.
+const SEQ_KEY: &str = "sequence";
+
+/// Write partition `p`'s snapshot (covering the stream up to `seq`) to the object store,
+/// unless a snapshot of a later sequence is already there (written by a newer owner).
+fn save(shared: &Shared, p: u32, engine: &Engine, seq: u64) -> Result<(), String> {
+    let h = &shared.handle;
+    let name = snapshot_name(p);
+    if let Ok(info) = h.block_on(shared.snaps.info(&name)) {
+        let theirs = info
+            .metadata
+            .get(SEQ_KEY)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        if theirs >= seq {
+            return Ok(());
+        }
+    }
+    let dir = shared.work_dir.join(format!("p{p}"));
+    let pos = LogPos {
+        segment: seq,
+        batches: 0,
+    };
+    let path = crate::store::snapshot::write(&dir, &engine.snapshot(), pos)
+        .map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(&path).map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(&path);
+    let bytes = bytes?;
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name,
+        metadata: [(SEQ_KEY.to_string(), seq.to_string())].into(),
+        ..Default::default()
+    };
+    h.block_on(shared.snaps.put(meta, &mut bytes.as_slice()))
+        .map_err(|e| e.to_string())?;
+    tracing::debug!(partition = p, sequence = seq, bytes = bytes.len(), "partition snapshot written");
+    Ok(())
+}
+
+/// Partition `p`'s newest snapshot as an engine, and the sequence it covers.
+fn load(shared: &Shared, p: u32) -> Result<Option<(Engine, u64)>, String> {
+    let name = snapshot_name(p);
+    let bytes = shared.handle.block_on(async {
+        let mut obj = match shared.snaps.get(&name).await {
+            Ok(o) => o,
+            Err(e)
+                if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut bytes = Vec::new();
+        obj.read_to_end(&mut bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Some(bytes))
+    })?;
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    let dir = shared.work_dir.join(format!("p{p}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let path = dir.join("loaded.parquet");
+    std::fs::write(&path, &bytes).map_err(|e| e.to_string())?;
+    let read = crate::store::snapshot::read(&path);
+    let _ = std::fs::remove_file(&path);
+    let (snap, pos) = read.map_err(|e| e.to_string())?;
+    let engine = Engine::restore(shared.cfg.clone(), shared.registry.clone(), &snap)
+        .map_err(|e| format!("snapshot {name}: {e}"))?;
+    Ok(Some((engine, pos.segment)))
+}
+
+/// The refit exchange through the object store: each partition writes its share as
+/// `refit/<point>/p<p>` and reads everyone's. A replaying owner rewrites the same bytes
+/// (the engine is deterministic), so a share written by a dead owner stays valid.
+struct Refits {
+    shared: Arc<Shared>,
+    p: u32,
+    lease: Arc<Lease>,
+}
+
+impl Exchange for Refits {
+    fn refit(&mut self, at: i64, share: Share) -> Option<(Arc<Global>, i64)> {
+        let shared = self.shared.clone();
+        let (p, n) = (self.p, shared.n);
+        let lease = self.lease.clone();
+        let h = shared.handle.clone();
+        if !lease.valid() {
+            return None;
+        }
+        let mine = share.encode();
+        let name = |q: u32| format!("refit/{at}/p{q}");
+        let put = h.block_on(async {
+            shared
+                .refits
+                .put(name(p).as_str(), &mut mine.as_slice())
+                .await
+        });
+        if let Err(e) = put {
+            tracing::error!(partition = p, error = %e, "cannot write the refit share");
+            return None;
+        }
+        let cap = shared.cfg.isolation.reservoir;
+        let mut shares: Vec<Option<Share>> = (0..n).map(|_| None).collect();
+        let started = Instant::now();
+        let mut told = Instant::now();
+        loop {
+            for q in 0..n {
+                if shares[q as usize].is_some() {
+                    continue;
+                }
+                let got = h.block_on(async {
+                    let mut o = shared.refits.get(name(q)).await.ok()?;
+                    let mut b = Vec::new();
+                    o.read_to_end(&mut b).await.ok()?;
+                    Some(b)
+                });
+                if let Some(b) = got {
+                    match Share::decode(&b, cap) {
+                        Ok(s) => shares[q as usize] = Some(s),
+                        Err(e) => tracing::warn!(partition = q, at, error = %e, "a refit share cannot be read; waiting for it again"),
+                    }
+                }
+            }
+            if shares.iter().all(Option::is_some) {
+                break;
+            }
+            if !lease.valid() {
+                return None;
+            }
+            if told.elapsed() >= Duration::from_secs(30) {
+                let missing: Vec<u32> = (0..n).filter(|&q| shares[q as usize].is_none()).collect();
+                tracing::warn!(partition = p, at, ?missing, waited_s = started.elapsed().as_secs(), "waiting for the other partitions at a refit");
+                told = Instant::now();
+            }
+            std::thread::sleep(EXCHANGE_POLL);
+        }
+        let all: Vec<Share> = shares.into_iter().flatten().collect();
+        let (global, earliest) = fit_shares(all, &shared.cfg, at);
+        if p == 0 {
+            // The fitted models of each refit, versioned by its point.
+            let mut w = crate::model::codec::Writer::default();
+            global.encode(&mut w);
+            let name = format!("global/{at}");
+            let r = h.block_on(async { shared.snaps.put(name.as_str(), &mut w.buf.as_slice()).await });
+            if let Err(e) = r {
+                tracing::warn!(at, error = %e, "cannot store the fitted models");
+            }
+        }
+        Some((Arc::new(global), earliest))
+    }
+}

