@@ -1116,11 +1116,7 @@ pub trait Exchange: Send {
     /// wait for the models fitted from every partition's shares and the earliest of all
     /// partitions' `earliest`. `None`: this engine may not go on (its partition was lost);
     /// it stops advancing and [`Engine::fenced`] says so.
-    fn refit(
-        &mut self,
-        at: i64,
-        share: Share,
-    ) -> Option<(Arc<Global>, i64)>;
+    fn refit(&mut self, at: i64, share: Share) -> Option<(Arc<Global>, i64)>;
 }
 
 /// One partition's part of a refit as the cluster carries it: its tokens' partials, its
@@ -2032,7 +2028,10 @@ mod tests {
     struct Board {
         n: usize,
         cfg: Arc<Config>,
-        shares: Arc<(std::sync::Mutex<BTreeMap<(i64, usize), Vec<u8>>>, std::sync::Condvar)>,
+        shares: Arc<(
+            std::sync::Mutex<BTreeMap<(i64, usize), Vec<u8>>>,
+            std::sync::Condvar,
+        )>,
     }
 
     impl Exchange for (Board, usize) {

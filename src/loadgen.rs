@@ -63,6 +63,9 @@ pub struct Report {
     pub list_calls: u64,
     /// The server's counters after the load (GetStats), if it answered.
     pub stats: Option<pb::StatsResponse>,
+    /// Cluster mode: wall time from the first send until the partitions had applied every
+    /// accepted event (`None`: embedded mode, where an ack means applied).
+    pub applied: Option<Duration>,
     /// ListRiskyTokens latency percentiles p50, p99, p99.9, max.
     pub list_latency: [Duration; 4],
 }
@@ -92,6 +95,19 @@ impl Report {
             ms(self.latency[2]),
             ms(self.latency[3]),
         )
+    }
+
+    /// The cluster line: when every accepted event was applied.
+    pub fn render_applied(&self) -> String {
+        match self.applied {
+            Some(d) => format!(
+                "cluster: every event accepted since the start applied by its partition's owner after {:.2} s ({} events through this client: {:.0} events/s)\n",
+                d.as_secs_f64(),
+                self.accepted,
+                self.accepted as f64 / d.as_secs_f64().max(1e-9)
+            ),
+            None => String::new(),
+        }
     }
 
     /// The ListRiskyTokens line, if any were called.
@@ -348,6 +364,14 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
         clients.push(connect(opts).await?);
     }
     let sent: u64 = pool.iter().flatten().map(|r| r.events.len() as u64).sum();
+    // Events the server had applied before: in cluster mode, applying lags acknowledging.
+    let before = match clients[0].get_stats(pb::GetStatsRequest {}).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.events, r.accepted_events)
+        }
+        Err(_) => (0, 0),
+    };
     // The reader runs on its own thread and runtime: its latencies must not include
     // waiting behind this process's own ingest encoding.
     let stop = Arc::new(AtomicBool::new(false));
@@ -418,6 +442,27 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
             .await
             .ok()
             .map(|r| r.into_inner());
+        // A cluster acknowledges once the events are durable in JetStream; the partitions'
+        // owners apply them after. Wait (at most 10 minutes) until every event the cluster
+        // accepted since this run started (this run's and any other client's) is applied.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while let Some(st) = report.stats.as_ref().filter(|s| s.cluster.is_some()) {
+            let applied = st.events.saturating_sub(before.0);
+            let accepted = st.accepted_events.saturating_sub(before.1);
+            if applied >= accepted.max(report.accepted) {
+                report.applied = Some(t0.elapsed());
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            report.stats = c
+                .get_stats(pb::GetStatsRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner());
+        }
     }
     if opts.list_calls > 0 {
         let mut c = connect(opts).await?;

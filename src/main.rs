@@ -264,7 +264,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let rt = tokenwatch::loadgen::runtime().context("starting the async runtime")?;
             let report = rt.block_on(tokenwatch::loadgen::run(&o))?;
-            print!("{}{}", report.render(), report.render_list());
+            print!(
+                "{}{}{}",
+                report.render(),
+                report.render_applied(),
+                report.render_list()
+            );
             if let Some(st) = &report.stats {
                 println!(
                     "server: {} tokens known, {} tracked, {} evicted, {} reloaded, {} events untracked",

@@ -71,7 +71,10 @@ fn start_nats(bin: &Path, dir: &Path) -> (Proc, String) {
     let p = Proc(child);
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "nats-server did not listen");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "nats-server did not listen"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (p, format!("nats://127.0.0.1:{port}"))
@@ -117,7 +120,10 @@ async fn client(addr: &str) -> Client {
 }
 
 async fn stats(c: &mut Client) -> pb::StatsResponse {
-    c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner()
+    c.get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Partitions held by each node, as the nodes that answer GetStats report them.
@@ -137,9 +143,7 @@ async fn wait_owned(c: &mut Client, nodes: &[&str]) -> Duration {
         let o = owners(c).await;
         let ids: Vec<&str> = o.keys().map(String::as_str).collect();
         let all: BTreeSet<u32> = o.values().flatten().copied().collect();
-        let even = o
-            .values()
-            .all(|v| v.len() == PARTITIONS / nodes.len());
+        let even = o.values().all(|v| v.len() == PARTITIONS / nodes.len());
         if ids == nodes && all.len() == PARTITIONS && even {
             return t0.elapsed();
         }
@@ -305,7 +309,10 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(2), msgs.next()).await
         {
             let r = pb::TokenRisk::decode(m.payload.as_ref()).unwrap();
-            if got.insert((r.token_id.clone(), r.window_start_ms), r).is_some() {
+            if got
+                .insert((r.token_id.clone(), r.window_start_ms), r)
+                .is_some()
+            {
                 dup += 1;
             }
         }
@@ -316,8 +323,16 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     // (a) the same windows with the same scores.
-    let missing: Vec<_> = truth.keys().filter(|k| !published.contains_key(*k)).take(5).collect();
-    let extra: Vec<_> = published.keys().filter(|k| !truth.contains_key(*k)).take(5).collect();
+    let missing: Vec<_> = truth
+        .keys()
+        .filter(|k| !published.contains_key(*k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = published
+        .keys()
+        .filter(|k| !truth.contains_key(*k))
+        .take(5)
+        .collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
         "{} windows published, {} in the replay; missing {missing:?}, extra {extra:?}",
@@ -329,7 +344,12 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         .filter(|(k, v)| published[*k] != **v)
         .take(3)
         .collect();
-    assert!(differ.is_empty(), "{} of {} windows differ, e.g. {differ:?}", truth.iter().filter(|(k, v)| published[*k] != **v).count(), truth.len());
+    assert!(
+        differ.is_empty(),
+        "{} of {} windows differ, e.g. {differ:?}",
+        truth.iter().filter(|(k, v)| published[*k] != **v).count(),
+        truth.len()
+    );
     // (b) every accepted event in exactly one window.
     let counted: u64 = published.values().map(|r| u64::from(r.events)).sum();
     assert_eq!(counted, accepted);
@@ -365,7 +385,11 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
             .unwrap()
             .into_inner()
             .tokens;
-        let want: Vec<(&str, f64)> = order.iter().take(10).map(|r| (r.token_id.as_str(), r.risk)).collect();
+        let want: Vec<(&str, f64)> = order
+            .iter()
+            .take(10)
+            .map(|r| (r.token_id.as_str(), r.risk))
+            .collect();
         let got: Vec<(&str, f64)> = top.iter().map(|r| (r.token_id.as_str(), r.risk)).collect();
         assert_eq!(got, want, "ListRiskyTokens");
     }
@@ -379,7 +403,10 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         .iter()
         .filter(|(t, _)| held["n1"].contains(&(shard_of(t, PARTITIONS) as u32)))
         .count();
-    assert!(from_n1 > 0, "no alert of n1's partitions reached n2: {held:?}");
+    assert!(
+        from_n1 > 0,
+        "no alert of n1's partitions reached n2: {held:?}"
+    );
     eprintln!(
         "cluster = replay: {} windows, {accepted} events, {} alerts ({from_n1} from n1's partitions on n2's stream), {} refits",
         truth.len(),

@@ -96,7 +96,11 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             .await;
     }
     let _ = shared.leases.delete(node_key(&shared.node)).await;
-    shared.owned.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    shared
+        .owned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
 }
 
 async fn live_nodes(shared: &Shared) -> Result<Vec<String>, String> {
@@ -144,7 +148,10 @@ async fn tick(shared: &Arc<Shared>, held: &mut BTreeMap<u32, Held>) {
                 if let Some(t) = h.thread.take() {
                     let _ = t.join();
                 }
-                let _ = shared.leases.delete_expect_revision(&key, Some(h.rev)).await;
+                let _ = shared
+                    .leases
+                    .delete_expect_revision(&key, Some(h.rev))
+                    .await;
                 held.remove(&p);
                 continue;
             }
@@ -167,7 +174,10 @@ async fn tick(shared: &Arc<Shared>, held: &mut BTreeMap<u32, Held>) {
                 }
             }
             if !preferred && !h.stop.load(Ordering::Relaxed) {
-                tracing::info!(partition = p, "handing the partition over to its preferred node");
+                tracing::info!(
+                    partition = p,
+                    "handing the partition over to its preferred node"
+                );
                 h.stop.store(true, Ordering::Relaxed);
             }
         } else if preferred {

@@ -112,6 +112,7 @@ pub struct Node {
     stop: watch::Sender<bool>,
     leases: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    link: watch::Receiver<bool>,
 }
 
 /// Read an integer fact (`origin`, `clock`).
@@ -155,10 +156,7 @@ async fn raise_clock(facts: &kv::Store, t: i64) -> Result<(), String> {
     Err("the cluster clock is contended; not raised".into())
 }
 
-async fn stream_of(
-    js: &jetstream::Context,
-    cfg: stream::Config,
-) -> Result<stream::Stream, String> {
+async fn stream_of(js: &jetstream::Context, cfg: stream::Config) -> Result<stream::Stream, String> {
     let name = cfg.name.clone();
     match js.get_stream(&name).await {
         Ok(s) => Ok(s),
@@ -352,11 +350,13 @@ impl Node {
         let (stop, stop_rx) = watch::channel(false);
         let leases = tokio::spawn(lease::run(shared.clone(), stop_rx.clone()));
         let (tx, rx) = queue;
+        let (link_tx, link) = watch::channel(true);
         let tasks = vec![
             tokio::spawn(relay_scores(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(relay_alerts(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(answer_stats(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
+            tokio::spawn(watch_link(shared.clone(), link_tx)),
         ];
         tracing::info!(node = %opts.node_id, partitions = n, url = %opts.url, "joined the cluster");
         Ok(Node {
@@ -366,6 +366,7 @@ impl Node {
             stop,
             leases,
             tasks,
+            link,
         })
     }
 
@@ -380,6 +381,24 @@ impl Node {
         }
         let _ = self.shared.client.flush().await;
         stats
+    }
+}
+
+impl Node {
+    /// Whether the node is connected to NATS (checked every second): a node cut off from
+    /// it can neither take events nor apply them, and health says so.
+    pub fn link_watch(&self) -> watch::Receiver<bool> {
+        self.link.clone()
+    }
+}
+
+async fn watch_link(shared: Arc<Shared>, tx: watch::Sender<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let up = shared.client.connection_state() == async_nats::connection::State::Connected;
+        tx.send_if_modified(|v| std::mem::replace(v, up) != up);
+        metrics::gauge!("tokenwatch_cluster_connected").set(f64::from(u8::from(up)));
     }
 }
 
@@ -414,11 +433,7 @@ impl Shared {
         let (parts, _) = self.local();
         pb::ClusterNode {
             node_id: self.node.clone(),
-            partitions: self
-                .owned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            partitions: self.owned.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             lag: parts.iter().map(|(_, s)| s.lag).sum(),
             live_nodes: self.live.load(Ordering::Relaxed) as u32,
             partition_count: self.n,
@@ -446,6 +461,7 @@ impl Shared {
             evicted_tokens: s.evicted,
             reloaded_tokens: s.reloaded,
             untracked_events: s.untracked,
+            accepted_events: self.accepted.load(Ordering::Relaxed),
             cluster: Some(self.report()),
             ..Default::default()
         }
@@ -455,23 +471,35 @@ impl Shared {
 /// Fold every closed window of the cluster into this node's board (its latest score per
 /// token), from the start of the scores stream.
 async fn relay_scores(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Receiver<bool>) {
-    relay(shared, wire::SCORES, async_nats::jetstream::consumer::DeliverPolicy::All, stop, move |b| {
-        if let Ok(r) = pb::TokenRisk::decode(b) {
-            board.put_risk(r);
-        }
-    })
+    relay(
+        shared,
+        wire::SCORES,
+        async_nats::jetstream::consumer::DeliverPolicy::All,
+        stop,
+        move |b| {
+            if let Ok(r) = pb::TokenRisk::decode(b) {
+                board.put_risk(r);
+            }
+        },
+    )
     .await
 }
 
 /// Relay alerts raised from now on by every owner into this node's WatchAlerts streams.
 async fn relay_alerts(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Receiver<bool>) {
-    relay(shared, wire::ALERTS, async_nats::jetstream::consumer::DeliverPolicy::New, stop, move |b| {
-        if let Ok(a) = pb::Alert::decode(b) {
-            board.alerted.fetch_add(1, Ordering::Relaxed);
-            // No subscriber is not an error.
-            let _ = board.alerts.send(Arc::new(a));
-        }
-    })
+    relay(
+        shared,
+        wire::ALERTS,
+        async_nats::jetstream::consumer::DeliverPolicy::New,
+        stop,
+        move |b| {
+            if let Ok(a) = pb::Alert::decode(b) {
+                board.alerted.fetch_add(1, Ordering::Relaxed);
+                // No subscriber is not an error.
+                let _ = board.alerts.send(Arc::new(a));
+            }
+        },
+    )
     .await
 }
 
@@ -486,7 +514,11 @@ async fn relay(
     let mut from = deliver_policy;
     loop {
         let consumer = async {
-            let s = shared.js.get_stream(name).await.map_err(|e| e.to_string())?;
+            let s = shared
+                .js
+                .get_stream(name)
+                .await
+                .map_err(|e| e.to_string())?;
             let c = s
                 .create_consumer(pull::OrderedConfig {
                     deliver_policy: from,
@@ -593,6 +625,7 @@ async fn gather_stats(shared: &Shared, board: &Board) -> pb::StatsResponse {
         out.evicted_tokens += r.evicted_tokens;
         out.reloaded_tokens += r.reloaded_tokens;
         out.untracked_events += r.untracked_events;
+        out.accepted_events += r.accepted_events;
         if let Some(c) = &r.cluster {
             out.nodes.push(c.clone());
         }
@@ -609,8 +642,11 @@ const PIECE_ROWS: usize = 4096;
 /// any failure at their flush), stats are gathered; what only the embedded mode has is
 /// refused with a clear reason.
 async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Board>) {
-    let mut pending: Vec<(async_nats::jetstream::context::PublishAckFuture, u64, Arc<Ack>)> =
-        Vec::new();
+    let mut pending: Vec<(
+        async_nats::jetstream::context::PublishAckFuture,
+        u64,
+        Arc<Ack>,
+    )> = Vec::new();
     let mut newest = i64::MIN;
     let mut origin_set = false;
     let not_here = "not available in cluster mode yet (see the README's cluster section)";
@@ -735,7 +771,11 @@ async fn publish_batch(
     shared: &Shared,
     b: &RecordBatch,
     ack: &Arc<Ack>,
-    pending: &mut Vec<(async_nats::jetstream::context::PublishAckFuture, u64, Arc<Ack>)>,
+    pending: &mut Vec<(
+        async_nats::jetstream::context::PublishAckFuture,
+        u64,
+        Arc<Ack>,
+    )>,
 ) -> Result<(), String> {
     let n = shared.n as usize;
     let tok = b.column(col::TOKEN_ID).as_string::<i32>();

@@ -36,10 +36,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     let h = shared.handle.clone();
     let (mut engine, mut seq) = match load(&shared, p) {
         Ok(Some((e, s))) => (e, s),
-        Ok(None) => (
-            Engine::new(shared.cfg.clone(), shared.registry.clone()),
-            0,
-        ),
+        Ok(None) => (Engine::new(shared.cfg.clone(), shared.registry.clone()), 0),
         Err(e) => {
             tracing::error!(partition = p, error = %e, "cannot load the partition's snapshot; not taking it");
             return;
@@ -54,6 +51,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
         shared: shared.clone(),
         p,
         lease: lease.clone(),
+        stop: stop.clone(),
     }));
     let mut messages = match h.block_on(consume(&shared, p, seq)) {
         Ok(m) => m,
@@ -77,7 +75,10 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             break;
         }
         if !lease.valid() {
-            tracing::warn!(partition = p, "lease lost: this node stops applying the partition");
+            tracing::warn!(
+                partition = p,
+                "lease lost: this node stops applying the partition"
+            );
             break;
         }
         if seq > snap_seq && last_snapshot.elapsed() >= shared.snapshot_every {
@@ -105,7 +106,10 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                     match h.block_on(super::origin(&shared)) {
                         Ok(Some(o)) => engine.set_refit_origin(o),
                         // Ingest writes the origin before it publishes anything.
-                        Ok(None) => tracing::warn!(partition = p, "no refit origin in the cluster; taking this batch's"),
+                        Ok(None) => tracing::warn!(
+                            partition = p,
+                            "no refit origin in the cluster; taking this batch's"
+                        ),
                         Err(e) => {
                             tracing::warn!(partition = p, error = %e, "cannot read the refit origin; retrying");
                             break;
@@ -141,7 +145,10 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                 continue;
             }
             Ok(None) => {
-                tracing::warn!(partition = p, "the partition's consumer ended; consuming again");
+                tracing::warn!(
+                    partition = p,
+                    "the partition's consumer ended; consuming again"
+                );
                 match h.block_on(consume(&shared, p, seq)) {
                     Ok(m) => messages = m,
                     Err(e) => {
@@ -171,7 +178,10 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             }
         };
         if engine.fenced() {
-            tracing::warn!(partition = p, "refit exchange abandoned: this node stops applying the partition");
+            tracing::warn!(
+                partition = p,
+                "refit exchange abandoned: this node stops applying the partition"
+            );
             break;
         }
         if !scores.is_empty() {
@@ -227,11 +237,7 @@ async fn cluster_time(shared: &Shared, p: u32, seq: u64) -> Result<Option<i64>, 
 }
 
 /// An ordered consumer of partition `p`'s subject from the sequence after `seq`.
-async fn consume(
-    shared: &Shared,
-    p: u32,
-    seq: u64,
-) -> Result<pull::Ordered, String> {
+async fn consume(shared: &Shared, p: u32, seq: u64) -> Result<pull::Ordered, String> {
     let deliver_policy = if seq == 0 {
         DeliverPolicy::All
     } else {
@@ -316,8 +322,8 @@ fn save(shared: &Shared, p: u32, engine: &Engine, seq: u64) -> Result<(), String
         segment: seq,
         batches: 0,
     };
-    let path = crate::store::snapshot::write(&dir, &engine.snapshot(), pos)
-        .map_err(|e| e.to_string())?;
+    let path =
+        crate::store::snapshot::write(&dir, &engine.snapshot(), pos).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(&path).map_err(|e| e.to_string());
     let _ = std::fs::remove_file(&path);
     let bytes = bytes?;
@@ -328,7 +334,12 @@ fn save(shared: &Shared, p: u32, engine: &Engine, seq: u64) -> Result<(), String
     };
     h.block_on(shared.snaps.put(meta, &mut bytes.as_slice()))
         .map_err(|e| e.to_string())?;
-    tracing::debug!(partition = p, sequence = seq, bytes = bytes.len(), "partition snapshot written");
+    tracing::debug!(
+        partition = p,
+        sequence = seq,
+        bytes = bytes.len(),
+        "partition snapshot written"
+    );
     Ok(())
 }
 
@@ -338,9 +349,7 @@ fn load(shared: &Shared, p: u32) -> Result<Option<(Engine, u64)>, String> {
     let bytes = shared.handle.block_on(async {
         let mut obj = match shared.snaps.get(&name).await {
             Ok(o) => o,
-            Err(e)
-                if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound =>
-            {
+            Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
                 return Ok(None)
             }
             Err(e) => return Err(e.to_string()),
@@ -373,6 +382,8 @@ struct Refits {
     shared: Arc<Shared>,
     p: u32,
     lease: Arc<Lease>,
+    /// A handover or shutdown waits for no barrier: the next owner replays to it.
+    stop: Arc<AtomicBool>,
 }
 
 impl Exchange for Refits {
@@ -414,19 +425,27 @@ impl Exchange for Refits {
                 if let Some(b) = got {
                     match Share::decode(&b, cap) {
                         Ok(s) => shares[q as usize] = Some(s),
-                        Err(e) => tracing::warn!(partition = q, at, error = %e, "a refit share cannot be read; waiting for it again"),
+                        Err(e) => {
+                            tracing::warn!(partition = q, at, error = %e, "a refit share cannot be read; waiting for it again")
+                        }
                     }
                 }
             }
             if shares.iter().all(Option::is_some) {
                 break;
             }
-            if !lease.valid() {
+            if !lease.valid() || self.stop.load(Ordering::Relaxed) {
                 return None;
             }
             if told.elapsed() >= Duration::from_secs(30) {
                 let missing: Vec<u32> = (0..n).filter(|&q| shares[q as usize].is_none()).collect();
-                tracing::warn!(partition = p, at, ?missing, waited_s = started.elapsed().as_secs(), "waiting for the other partitions at a refit");
+                tracing::warn!(
+                    partition = p,
+                    at,
+                    ?missing,
+                    waited_s = started.elapsed().as_secs(),
+                    "waiting for the other partitions at a refit"
+                );
                 told = Instant::now();
             }
             std::thread::sleep(EXCHANGE_POLL);
@@ -438,7 +457,8 @@ impl Exchange for Refits {
             let mut w = crate::model::codec::Writer::default();
             global.encode(&mut w);
             let name = format!("global/{at}");
-            let r = h.block_on(async { shared.snaps.put(name.as_str(), &mut w.buf.as_slice()).await });
+            let r =
+                h.block_on(async { shared.snaps.put(name.as_str(), &mut w.buf.as_slice()).await });
             if let Err(e) = r {
                 tracing::warn!(at, error = %e, "cannot store the fitted models");
             }

@@ -67,7 +67,10 @@ pub fn message_id(partition: u32, bytes: &[u8]) -> String {
     ctx.update(&partition.to_le_bytes());
     ctx.update(bytes);
     let d = ctx.finish();
-    d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// De-duplication id of a window's score or alert.
@@ -94,15 +97,14 @@ mod tests {
             now_ms: i64::MAX / 2,
             max_future_skew_ms: 0,
         };
-        let b = crate::server::convert::to_batch(
-            &[ev.clone(), ev],
-            0,
-            clock,
-            &mut Default::default(),
-        );
+        let b =
+            crate::server::convert::to_batch(&[ev.clone(), ev], 0, clock, &mut Default::default());
         let bytes = encode_batch(&b).unwrap();
         assert_eq!(decode_batch(&bytes).unwrap(), b);
-        assert_eq!(message_id(3, &bytes), message_id(3, &encode_batch(&b).unwrap()));
+        assert_eq!(
+            message_id(3, &bytes),
+            message_id(3, &encode_batch(&b).unwrap())
+        );
         assert_ne!(message_id(3, &bytes), message_id(4, &bytes));
         assert!(decode_batch(&bytes[..bytes.len() / 2]).is_err());
     }

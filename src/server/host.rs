@@ -246,8 +246,7 @@ impl Board {
         self.windows.fetch_add(1, Ordering::Relaxed);
         let token: Arc<str> = r.token_id.as_str().into();
         let mut l = self.latest.write().unwrap_or_else(|p| p.into_inner());
-        if l
-            .map
+        if l.map
             .get(&token)
             .is_some_and(|old| old.window_start_ms > r.window_start_ms)
         {

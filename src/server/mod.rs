@@ -257,14 +257,9 @@ pub async fn run(
     let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(host::now_ms()));
     let mut deliveries = None;
     let backend = if let Some(c) = opts.cluster.take() {
-        let node = crate::cluster::Node::start(
-            c,
-            &opts.config,
-            &opts.registry,
-            board.clone(),
-            (etx, erx),
-        )
-        .await;
+        let node =
+            crate::cluster::Node::start(c, &opts.config, &opts.registry, board.clone(), (etx, erx))
+                .await;
         match node {
             Ok(n) => Backend::Cluster(n),
             Err(e) => {
@@ -284,10 +279,11 @@ pub async fn run(
                 Some(dir) => {
                     let (cfg, reg) = (opts.config.clone(), opts.registry.clone());
                     let t0 = std::time::Instant::now();
-                    let (mut store, rec) =
-                        tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, &cfg, reg))
-                            .await
-                            .map_err(|e| Error::Task(e.to_string()))??;
+                    let (mut store, rec) = tokio::task::spawn_blocking(move || {
+                        crate::store::Store::open(&dir, &cfg, reg)
+                    })
+                    .await
+                    .map_err(|e| Error::Task(e.to_string()))??;
                     store.set_faults(opts.faults.clone());
                     for w in &rec.warnings {
                         tracing::warn!("{w}");
@@ -350,7 +346,7 @@ pub async fn run(
             host::Setup {
                 idle_close: Duration::from_millis(scfg.idle_close.ms as u64),
                 snapshot_every: Duration::from_millis(
-                    opts.config.store.snapshot_every.ms.max(1000) as u64
+                    opts.config.store.snapshot_every.ms.max(1000) as u64,
                 ),
                 store,
                 config: opts.config.clone(),
@@ -386,6 +382,27 @@ pub async fn run(
             }
         })
     };
+    // A cluster node cut off from NATS can neither take events nor apply them.
+    let link = match &backend {
+        Backend::Cluster(n) => Some(n.link_watch()),
+        Backend::Local(_) => None,
+    }
+    .map(|mut up| {
+        let health = health.clone();
+        tokio::spawn(async move {
+            while up.changed().await.is_ok() {
+                let on = *up.borrow();
+                if on {
+                    tracing::warn!("connected to the cluster again: health is SERVING");
+                } else {
+                    tracing::error!(
+                        "cut off from the cluster's NATS server: health is NOT_SERVING"
+                    );
+                }
+                set_health(&health, on).await;
+            }
+        })
+    });
     let watchdog = matches!(backend, Backend::Local(_)).then(|| {
         let health = health.clone();
         let heartbeat = heartbeat.clone();
@@ -423,7 +440,7 @@ pub async fn run(
     };
     if let Some(r) = early {
         ticker.abort();
-        if let Some(w) = &watchdog {
+        for w in watchdog.iter().chain(link.iter()) {
             w.abort();
         }
         let _ = backend.stop().await;
