@@ -2022,16 +2022,19 @@ mod tests {
         to_batch(&events)
     }
 
+    /// Shares put so far, by (refit point, partition), and who waits for them.
+    type Shares = (
+        std::sync::Mutex<BTreeMap<(i64, usize), Vec<u8>>>,
+        std::sync::Condvar,
+    );
+
     /// An exchange between partitions in one process: each puts its share of refit `at`
     /// and waits for all of them (what a cluster does through its object store).
     #[derive(Clone)]
     struct Board {
         n: usize,
         cfg: Arc<Config>,
-        shares: Arc<(
-            std::sync::Mutex<BTreeMap<(i64, usize), Vec<u8>>>,
-            std::sync::Condvar,
-        )>,
+        shares: Arc<Shares>,
     }
 
     impl Exchange for (Board, usize) {

@@ -368,7 +368,10 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
     let before = match clients[0].get_stats(pb::GetStatsRequest {}).await {
         Ok(r) => {
             let r = r.into_inner();
-            (r.events, r.accepted_events)
+            (
+                r.events + r.late_events + r.untracked_events,
+                r.accepted_events,
+            )
         }
         Err(_) => (0, 0),
     };
@@ -447,7 +450,9 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
         // accepted since this run started (this run's and any other client's) is applied.
         let deadline = Instant::now() + Duration::from_secs(600);
         while let Some(st) = report.stats.as_ref().filter(|s| s.cluster.is_some()) {
-            let applied = st.events.saturating_sub(before.0);
+            // Late and untracked events are applied too (counted, kept out of windows).
+            let applied =
+                (st.events + st.late_events + st.untracked_events).saturating_sub(before.0);
             let accepted = st.accepted_events.saturating_sub(before.1);
             if applied >= accepted.max(report.accepted) {
                 report.applied = Some(t0.elapsed());

@@ -244,6 +244,21 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     let (mut c1, mut c2) = (client(&a1).await, client(&a2).await);
     wait_owned(&mut c1, &["n1", "n2", "n3"]).await;
 
+    // The partition count is the stream's: a node that disagrees refuses to start.
+    let wrong = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
+        .args(["--cluster", &url, "--node-id", "n4", "--partitions", "8"])
+        .arg("--data-dir")
+        .arg(dir.path().join("n4"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success());
+    assert!(
+        said.contains("created with 12 partitions") && said.contains("--partitions 8"),
+        "{said}"
+    );
+
     // Alerts of every partition, as a WatchAlerts stream on n2 sees them.
     let mut watch = c2
         .watch_alerts(pb::WatchAlertsRequest { min_risk: 0.0 })
@@ -395,6 +410,29 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     }
     let st = stats(&mut c1).await;
     assert_eq!(st.published_windows, truth.len() as u64);
+    // One stream of many small requests (about 7,700 pieces: one per partition each one
+    // touches), past the client's 5,000 in-flight acks: acknowledged, not stalled. No
+    // window closes (the sentinels' event time).
+    let flood: Vec<pb::IngestRequest> = (0..1000)
+        .map(|i| pb::IngestRequest {
+            events: (0..PARTITIONS)
+                .map(|p| {
+                    let mut e = sentinels[p].clone();
+                    e.token_id = format!("{}-flood-{i}", e.token_id);
+                    e
+                })
+                .collect(),
+        })
+        .collect();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(60),
+        c2.ingest(tokio_stream::iter(flood)),
+    )
+    .await
+    .expect("a long ingest stream stalled")
+    .unwrap()
+    .into_inner();
+    assert_eq!(resp.accepted, 1000 * PARTITIONS as u64);
     let held = owners(&mut c1).await;
     drop((n1, n2));
     let seen = watched.await.unwrap();

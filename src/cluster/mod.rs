@@ -238,6 +238,9 @@ impl Node {
             .await
             .map_err(|e| format!("cannot connect to the cluster at {}: {e}", opts.url))?;
         let js = jetstream::new(client.clone());
+        // The control plane (leases, clock, snapshots, refit shares) on its own context: its
+        // publishes never wait behind the data plane's in-flight acks.
+        let ctl = jetstream::new(client.clone());
         let events = stream_of(
             &js,
             stream::Config {
@@ -282,7 +285,7 @@ impl Node {
             .await?;
         }
         let leases = kv_of(
-            &js,
+            &ctl,
             kv::Config {
                 bucket: wire::LEASES.into(),
                 history: 1,
@@ -292,7 +295,7 @@ impl Node {
         )
         .await?;
         let facts = kv_of(
-            &js,
+            &ctl,
             kv::Config {
                 bucket: wire::FACTS.into(),
                 history: 1,
@@ -301,7 +304,7 @@ impl Node {
         )
         .await?;
         let snaps = objects_of(
-            &js,
+            &ctl,
             object_store::Config {
                 bucket: wire::SNAPSHOTS.into(),
                 ..Default::default()
@@ -309,7 +312,7 @@ impl Node {
         )
         .await?;
         let refits = objects_of(
-            &js,
+            &ctl,
             object_store::Config {
                 bucket: wire::REFITS.into(),
                 max_age: opts.retention,
@@ -642,11 +645,10 @@ const PIECE_ROWS: usize = 4096;
 /// any failure at their flush), stats are gathered; what only the embedded mode has is
 /// refused with a clear reason.
 async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Board>) {
-    let mut pending: Vec<(
-        async_nats::jetstream::context::PublishAckFuture,
-        u64,
-        Arc<Ack>,
-    )> = Vec::new();
+    // One task per batch awaits its acks as they come: an ack future holds one of the
+    // context's in-flight permits until it is awaited, so waiting for them only at the
+    // stream's flush would stall every publish (and every node's) once they run out.
+    let mut pending: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut newest = i64::MIN;
     let mut origin_set = false;
     let not_here = "not available in cluster mode yet (see the README's cluster section)";
@@ -664,22 +666,30 @@ async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Boar
                     }
                 }
                 newest = newest.max(max.min(now_ms() as i64));
-                if let Err(e) = publish_batch(&shared, &b, &ack, &mut pending).await {
+                let mut acks = Vec::new();
+                if let Err(e) = publish_batch(&shared, &b, &mut acks).await {
                     fail(&ack, e);
                 }
-            }
-            Cmd::Flush(tx) => {
-                let acks = std::mem::take(&mut pending);
-                let clock = std::mem::replace(&mut newest, i64::MIN);
                 let shared = shared.clone();
-                tokio::spawn(async move {
-                    for (f, rows, ack) in acks {
+                pending.retain(|t| !t.is_finished());
+                pending.push(tokio::spawn(async move {
+                    for (f, rows) in acks {
                         match f.await {
                             Ok(_) => {
                                 shared.accepted.fetch_add(rows, Ordering::Relaxed);
                             }
                             Err(e) => fail(&ack, format!("JetStream did not acknowledge: {e}")),
                         }
+                    }
+                }));
+            }
+            Cmd::Flush(tx) => {
+                let acks = std::mem::take(&mut pending);
+                let clock = std::mem::replace(&mut newest, i64::MIN);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    for t in acks {
+                        let _ = t.await;
                     }
                     if clock != i64::MIN {
                         if let Err(e) = raise_clock(&shared.facts, clock).await {
@@ -770,12 +780,7 @@ async fn ensure_origin(shared: &Shared, min_ts: i64) -> Result<(), String> {
 async fn publish_batch(
     shared: &Shared,
     b: &RecordBatch,
-    ack: &Arc<Ack>,
-    pending: &mut Vec<(
-        async_nats::jetstream::context::PublishAckFuture,
-        u64,
-        Arc<Ack>,
-    )>,
+    pending: &mut Vec<(async_nats::jetstream::context::PublishAckFuture, u64)>,
 ) -> Result<(), String> {
     let n = shared.n as usize;
     let tok = b.column(col::TOKEN_ID).as_string::<i32>();
@@ -784,7 +789,7 @@ async fn publish_batch(
         rows[shard_of(tok.value(i), n)].push(i as u32);
     }
     let now = now_ms().to_string();
-    let limit = (shared.client.server_info().max_payload as usize).max(64 * 1024) - 16 * 1024;
+    let limit = shared.client.server_info().max_payload.max(64 * 1024) - 16 * 1024;
     for (p, idx) in rows.into_iter().enumerate() {
         if idx.is_empty() {
             continue;
@@ -817,7 +822,7 @@ async fn publish_batch(
                 .send_publish(wire::events_subject(p as u32), msg)
                 .await
                 .map_err(|e| format!("cannot publish to the cluster: {e}"))?;
-            pending.push((f, piece.num_rows() as u64, ack.clone()));
+            pending.push((f, piece.num_rows() as u64));
         }
     }
     Ok(())
