@@ -355,8 +355,11 @@ fn load(shared: &Shared, p: u32) -> Result<Option<(Engine, u64)>, String> {
             Err(e) => return Err(e.to_string()),
         };
         let mut bytes = Vec::new();
-        obj.read_to_end(&mut bytes)
+        // An object replaced while it is read can leave the reader waiting for chunks that
+        // were purged: bounded, and the partition is tried again.
+        tokio::time::timeout(READ_TIMEOUT, obj.read_to_end(&mut bytes))
             .await
+            .map_err(|_| format!("reading {name} timed out"))?
             .map_err(|e| e.to_string())?;
         Ok(Some(bytes))
     })?;
@@ -373,6 +376,26 @@ fn load(shared: &Shared, p: u32) -> Result<Option<(Engine, u64)>, String> {
     let engine = Engine::restore(shared.cfg.clone(), shared.registry.clone(), &snap)
         .map_err(|e| format!("snapshot {name}: {e}"))?;
     Ok(Some((engine, pos.segment)))
+}
+
+/// Longest read of one object (a share, a snapshot).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An object's bytes; `None` when it is missing, unreadable or not read within
+/// [`READ_TIMEOUT`] (replaced meanwhile: the caller tries again).
+async fn read_object(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    name: &str,
+) -> Option<Vec<u8>> {
+    tokio::time::timeout(READ_TIMEOUT, async {
+        let mut o = store.get(name).await.ok()?;
+        let mut b = Vec::new();
+        o.read_to_end(&mut b).await.ok()?;
+        Some(b)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// The refit exchange through the object store: each partition writes its share as
@@ -397,11 +420,17 @@ impl Exchange for Refits {
         }
         let mine = share.encode();
         let name = |q: u32| format!("refit/{at}/p{q}");
+        // A replaying owner finds its share already there (the same bytes: the engine is
+        // deterministic) and does not replace it under the readers' feet.
         let put = h.block_on(async {
-            shared
-                .refits
-                .put(name(p).as_str(), &mut mine.as_slice())
-                .await
+            match read_object(&shared.refits, &name(p)).await {
+                Some(b) if b == mine => Ok(()),
+                _ => shared
+                    .refits
+                    .put(name(p).as_str(), &mut mine.as_slice())
+                    .await
+                    .map(|_| ()),
+            }
         });
         if let Err(e) = put {
             tracing::error!(partition = p, error = %e, "cannot write the refit share");
@@ -416,12 +445,7 @@ impl Exchange for Refits {
                 if shares[q as usize].is_some() {
                     continue;
                 }
-                let got = h.block_on(async {
-                    let mut o = shared.refits.get(name(q)).await.ok()?;
-                    let mut b = Vec::new();
-                    o.read_to_end(&mut b).await.ok()?;
-                    Some(b)
-                });
+                let got = h.block_on(read_object(&shared.refits, &name(q)));
                 if let Some(b) = got {
                     match Share::decode(&b, cap) {
                         Ok(s) => shares[q as usize] = Some(s),
