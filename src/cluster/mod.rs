@@ -357,7 +357,7 @@ impl Node {
         let tasks = vec![
             tokio::spawn(relay_scores(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(relay_alerts(shared.clone(), board.clone(), stop_rx.clone())),
-            tokio::spawn(answer_stats(shared.clone(), board.clone(), stop_rx.clone())),
+            tokio::spawn(answer_stats(shared.clone(), stop_rx.clone())),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
             tokio::spawn(watch_link(shared.clone(), link_tx)),
         ];
@@ -566,8 +566,7 @@ async fn relay(
 }
 
 /// Answer GetStats' scatter: this node's counters.
-async fn answer_stats(shared: Arc<Shared>, board: Arc<Board>, mut stop: watch::Receiver<bool>) {
-    let _ = board;
+async fn answer_stats(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut sub = match shared.client.subscribe(wire::STATS_SUBJECT).await {
         Ok(s) => s,
         Err(e) => {
