@@ -1171,6 +1171,12 @@ impl Share {
     }
 }
 
+/// The first refit point of an engine whose first batch starts at `min_ts`: one warm-up
+/// after that batch's first window (a cluster takes it from the first request it ingests).
+pub fn first_refit(cfg: &Config, min_ts: i64) -> i64 {
+    window_start(min_ts, cfg.window.size.ms).saturating_add(cfg.engine.warmup.ms)
+}
+
 /// Fit the cross-token models of the refit at `at` from every partition's share (in any
 /// order: the merge is order-free and the fit deterministic, so every node that fits the
 /// same shares installs the same models), and the earliest of their `earliest`.
@@ -1358,8 +1364,7 @@ impl Engine {
             bmin = bmin.min(t);
         }
         if self.next_refit.is_none() {
-            let w = self.cfg.window.size.ms;
-            self.next_refit = Some(window_start(bmin, w).saturating_add(self.cfg.engine.warmup.ms));
+            self.next_refit = Some(first_refit(&self.cfg, bmin));
         }
         let nshards = self.shards.len();
         if nshards == 1 {
@@ -1516,13 +1521,7 @@ impl Engine {
                     earliest
                 }
                 Some(mut x) => {
-                    let (partial, sample) = self.refit_share();
-                    let share = Share {
-                        partial,
-                        sample,
-                        earliest,
-                    };
-                    let got = x.refit(r, share);
+                    let got = x.refit(r, self.refit_share(earliest));
                     self.exchange = Some(x);
                     match got {
                         Some((global, all)) => {
@@ -1635,21 +1634,16 @@ impl Engine {
     /// partial statistics (`RefitPartial`, the models' own view of them), the partials are
     /// merged and fitted once.
     pub fn refit(&mut self, at: i64) {
-        let (partial, sample) = self.refit_share();
-        let share = Share {
-            partial,
-            sample,
-            earliest: at,
-        };
+        let share = self.refit_share(at);
         let (global, _) = fit_shares(vec![share], &self.cfg, at);
         self.install_global(Arc::new(global));
     }
 
     /// This engine's share of a refit: its tracked tokens' partials merged over the shards,
-    /// and the bottom-k of its shards' isolation samples. A cluster partition sends this
-    /// to the others (the bottom-k of the union of bottom-k's is the union's bottom-k, so
-    /// merging shares gives the sample a single engine would have).
-    pub fn refit_share(&self) -> (RefitPartial, Reservoir) {
+    /// the bottom-k of its shards' isolation samples, and `earliest`. A cluster partition
+    /// sends this to the others (the bottom-k of the union of bottom-k's is the union's
+    /// bottom-k, so merging shares gives the sample a single engine would have).
+    pub fn refit_share(&self, earliest: i64) -> Share {
         let min_w = self.cfg.peers.min_windows;
         let mut merged = RefitPartial::default();
         for sh in &self.shards {
@@ -1663,7 +1657,11 @@ impl Engine {
         for sh in &self.shards {
             sample.merge_from(&sh.reservoir);
         }
-        (merged, sample)
+        Share {
+            partial: merged,
+            sample,
+            earliest,
+        }
     }
 
     /// Hand fitted cross-token models to every shard (and move each token to its nearest
@@ -2154,8 +2152,7 @@ mod tests {
         let ts = batches[0]
             .column(col::TS)
             .as_primitive::<TimestampMillisecondType>();
-        let min = ts.values().iter().copied().min().unwrap();
-        window_start(min, cfg.window.size.ms) + cfg.engine.warmup.ms
+        first_refit(cfg, ts.values().iter().copied().min().unwrap())
     }
 
     /// Ten days from DE / AS 3320, then a new place (FR / AS 12322): as a move (DE stops,

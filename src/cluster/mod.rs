@@ -42,7 +42,6 @@ use crate::event::col;
 use crate::model::registry::Registry;
 use crate::server::host::{now_ms, Ack, Board, Cmd};
 use crate::server::pb;
-use crate::window::window_start;
 
 /// How to join a cluster.
 #[derive(Debug, Clone)]
@@ -156,33 +155,45 @@ async fn raise_clock(facts: &kv::Store, t: i64) -> Result<(), String> {
     Err("the cluster clock is contended; not raised".into())
 }
 
+/// Open `what` named `name`, creating it if it is missing; when the create fails because
+/// another node created it in between, open that one.
+async fn get_or_create<T, E1, E2, G, C>(
+    what: &str,
+    name: &str,
+    get: impl Fn() -> G,
+    create: C,
+) -> Result<T, String>
+where
+    G: std::future::Future<Output = Result<T, E1>>,
+    C: std::future::Future<Output = Result<T, E2>>,
+    E2: std::fmt::Display,
+{
+    if let Ok(x) = get().await {
+        return Ok(x);
+    }
+    match create.await {
+        Ok(x) => Ok(x),
+        Err(e) => get()
+            .await
+            .map_err(|_| format!("cannot create the {what} {name}: {e}")),
+    }
+}
+
 async fn stream_of(js: &jetstream::Context, cfg: stream::Config) -> Result<stream::Stream, String> {
     let name = cfg.name.clone();
-    match js.get_stream(&name).await {
-        Ok(s) => Ok(s),
-        Err(_) => match js.create_stream(cfg).await {
-            Ok(s) => Ok(s),
-            // Another node created it in between.
-            Err(e) => js
-                .get_stream(&name)
-                .await
-                .map_err(|_| format!("cannot create the stream {name}: {e}")),
-        },
-    }
+    get_or_create(
+        "stream",
+        &name,
+        || js.get_stream(&name),
+        js.create_stream(cfg),
+    )
+    .await
 }
 
 async fn kv_of(js: &jetstream::Context, cfg: kv::Config) -> Result<kv::Store, String> {
     let name = cfg.bucket.clone();
-    match js.get_key_value(&name).await {
-        Ok(s) => Ok(s),
-        Err(_) => match js.create_key_value(cfg).await {
-            Ok(s) => Ok(s),
-            Err(e) => js
-                .get_key_value(&name)
-                .await
-                .map_err(|_| format!("cannot create the key-value bucket {name}: {e}")),
-        },
-    }
+    let get = || js.get_key_value(&name);
+    get_or_create("key-value bucket", &name, get, js.create_key_value(cfg)).await
 }
 
 async fn objects_of(
@@ -190,16 +201,8 @@ async fn objects_of(
     cfg: object_store::Config,
 ) -> Result<object_store::ObjectStore, String> {
     let name = cfg.bucket.clone();
-    match js.get_object_store(&name).await {
-        Ok(s) => Ok(s),
-        Err(_) => match js.create_object_store(cfg).await {
-            Ok(s) => Ok(s),
-            Err(e) => js
-                .get_object_store(&name)
-                .await
-                .map_err(|_| format!("cannot create the object store {name}: {e}")),
-        },
-    }
+    let get = || js.get_object_store(&name);
+    get_or_create("object store", &name, get, js.create_object_store(cfg)).await
 }
 
 /// Duplicate window of every stream: a resend within it is dropped.
@@ -761,8 +764,7 @@ async fn ensure_origin(shared: &Shared, min_ts: i64) -> Result<(), String> {
     if origin(shared).await?.is_some() {
         return Ok(());
     }
-    let w = shared.cfg.window.size.ms;
-    let o = window_start(min_ts, w).saturating_add(shared.cfg.engine.warmup.ms);
+    let o = crate::engine::first_refit(&shared.cfg, min_ts);
     if shared
         .facts
         .create("origin", o.to_string().into())
