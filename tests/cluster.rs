@@ -80,11 +80,18 @@ fn start_nats(bin: &Path, dir: &Path) -> (Proc, String) {
     (p, format!("nats://127.0.0.1:{port}"))
 }
 
-fn start_node(url: &str, id: &str, dir: &Path, tokens: &Path, config: &Path) -> (Proc, String) {
+/// A node of the cluster; `snapshots`: how often its partitions snapshot themselves.
+fn start_node(
+    url: &str,
+    id: &str,
+    dir: &Path,
+    (tokens, config): (&Path, &Path),
+    snapshots: &str,
+) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
         .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
         .args(["--cluster", url, "--node-id", id, "--partitions", "12"])
-        .args(["--cluster-snapshot-every", "2s"])
+        .args(["--cluster-snapshot-every", snapshots])
         .arg("--data-dir")
         .arg(dir.join(id))
         .arg("--tokens")
@@ -215,8 +222,20 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     // The truth: one engine over every event.
     let mut engine = tokenwatch::Engine::new(cfg.clone(), registry.clone());
     let mut truth: BTreeMap<(String, i64), pb::TokenRisk> = BTreeMap::new();
+    // The alerts the nodes' policies (the built-in models/policies.toml) must raise: the
+    // same policies over the same windows.
+    let list = tokenwatch::respond::policy::load(Path::new("models/policies.toml")).unwrap();
+    let mut policies = tokenwatch::respond::policy::Policies::new(list, cfg.window.size.ms);
+    let mut fired: BTreeMap<String, String> = BTreeMap::new();
+    let mut fired_at: Vec<(String, i64)> = Vec::new();
     let mut take = |scores: Vec<tokenwatch::WindowScore>| {
         for s in scores {
+            for d in policies.judge(&s) {
+                if d.event == tokenwatch::respond::policy::Event::Fired {
+                    fired.insert(d.alert_id, s.token.to_string());
+                    fired_at.push((s.token.to_string(), s.start));
+                }
+            }
             truth.insert((s.token.to_string(), s.start), pb::TokenRisk::from(&s));
         }
     };
@@ -238,11 +257,23 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         .collect();
     assert!(!truth_alerts.is_empty());
 
-    let (n1, a1) = start_node(&url, "n1", dir.path(), &tokens, &config);
-    let (n2, a2) = start_node(&url, "n2", dir.path(), &tokens, &config);
-    let (mut n3, _a3) = start_node(&url, "n3", dir.path(), &tokens, &config);
+    let files = (tokens.as_path(), config.as_path());
+    let (n1, a1) = start_node(&url, "n1", dir.path(), files, "2s");
+    let (n2, a2) = start_node(&url, "n2", dir.path(), files, "2s");
+    // n3 never snapshots after taking its partitions (empty, before any event): the
+    // survivors replay everything it applied, and must not act on its alerts again.
+    let (mut n3, _a3) = start_node(&url, "n3", dir.path(), files, "1h");
     let (mut c1, mut c2) = (client(&a1).await, client(&a2).await);
     wait_owned(&mut c1, &["n1", "n2", "n3"]).await;
+    // n3 dies after 40% of the events, and after at least one of its alerts has closed
+    // (its window and the lateness behind it), so that its successors replay an alert.
+    let of_n3 = owners(&mut c1).await["n3"].clone();
+    let n3_alert = fired_at
+        .iter()
+        .filter(|(t, _)| of_n3.contains(&(shard_of(t, PARTITIONS) as u32)))
+        .map(|&(_, start)| start)
+        .min()
+        .expect("an alert on n3's partitions");
 
     // The partition count is the stream's: a node that disagrees refuses to start.
     let wrong = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
@@ -267,20 +298,45 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         .into_inner();
     let watched = tokio::spawn(async move {
         let mut seen = BTreeSet::new();
+        let mut ids = BTreeSet::new();
         while let Ok(Some(Ok(a))) =
             tokio::time::timeout(Duration::from_secs(60), watch.next()).await
         {
+            ids.insert(a.alert_id);
             seen.insert((a.token_id, a.window_start_ms));
         }
-        seen
+        (seen, ids)
     });
 
     // Ingest in time order, one request after another, alternately through n1 and n2.
     let requests: Vec<Vec<pb::Event>> = events.chunks(2000).map(|c| c.to_vec()).collect();
+    let kill_at = requests
+        .iter()
+        .position(|r| r[0].ts_ms >= n3_alert + 3_600_000)
+        .unwrap_or(requests.len())
+        .max(requests.len() * 2 / 5);
+    assert!(
+        kill_at + 3 < requests.len(),
+        "n3's first alert comes too late"
+    );
     let mut accepted = 0u64;
     let mut failover = None;
     for (i, r) in requests.iter().enumerate() {
-        if i == requests.len() * 2 / 5 {
+        if i == kill_at {
+            // Once n3 has applied what it was sent and raised an alert (owners apply
+            // behind the acks; actions are delivered behind the judging).
+            let audit = dir.path().join("n3/cluster/audit.jsonl");
+            let t0 = Instant::now();
+            while !std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .contains("\"what\":\"alert\"")
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "n3 raised no alert of its partitions"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             // SIGKILL: no goodbye, its leases must expire.
             let _ = n3.0.kill();
             let _ = n3.0.wait();
@@ -434,9 +490,101 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     .into_inner();
     assert_eq!(resp.accepted, 1000 * PARTITIONS as u64);
     let held = owners(&mut c1).await;
-    drop((n1, n2));
-    let seen = watched.await.unwrap();
+
+    // (e) Policies run on the owners, once per alert: every alert the policies raise on the
+    // replay was raised (audit "alert" records of the three nodes, n3's up to its death),
+    // and a node that took a partition over did not raise its earlier alerts again.
+    let mut raised: BTreeMap<String, u32> = BTreeMap::new();
+    let t0 = Instant::now();
+    loop {
+        raised.clear();
+        for n in ["n1", "n2", "n3"] {
+            let audit = dir.path().join(n).join("cluster/audit.jsonl");
+            for line in std::fs::read_to_string(&audit).unwrap_or_default().lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue; // n3's last line, cut by the SIGKILL
+                };
+                if v["what"] == "alert" {
+                    *raised
+                        .entry(v["alert_id"].as_str().unwrap().to_string())
+                        .or_default() += 1;
+                }
+            }
+        }
+        if raised.len() >= fired.len() || t0.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let want: BTreeSet<&String> = fired.keys().collect();
+    let got: BTreeSet<&String> = raised.keys().collect();
+    assert_eq!(got, want, "alerts raised by the owners' policies");
+    let twice: Vec<_> = raised.iter().filter(|(_, n)| **n > 1).collect();
+    // Only an alert n3 raised in the instant before its SIGKILL, before it published the
+    // window, may be raised again by the partition's next owner (at least once, never lost).
+    assert!(twice.len() <= 1, "alerts raised twice: {twice:?}");
+    let by_n3 = std::fs::read_to_string(dir.path().join("n3/cluster/audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"what\":\"alert\""))
+        .count();
+    assert!(
+        by_n3 > 0,
+        "n3 raised no alert before its death: nothing was replayed"
+    );
+
+    // A node that joins takes partitions over from the snapshots the others write when they
+    // hand them over: with their alert policies' state (no alert raised again, verdicts on
+    // earlier alerts still possible).
+    let (n5, _a5) = start_node(&url, "n5", dir.path(), files, "2s");
+    wait_owned(&mut c1, &["n1", "n2", "n5"]).await;
+    let held5 = owners(&mut c1).await;
+
+    // (f) A verdict submitted on a node that does not own the alert's partition reaches the
+    // owner through the stream and comes back with its effect; the owner took it over.
+    let (alert, token) = fired
+        .iter()
+        .find(|(_, t)| held5["n5"].contains(&(shard_of(t, PARTITIONS) as u32)))
+        .expect("an alert on n5's partitions");
+    let fb = c1
+        .submit_feedback(pb::FeedbackRequest {
+            alert_id: alert.clone(),
+            verdict: "false_positive".into(),
+            note: "cluster test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&fb.token_id, token);
+    let unknown = c2
+        .submit_feedback(pb::FeedbackRequest {
+            alert_id: "al-0000000000000000".into(),
+            verdict: "true_positive".into(),
+            note: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(
+        unknown.message().contains("unknown alert id"),
+        "{unknown:?}"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("n5/cluster/audit.jsonl")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"feedback\"") && l.contains(alert.as_str())),
+        "the verdict is in the owner's audit log"
+    );
+    assert!(
+        !audit.contains("\"what\":\"alert\""),
+        "a node that took partitions over raised their alerts again"
+    );
+
+    drop((n1, n2, n5));
+    let (seen, ids) = watched.await.unwrap();
     assert_eq!(seen, truth_alerts, "alerts relayed to n2's WatchAlerts");
+    assert!(!ids.contains(""), "an alert without its policy's alert id");
     let from_n1 = seen
         .iter()
         .filter(|(t, _)| held["n1"].contains(&(shard_of(t, PARTITIONS) as u32)))
@@ -446,9 +594,11 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         "no alert of n1's partitions reached n2: {held:?}"
     );
     eprintln!(
-        "cluster = replay: {} windows, {accepted} events, {} alerts ({from_n1} from n1's partitions on n2's stream), {} refits",
+        "cluster = replay: {} windows, {accepted} events, {} alerts ({from_n1} from n1's partitions on n2's stream), {} refits; {} policy alerts raised once ({by_n3} by n3 before its death), {} twice",
         truth.len(),
         seen.len(),
-        engine.stats().refits
+        engine.stats().refits,
+        raised.len() - twice.len(),
+        twice.len()
     );
 }

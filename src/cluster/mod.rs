@@ -99,6 +99,58 @@ pub struct Shared {
     live: AtomicU64,
     /// Events this node published (acknowledged by JetStream).
     accepted: AtomicU64,
+    /// The alert policies every owned partition judges its windows with, and this node's
+    /// delivery of their actions (`None`: no policies).
+    policing: Option<Policing>,
+    /// Alert id -> token of the cluster's alerts (from the alerts stream), so that a
+    /// verdict submitted on any node reaches the alert's owner.
+    alert_tokens: Mutex<AlertIndex>,
+}
+
+/// Alert policies and the delivery of their actions.
+struct Policing {
+    policies: Vec<crate::respond::policy::Policy>,
+    window_ms: i64,
+    actions: Arc<crate::respond::actions::Actions>,
+    tx: mpsc::Sender<crate::respond::actions::Calls>,
+}
+
+/// Bounded map of alert id -> token, oldest forgotten first.
+#[derive(Default)]
+struct AlertIndex {
+    map: rustc_hash::FxHashMap<String, Arc<str>>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl AlertIndex {
+    /// As many alerts as a responder remembers for verdicts.
+    const MAX: usize = 100_000;
+
+    fn insert(&mut self, id: String, token: &str) {
+        if id.is_empty() || self.map.contains_key(&id) {
+            return;
+        }
+        if self.order.len() >= Self::MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        self.order.push_back(id.clone());
+        self.map.insert(id, token.into());
+    }
+}
+
+impl Shared {
+    /// A responder for one owned partition (its own policy state, the node's delivery).
+    fn responder(&self) -> Option<crate::respond::actions::Responder> {
+        let p = self.policing.as_ref()?;
+        Some(crate::respond::actions::Responder::new(
+            p.policies.clone(),
+            p.window_ms,
+            p.tx.clone(),
+            p.actions.clone(),
+        ))
+    }
 }
 
 /// A running cluster node: the queue the RPC handlers send to, and the board they read.
@@ -217,6 +269,7 @@ impl Node {
         registry: &Registry,
         board: Arc<Board>,
         queue: (mpsc::Sender<Cmd>, mpsc::Receiver<Cmd>),
+        (policies, dry_run): (&[crate::respond::policy::Policy], bool),
     ) -> Result<Node, String> {
         let n = opts.partitions;
         let id_ok = !opts.node_id.is_empty()
@@ -332,6 +385,36 @@ impl Node {
         }
         std::fs::create_dir_all(&opts.work_dir)
             .map_err(|e| format!("{}: {e}", opts.work_dir.display()))?;
+        // Each owner delivers the actions of its partitions' alerts (outbox, audit and dead
+        // letters in this node's work directory).
+        let mut tasks = Vec::new();
+        let policing = if policies.is_empty() {
+            None
+        } else {
+            let rcfg = cfg.respond.clone();
+            let (tx, rx) = mpsc::channel(rcfg.queue.max(1));
+            let (actions, resumed, bad) = crate::respond::actions::Actions::new(
+                Some(&opts.work_dir),
+                rcfg,
+                dry_run,
+                policies,
+            );
+            for w in bad {
+                tracing::warn!("{w}");
+            }
+            let actions = Arc::new(actions);
+            tasks.push(tokio::spawn(crate::respond::actions::run(
+                rx,
+                actions.clone(),
+                resumed,
+            )));
+            Some(Policing {
+                policies: policies.to_vec(),
+                window_ms: cfg.window.size.ms,
+                actions,
+                tx,
+            })
+        };
         let shared = Arc::new(Shared {
             js,
             client,
@@ -352,18 +435,21 @@ impl Node {
             owned: Mutex::default(),
             live: AtomicU64::new(1),
             accepted: AtomicU64::new(0),
+            policing,
+            alert_tokens: Mutex::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let leases = tokio::spawn(lease::run(shared.clone(), stop_rx.clone()));
         let (tx, rx) = queue;
         let (link_tx, link) = watch::channel(true);
-        let tasks = vec![
+        tasks.extend([
             tokio::spawn(relay_scores(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(relay_alerts(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(answer_stats(shared.clone(), stop_rx.clone())),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
             tokio::spawn(watch_link(shared.clone(), link_tx)),
-        ];
+            tokio::spawn(index_alerts(shared.clone(), stop_rx.clone())),
+        ]);
         tracing::info!(node = %opts.node_id, partitions = n, url = %opts.url, "joined the cluster");
         Ok(Node {
             tx,
@@ -482,7 +568,7 @@ async fn relay_scores(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Recei
         wire::SCORES,
         async_nats::jetstream::consumer::DeliverPolicy::All,
         stop,
-        move |b| {
+        move |b, _| {
             if let Ok(r) = pb::TokenRisk::decode(b) {
                 board.put_risk(r);
             }
@@ -498,11 +584,37 @@ async fn relay_alerts(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Recei
         wire::ALERTS,
         async_nats::jetstream::consumer::DeliverPolicy::New,
         stop,
-        move |b| {
+        move |b, _| {
             if let Ok(a) = pb::Alert::decode(b) {
                 board.alerted.fetch_add(1, Ordering::Relaxed);
                 // No subscriber is not an error.
                 let _ = board.alerts.send(Arc::new(a));
+            }
+        },
+    )
+    .await
+}
+
+/// Follow the alerts stream from its start into the alert id -> token index.
+async fn index_alerts(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let s = shared.clone();
+    relay(
+        shared,
+        wire::ALERTS,
+        async_nats::jetstream::consumer::DeliverPolicy::All,
+        stop,
+        move |b, headers| {
+            if let Ok(a) = pb::Alert::decode(b) {
+                let mut index = s.alert_tokens.lock().unwrap_or_else(|e| e.into_inner());
+                // Every alert the window raised or grew (one per matching policy).
+                let all = headers
+                    .and_then(|h| h.get(wire::ALERT_IDS_HEADER))
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default();
+                for id in all.split(',').filter(|i| !i.is_empty()) {
+                    index.insert(id.to_string(), &a.token_id);
+                }
+                index.insert(a.alert_id, &a.token_id);
             }
         },
     )
@@ -514,7 +626,7 @@ async fn relay(
     name: &str,
     deliver_policy: async_nats::jetstream::consumer::DeliverPolicy,
     mut stop: watch::Receiver<bool>,
-    mut each: impl FnMut(&[u8]),
+    mut each: impl FnMut(&[u8], Option<&async_nats::HeaderMap>),
 ) {
     use async_nats::jetstream::consumer::pull;
     let mut from = deliver_policy;
@@ -556,7 +668,7 @@ async fn relay(
                             start_sequence: i.stream_sequence + 1,
                         };
                     }
-                    each(&m.payload);
+                    each(&m.payload, m.headers.as_ref());
                 }
                 Some(Err(e)) => {
                     tracing::warn!(stream = name, error = %e, "following the stream");
@@ -723,8 +835,16 @@ async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Boar
             Cmd::Swap(_, tx) => {
                 let _ = tx.send(Err(not_here.to_string()));
             }
-            Cmd::Feedback { reply, .. } => {
-                let _ = reply.send(Err(format!("verdicts are {not_here}")));
+            Cmd::Feedback {
+                alert_id,
+                verdict,
+                note,
+                reply,
+            } => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(submit_feedback(&shared, alert_id, verdict, note).await);
+                });
             }
             Cmd::Describe(_, _, tx) => {
                 let _ = tx.send(None);
@@ -738,6 +858,84 @@ async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Boar
             }
         }
     }
+}
+
+/// How long a node waits for the owner to apply a verdict it submitted.
+const FEEDBACK_WAIT: Duration = Duration::from_secs(10);
+
+/// A verdict submitted on this node: published on the alert's partition's events subject
+/// (durable, applied by the owner in stream order and by every later owner's replay), then
+/// the owner's answer awaited.
+async fn submit_feedback(
+    shared: &Shared,
+    alert_id: String,
+    verdict: crate::engine::Verdict,
+    note: String,
+) -> Result<(String, crate::engine::FeedbackEffect), String> {
+    if shared.policing.is_none() {
+        return Err("the server runs without alert policies, so there are no alert ids".into());
+    }
+    let token = shared
+        .alert_tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .map
+        .get(&alert_id)
+        .cloned()
+        .ok_or_else(|| {
+            format!("unknown alert id {alert_id:?} (not on this cluster's alerts stream, or too old to remember)")
+        })?;
+    let p = shard_of(&token, shared.n as usize) as u32;
+    let body = wire::Feedback {
+        alert_id,
+        verdict: verdict.name().into(),
+        note,
+        at: now_ms() as i64,
+    };
+    let payload = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    let inbox = shared.client.new_inbox();
+    let mut answers = shared
+        .client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| format!("cannot reach the cluster: {e}"))?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(wire::KIND_HEADER, wire::FEEDBACK_KIND);
+    headers.insert(wire::REPLY_HEADER, inbox.as_str());
+    let msg = jetstream::message::PublishMessage::build()
+        .payload(payload.clone().into())
+        .headers(headers)
+        .message_id(wire::message_id(p, &payload));
+    shared
+        .js
+        .send_publish(wire::events_subject(p), msg)
+        .await
+        .map_err(|e| format!("cannot publish the verdict: {e}"))?
+        .await
+        .map_err(|e| format!("JetStream did not acknowledge the verdict: {e}"))?;
+    let answer = tokio::time::timeout(FEEDBACK_WAIT, answers.next())
+        .await
+        .map_err(|_| {
+            format!(
+                "the verdict is recorded in the cluster, but partition {p}'s owner did not apply it within {}s (it will when it catches up)",
+                FEEDBACK_WAIT.as_secs()
+            )
+        })?
+        .ok_or("cut off from the cluster while waiting for the verdict's effect")?;
+    let r: wire::FeedbackReply =
+        serde_json::from_slice(&answer.payload).map_err(|e| format!("the owner's answer: {e}"))?;
+    let (token, learned_windows, damped, hold_until) = r.result?;
+    Ok((
+        token,
+        crate::engine::FeedbackEffect {
+            learned_windows,
+            damped: damped
+                .iter()
+                .filter_map(|s| crate::model::SignalKind::from_name(s))
+                .collect(),
+            hold_until,
+        },
+    ))
 }
 
 fn fail(ack: &Ack, msg: String) {

@@ -20,6 +20,7 @@ use super::wire;
 use super::{PartStatus, Shared};
 use crate::engine::{fit_shares, Engine, Exchange, Share, WindowScore};
 use crate::model::Global;
+use crate::respond::actions::Responder;
 use crate::server::pb;
 use crate::store::LogPos;
 
@@ -34,11 +35,31 @@ const EXCHANGE_POLL: Duration = Duration::from_millis(50);
 /// shutdown) with the lease still held writes a last snapshot first.
 pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>) {
     let h = shared.handle.clone();
-    let (mut engine, mut seq) = match load(&shared, p) {
-        Ok(Some((e, s))) => (e, s),
-        Ok(None) => (Engine::new(shared.cfg.clone(), shared.registry.clone()), 0),
+    let (mut engine, mut seq, saved) = match load(&shared, p) {
+        Ok(Some((e, s, r))) => (e, s, r),
+        Ok(None) => (
+            Engine::new(shared.cfg.clone(), shared.registry.clone()),
+            0,
+            None,
+        ),
         Err(e) => {
             tracing::error!(partition = p, error = %e, "cannot load the partition's snapshot; not taking it");
+            return;
+        }
+    };
+    let mut responder = shared.responder();
+    if let (Some(r), Some(v)) = (responder.as_mut(), saved.as_ref()) {
+        if let Err(e) = r.import(v) {
+            // The engine goes on; open alerts may fire once more as new ones.
+            tracing::warn!(partition = p, error = %e, "the snapshot's alert policy state cannot be read; starting it empty");
+        }
+    }
+    // Windows the previous owner already published (and acted on): judged again to
+    // follow the policies' state, but their actions are not delivered twice.
+    let delivered = match h.block_on(last_published(&shared, p)) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "cannot read the partition's last published window; not taking it");
             return;
         }
     };
@@ -68,7 +89,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     loop {
         if stop.load(Ordering::Relaxed) {
             if lease.valid() && seq > snap_seq {
-                if let Err(e) = save(&shared, p, &engine, seq) {
+                if let Err(e) = save(&shared, p, &engine, responder.as_ref(), seq) {
                     tracing::warn!(partition = p, error = %e, "last snapshot before handing over failed");
                 }
             }
@@ -82,7 +103,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             break;
         }
         if seq > snap_seq && last_snapshot.elapsed() >= shared.snapshot_every {
-            match save(&shared, p, &engine, seq) {
+            match save(&shared, p, &engine, responder.as_ref(), seq) {
                 Ok(()) => snap_seq = seq,
                 Err(e) => tracing::warn!(partition = p, error = %e, "partition snapshot failed"),
             }
@@ -116,11 +137,28 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                         }
                     }
                 }
-                let now = m
-                    .headers
-                    .as_ref()
-                    .and_then(|hd| hd.get(wire::NOW_HEADER))
-                    .and_then(|v| v.as_str().parse::<i64>().ok())
+                let header = |name: &str| {
+                    m.headers
+                        .as_ref()
+                        .and_then(|hd| hd.get(name))
+                        .map(|v| v.as_str().to_string())
+                };
+                if header(wire::KIND_HEADER).as_deref() == Some(wire::FEEDBACK_KIND) {
+                    let result = feedback(&mut engine, responder.as_mut(), &m.payload);
+                    if let Err(e) = &result {
+                        tracing::warn!(partition = p, sequence = s, error = %e, "verdict not applied");
+                    }
+                    // Only the first owner answers; a replay's submitter is long gone.
+                    if let Some(inbox) = header(wire::REPLY_HEADER).filter(|_| s > delivered.0) {
+                        let reply =
+                            serde_json::to_vec(&wire::FeedbackReply { result }).unwrap_or_default();
+                        let _ = h.block_on(shared.client.publish(inbox, reply.into()));
+                    }
+                    seq = s;
+                    continue;
+                }
+                let now = header(wire::NOW_HEADER)
+                    .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(i64::MAX);
                 let out = match wire::decode_batch(&m.payload) {
                     Ok(b) => engine.apply_at(&b, now).map_err(|e| e.to_string()),
@@ -161,6 +199,13 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             // Nothing for a while: follow cluster time, then idle close.
             Err(_) => {
                 lag = 0;
+                // A partition that has had no event yet still follows the refit grid: the
+                // other partitions wait for its share at every refit point.
+                if engine.next_refit().is_none() {
+                    if let Ok(Some(o)) = h.block_on(super::origin(&shared)) {
+                        engine.set_refit_origin(o);
+                    }
+                }
                 let mut scores = match h.block_on(cluster_time(&shared, p, seq)) {
                     Ok(Some(t)) => engine.advance_to(t),
                     Ok(None) => Vec::new(),
@@ -188,7 +233,8 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             if !lease.valid() {
                 break;
             }
-            if let Err(e) = h.block_on(publish(&shared, p, &scores)) {
+            let ids = judge(responder.as_mut(), &scores, seq, delivered);
+            if let Err(e) = h.block_on(publish(&shared, p, &scores, &ids, seq)) {
                 // Not applied as far as the cluster knows: the next owner (or this node
                 // again) replays from the last snapshot and publishes them then.
                 tracing::error!(partition = p, error = %e, "cannot publish window scores; giving the partition up");
@@ -257,16 +303,130 @@ async fn consume(shared: &Shared, p: u32, seq: u64) -> Result<pull::Ordered, Str
     consumer.messages().await.map_err(|e| e.to_string())
 }
 
-/// Publish closed windows (and the alerting ones as alerts), waiting for every ack.
-async fn publish(shared: &Shared, p: u32, scores: &[WindowScore]) -> Result<(), String> {
+/// Judge closed windows against the alert policies (see [`last_published`] for
+/// `delivered`); per window, the alerts it raised or grew (one per matching policy).
+fn judge(
+    responder: Option<&mut Responder>,
+    scores: &[WindowScore],
+    seq: u64,
+    delivered: (u64, i64),
+) -> Vec<Vec<String>> {
+    let Some(r) = responder else {
+        return vec![Vec::new(); scores.len()];
+    };
+    scores
+        .iter()
+        .map(|s| {
+            let (upto, last_start) = delivered;
+            r.set_quiet(seq < upto || (seq == upto && s.start <= last_start));
+            r.judge_all(std::slice::from_ref(s))
+                .into_iter()
+                .map(|(_, _, id)| id)
+                .collect()
+        })
+        .collect()
+}
+
+/// The events-stream sequence and window start of the last window published on
+/// partition `p`'s scores subject ((0, MIN) when none): the point up to which its previous
+/// owner delivered the actions of its alerts.
+async fn last_published(shared: &Shared, p: u32) -> Result<(u64, i64), String> {
+    let stream = shared
+        .js
+        .get_stream(wire::SCORES)
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream
+        .get_last_raw_message_by_subject(&wire::scores_subject(p))
+        .await
+    {
+        Ok(m) => {
+            let seq = m
+                .headers
+                .get(wire::SEQ_HEADER)
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .unwrap_or(0);
+            let start = pb::TokenRisk::decode(m.payload.as_ref())
+                .map(|r| r.window_start_ms)
+                .unwrap_or(i64::MIN);
+            Ok((seq, start))
+        }
+        Err(e)
+            if e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            Ok((0, i64::MIN))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Apply a verdict that came through the events stream: the alert's policy memory and the
+/// token's models, as the embedded server's `SubmitFeedback` does.
+fn feedback(
+    engine: &mut Engine,
+    responder: Option<&mut Responder>,
+    payload: &[u8],
+) -> Result<(String, u32, Vec<String>, Option<i64>), String> {
+    let f: wire::Feedback =
+        serde_json::from_slice(payload).map_err(|e| format!("a verdict message: {e}"))?;
+    let verdict = crate::engine::Verdict::parse(&f.verdict)
+        .ok_or_else(|| format!("unknown verdict {:?}", f.verdict))?;
+    let r =
+        responder.ok_or("the cluster runs without alert policies, so there are no alert ids")?;
+    let info = r.label(&f.alert_id, verdict)?;
+    metrics::counter!("tokenwatch_feedback_total", "verdict" => verdict.name()).increment(1);
+    let effect = engine
+        .feedback(&info.token, (info.first, info.last), verdict, &info.signals)
+        .ok_or_else(|| format!("token {} is not known to the models", info.token))?;
+    let damped: Vec<String> = effect.damped.iter().map(|s| s.name().to_string()).collect();
+    r.audit().append(&serde_json::json!({
+        "at": crate::event::fmt_ts(f.at),
+        "who": "operator",
+        "what": "feedback",
+        "token_id": &*info.token,
+        "alert_id": f.alert_id,
+        "why": verdict.name(),
+        "note": f.note,
+        "result": format!(
+            "learned {} window(s); damped {:?}; hold until {:?}",
+            effect.learned_windows,
+            damped,
+            effect.hold_until.map(crate::event::fmt_ts)
+        ),
+    }));
+    Ok((
+        info.token.to_string(),
+        effect.learned_windows,
+        damped,
+        effect.hold_until,
+    ))
+}
+
+/// Publish closed windows (and the alerting ones as alerts, with the alert id a policy
+/// gave them), waiting for every ack. Each carries `seq`, the events-stream sequence that
+/// closed it.
+async fn publish(
+    shared: &Shared,
+    p: u32,
+    scores: &[WindowScore],
+    ids: &[Vec<String>],
+    seq: u64,
+) -> Result<(), String> {
     let subject = wire::scores_subject(p);
     let mut acks = Vec::with_capacity(scores.len());
-    for s in scores {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(wire::SEQ_HEADER, seq.to_string().as_str());
+    for (i, s) in scores.iter().enumerate() {
         let risk = pb::TokenRisk::from(s);
         let id = wire::window_id(&s.token, s.start);
         if s.alert {
-            let alert = pb::Alert::from(&risk);
+            let mut alert = pb::Alert::from(&risk);
+            alert.alert_id = ids[i].first().cloned().unwrap_or_default();
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(wire::ALERT_IDS_HEADER, ids[i].join(",").as_str());
             let msg = PublishMessage::build()
+                .headers(h)
                 .payload(alert.encode_to_vec().into())
                 .message_id(&id);
             acks.push(
@@ -279,6 +439,7 @@ async fn publish(shared: &Shared, p: u32, scores: &[WindowScore]) -> Result<(), 
         }
         let msg = PublishMessage::build()
             .payload(risk.encode_to_vec().into())
+            .headers(headers.clone())
             .message_id(&id);
         acks.push(
             shared
@@ -304,7 +465,13 @@ const SEQ_KEY: &str = "sequence";
 
 /// Write partition `p`'s snapshot (covering the stream up to `seq`) to the object store,
 /// unless a snapshot of a later sequence is already there (written by a newer owner).
-fn save(shared: &Shared, p: u32, engine: &Engine, seq: u64) -> Result<(), String> {
+fn save(
+    shared: &Shared,
+    p: u32,
+    engine: &Engine,
+    responder: Option<&Responder>,
+    seq: u64,
+) -> Result<(), String> {
     let h = &shared.handle;
     let name = snapshot_name(p);
     if let Ok(info) = h.block_on(shared.snaps.info(&name)) {
@@ -326,7 +493,7 @@ fn save(shared: &Shared, p: u32, engine: &Engine, seq: u64) -> Result<(), String
         crate::store::snapshot::write(&dir, &engine.snapshot(), pos).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(&path).map_err(|e| e.to_string());
     let _ = std::fs::remove_file(&path);
-    let bytes = bytes?;
+    let bytes = wire::pack_snapshot(&bytes?, responder.map(|r| r.export()).as_ref());
     let meta = async_nats::jetstream::object_store::ObjectMetadata {
         name,
         metadata: [(SEQ_KEY.to_string(), seq.to_string())].into(),
@@ -343,8 +510,12 @@ fn save(shared: &Shared, p: u32, engine: &Engine, seq: u64) -> Result<(), String
     Ok(())
 }
 
-/// Partition `p`'s newest snapshot as an engine, and the sequence it covers.
-fn load(shared: &Shared, p: u32) -> Result<Option<(Engine, u64)>, String> {
+/// What a partition's snapshot holds: its engine, the stream sequence it covers, and the
+/// alert policies' state.
+type Loaded = (Engine, u64, Option<serde_json::Value>);
+
+/// Partition `p`'s newest snapshot.
+fn load(shared: &Shared, p: u32) -> Result<Option<Loaded>, String> {
     let name = snapshot_name(p);
     let bytes = shared.handle.block_on(async {
         let mut obj = match shared.snaps.get(&name).await {
@@ -369,13 +540,14 @@ fn load(shared: &Shared, p: u32) -> Result<Option<(Engine, u64)>, String> {
     let dir = shared.work_dir.join(format!("p{p}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let path = dir.join("loaded.parquet");
-    std::fs::write(&path, &bytes).map_err(|e| e.to_string())?;
+    let (parquet, responder) = wire::unpack_snapshot(&bytes).map_err(|e| format!("{name}: {e}"))?;
+    std::fs::write(&path, parquet).map_err(|e| e.to_string())?;
     let read = crate::store::snapshot::read(&path);
     let _ = std::fs::remove_file(&path);
     let (snap, pos) = read.map_err(|e| e.to_string())?;
     let engine = Engine::restore(shared.cfg.clone(), shared.registry.clone(), &snap)
         .map_err(|e| format!("snapshot {name}: {e}"))?;
-    Ok(Some((engine, pos.segment)))
+    Ok(Some((engine, pos.segment, responder)))
 }
 
 /// Longest read of one object (a share, a snapshot).

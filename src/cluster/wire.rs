@@ -28,6 +28,20 @@ pub const STATS_SUBJECT: &str = "tokenwatch.query.stats";
 /// Header carrying the ingesting node's wall clock (ms) when it published a batch: the
 /// trusted clock the owner applies it with (the same on every replay of the message).
 pub const NOW_HEADER: &str = "Tokenwatch-Now";
+/// Header on a window's score: the events-stream sequence whose application closed it. A
+/// new owner of the partition takes the last published one as the point up to which the
+/// old owner already delivered its alerts' actions.
+pub const SEQ_HEADER: &str = "Tokenwatch-Seq";
+/// Header on an alert: every alert id the window raised or grew, comma-separated (the
+/// message's `alert_id` is the first policy's, as in embedded mode's WatchAlerts).
+pub const ALERT_IDS_HEADER: &str = "Tokenwatch-Alert-Ids";
+/// Header marking a message of the events stream that is not an event batch:
+/// [`FEEDBACK_KIND`] (an operator's verdict, applied by the owner in stream order).
+pub const KIND_HEADER: &str = "Tokenwatch-Kind";
+/// [`KIND_HEADER`] of a verdict.
+pub const FEEDBACK_KIND: &str = "feedback";
+/// Header of a verdict: the inbox its submitting node waits on for the effect.
+pub const REPLY_HEADER: &str = "Tokenwatch-Reply";
 /// Stream metadata key holding the partition count fixed at creation.
 pub const PARTITIONS_KEY: &str = "tokenwatch.partitions";
 
@@ -73,6 +87,63 @@ pub fn message_id(partition: u32, bytes: &[u8]) -> String {
         .collect()
 }
 
+/// An operator's verdict as it travels through the events stream to the alert's owner.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Feedback {
+    /// Alert id.
+    pub alert_id: String,
+    /// `true_positive`, `false_positive` or `expected_change`.
+    pub verdict: String,
+    /// Free text.
+    pub note: String,
+    /// When it was submitted (ms, the submitting node's clock).
+    pub at: i64,
+}
+
+/// What applying a verdict did, sent back to the node that submitted it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FeedbackReply {
+    /// The effect, or why it could not be applied.
+    pub result: Result<(String, u32, Vec<String>, Option<i64>), String>,
+}
+
+/// Magic of a partition snapshot object that carries the responder's state after the
+/// engine's Parquet snapshot (`TWP1`, u64 LE length of the Parquet bytes, Parquet, JSON).
+const PACK_MAGIC: &[u8; 4] = b"TWP1";
+
+/// A partition snapshot object: the engine's Parquet snapshot and the responder's state.
+pub fn pack_snapshot(parquet: &[u8], responder: Option<&serde_json::Value>) -> Vec<u8> {
+    let json = responder.map(|v| v.to_string()).unwrap_or_default();
+    let mut out = Vec::with_capacity(12 + parquet.len() + json.len());
+    out.extend_from_slice(PACK_MAGIC);
+    out.extend_from_slice(&(parquet.len() as u64).to_le_bytes());
+    out.extend_from_slice(parquet);
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+/// The two parts of [`pack_snapshot`]'s bytes (a bare Parquet snapshot has no responder
+/// state).
+pub fn unpack_snapshot(bytes: &[u8]) -> Result<(&[u8], Option<serde_json::Value>), String> {
+    let Some(rest) = bytes.strip_prefix(PACK_MAGIC) else {
+        return Ok((bytes, None));
+    };
+    let (len, rest) = rest
+        .split_first_chunk::<8>()
+        .ok_or("partition snapshot: truncated header")?;
+    let len = usize::try_from(u64::from_le_bytes(*len))
+        .ok()
+        .filter(|&l| l <= rest.len())
+        .ok_or("partition snapshot: the Parquet part is longer than the object")?;
+    let (parquet, json) = rest.split_at(len);
+    if json.is_empty() {
+        return Ok((parquet, None));
+    }
+    let v = serde_json::from_slice(json)
+        .map_err(|e| format!("partition snapshot: responder state: {e}"))?;
+    Ok((parquet, Some(v)))
+}
+
 /// De-duplication id of a window's score or alert.
 pub fn window_id(token: &str, start: i64) -> String {
     format!("{token}|{start}")
@@ -81,6 +152,24 @@ pub fn window_id(token: &str, start: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_pack_gives_back_its_parts_and_refuses_a_short_one() {
+        let v = serde_json::json!({"a": 1});
+        let b = pack_snapshot(b"PAR1xyz", Some(&v));
+        assert_eq!(unpack_snapshot(&b).unwrap(), (&b"PAR1xyz"[..], Some(v)));
+        let b = pack_snapshot(b"PAR1", None);
+        assert_eq!(unpack_snapshot(&b).unwrap(), (&b"PAR1"[..], None));
+        assert_eq!(unpack_snapshot(b"PAR1").unwrap(), (&b"PAR1"[..], None));
+        let mut b = pack_snapshot(b"PAR1xyz", None);
+        b.truncate(14);
+        assert!(unpack_snapshot(&b)
+            .unwrap_err()
+            .contains("longer than the object"));
+        assert!(unpack_snapshot(b"TWP1\x01")
+            .unwrap_err()
+            .contains("truncated"));
+    }
 
     #[test]
     fn a_batch_survives_ipc_and_its_id_is_its_content() {

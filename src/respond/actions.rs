@@ -634,6 +634,9 @@ pub struct Responder {
     alerts: rustc_hash::FxHashMap<String, AlertInfo>,
     order: std::collections::VecDeque<String>,
     tally: Tally,
+    /// Judging windows whose actions an earlier owner already took (a cluster partition's
+    /// replay): the state follows, nothing is delivered.
+    quiet: bool,
 }
 
 impl Responder {
@@ -652,7 +655,107 @@ impl Responder {
             alerts: Default::default(),
             order: Default::default(),
             tally: Tally::default(),
+            quiet: false,
         }
+    }
+
+    /// While `quiet`, judged windows update the policies' state and the remembered alerts
+    /// but deliver nothing (see the field).
+    pub fn set_quiet(&mut self, quiet: bool) {
+        self.quiet = quiet;
+    }
+
+    /// The policies' state, the remembered alerts and the counters, as JSON: what a new
+    /// owner of a cluster partition needs to go on exactly where the old one stopped.
+    pub fn export(&self) -> serde_json::Value {
+        let alerts: Vec<serde_json::Value> = self
+            .order
+            .iter()
+            .filter_map(|id| {
+                let a = self.alerts.get(id)?;
+                Some(json!({
+                    "id": id,
+                    "token": &*a.token,
+                    "first": a.first,
+                    "last": a.last,
+                    "signals": a.signals.iter().map(|s| s.name()).collect::<Vec<_>>(),
+                    "verdict": a.verdict.map(|v| v.name()),
+                    "policy": &*a.policy,
+                    "severity": &*a.severity,
+                    "windows": a.windows,
+                    "max_risk": a.max_risk,
+                }))
+            })
+            .collect();
+        let t = &self.tally;
+        json!({
+            "policies": self.policies.export(),
+            "alerts": alerts,
+            "tally": [t.alerts, t.labelled, t.confirmed],
+            "by_signal": crate::model::SignalKind::ALL
+                .iter()
+                .map(|k| (k.name(), t.by_signal[k.index()]))
+                .filter(|(_, v)| *v != (0, 0, 0))
+                .collect::<Vec<_>>(),
+        })
+    }
+
+    /// Take the state [`Self::export`] wrote (replacing this one's).
+    pub fn import(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            id: String,
+            token: String,
+            first: i64,
+            last: i64,
+            signals: Vec<String>,
+            verdict: Option<String>,
+            policy: String,
+            severity: String,
+            windows: u32,
+            max_risk: f32,
+        }
+        self.policies.import(&v["policies"])?;
+        let saved: Vec<Saved> = serde_json::from_value(v["alerts"].clone())
+            .map_err(|e| format!("responder state: alerts: {e}"))?;
+        let tally: (u64, u64, u64) = serde_json::from_value(v["tally"].clone())
+            .map_err(|e| format!("responder state: tally: {e}"))?;
+        let by: Vec<(String, (u64, u64, u64))> = serde_json::from_value(v["by_signal"].clone())
+            .map_err(|e| format!("responder state: by_signal: {e}"))?;
+        self.alerts.clear();
+        self.order.clear();
+        for a in saved.into_iter().rev().take(MAX_ALERTS).rev() {
+            let info = AlertInfo {
+                token: a.token.into(),
+                first: a.first,
+                last: a.last,
+                signals: a
+                    .signals
+                    .iter()
+                    .filter_map(|s| crate::model::SignalKind::from_name(s))
+                    .collect(),
+                verdict: a.verdict.as_deref().and_then(crate::engine::Verdict::parse),
+                policy: a.policy.into(),
+                severity: a.severity.into(),
+                windows: a.windows,
+                max_risk: a.max_risk,
+            };
+            self.order.push_back(a.id.clone());
+            self.alerts.insert(a.id, info);
+        }
+        let mut t = Tally {
+            alerts: tally.0,
+            labelled: tally.1,
+            confirmed: tally.2,
+            ..Tally::default()
+        };
+        for (name, v) in by {
+            if let Some(k) = crate::model::SignalKind::from_name(&name) {
+                t.by_signal[k.index()] = v;
+            }
+        }
+        self.tally = t;
+        Ok(())
     }
 
     /// Forget the policy state of `tokens` (evicted from the engine).
@@ -669,13 +772,25 @@ impl Responder {
     /// a full queue dead-letters the action instead. Returns, per window that raised or grew
     /// an alert, (token, window start, alert id) of its first policy.
     pub fn judge(&mut self, scores: &[crate::engine::WindowScore]) -> Vec<(Arc<str>, i64, String)> {
+        let mut ids = self.judge_all(scores);
+        ids.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
+        ids
+    }
+
+    /// [`Self::judge`], returning every alert each window raised or grew (one per matching
+    /// policy, in policy order).
+    pub fn judge_all(
+        &mut self,
+        scores: &[crate::engine::WindowScore],
+    ) -> Vec<(Arc<str>, i64, String)> {
         let mut ids: Vec<(Arc<str>, i64, String)> = Vec::new();
         for s in scores {
             for decision in self.policies.judge(s) {
-                if ids.last().is_none_or(|l| l.0 != s.token || l.1 != s.start) {
-                    ids.push((s.token.clone(), s.start, decision.alert_id.clone()));
-                }
+                ids.push((s.token.clone(), s.start, decision.alert_id.clone()));
                 self.remember(&decision);
+                if self.quiet {
+                    continue;
+                }
                 let job = Job {
                     policy: self.arcs[decision.policy].clone(),
                     decision,

@@ -270,14 +270,14 @@ pub struct Decision {
     pub max_risk: f32,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Track {
     streak: u32,
     last_start: i64,
     open: Option<Open>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Open {
     id: String,
     first: i64,
@@ -334,6 +334,42 @@ impl Policies {
     /// Keep only the state of tokens `keep` says yes to.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.state.retain(|t, _| keep(t));
+    }
+
+    /// The per-(token, policy) state as JSON (a cluster partition keeps it beside its
+    /// engine snapshot, so a new owner continues open alerts and streaks instead of firing
+    /// them again).
+    pub fn export(&self) -> serde_json::Value {
+        let mut rows: Vec<(&str, &Vec<Track>)> =
+            self.state.iter().map(|(t, v)| (&**t, v)).collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        serde_json::json!({
+            "policies": self.list.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            "state": rows,
+        })
+    }
+
+    /// Take the state [`Self::export`] wrote. Tracks are matched to policies by name, so a
+    /// policy added or removed since only loses (or starts) its own tracks.
+    pub fn import(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let names: Vec<String> = serde_json::from_value(v["policies"].clone())
+            .map_err(|e| format!("policy state: policies: {e}"))?;
+        let rows: Vec<(String, Vec<Track>)> = serde_json::from_value(v["state"].clone())
+            .map_err(|e| format!("policy state: state: {e}"))?;
+        let at: Vec<Option<usize>> = self
+            .list
+            .iter()
+            .map(|p| names.iter().position(|n| *n == p.name))
+            .collect();
+        self.state.clear();
+        for (token, tracks) in rows {
+            let mine = at
+                .iter()
+                .map(|i| i.and_then(|i| tracks.get(i).cloned()).unwrap_or_default())
+                .collect();
+            self.state.insert(token.into(), mine);
+        }
+        Ok(())
     }
 
     /// Judge one scored window (windows of a token arrive in start order).
@@ -466,6 +502,55 @@ mod tests {
         // A calm window resets the streak.
         assert!(p.judge(&window(13, 10.0, SignalKind::Rate)).is_empty());
         assert!(p.judge(&r(14)).is_empty());
+    }
+
+    /// A new owner that takes the exported state goes on as the old one would have: the
+    /// open alert grows, a streak in progress completes; a policy it does not have is
+    /// dropped, one the old owner did not have starts empty.
+    #[test]
+    fn exported_state_continues_open_alerts_and_streaks() {
+        let text = "[[policy]]\nname = \"any\"\nmin_risk = 50\ncooldown = \"30m\"\n\
+                    [[policy]]\nname = \"burst\"\nmin_risk = 80\nconsecutive_windows = 3\n";
+        let mut old = policies(text);
+        let a = old.judge(&window(0, 90.0, SignalKind::Rate));
+        assert_eq!(a.len(), 1);
+        assert!(old.judge(&window(1, 90.0, SignalKind::Rate)).len() == 1);
+        let saved = old.export();
+        let mut new = policies(text);
+        new.import(&saved).unwrap();
+        let mut cold = policies(text);
+        let next = window(2, 90.0, SignalKind::Rate);
+        let (n, o, c) = (new.judge(&next), old.judge(&next), cold.judge(&next));
+        assert_eq!(n.len(), 2, "the streak of three completes");
+        assert_eq!(
+            n.iter()
+                .map(|d| (d.event, d.alert_id.clone(), d.windows))
+                .collect::<Vec<_>>(),
+            o.iter()
+                .map(|d| (d.event, d.alert_id.clone(), d.windows))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            (n[0].event, &n[0].alert_id),
+            (Event::Updated, &a[0].alert_id)
+        );
+        assert_eq!(c.len(), 1, "without the state: a new alert, no streak");
+        assert_ne!(c[0].alert_id, a[0].alert_id);
+        // Matched by name: a renamed policy starts empty, the other keeps its tracks.
+        let mut other = policies(
+            "[[policy]]\nname = \"burst2\"\nmin_risk = 80\nconsecutive_windows = 3\n\
+             [[policy]]\nname = \"any\"\nmin_risk = 50\ncooldown = \"30m\"\n",
+        );
+        other.import(&saved).unwrap();
+        let d = other.judge(&next);
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (d[0].event, &d[0].alert_id),
+            (Event::Updated, &a[0].alert_id)
+        );
+        assert!(policies(text)
+            .import(&serde_json::json!({"policies": 3}))
+            .is_err());
     }
 
     #[test]

@@ -257,9 +257,15 @@ pub async fn run(
     let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(host::now_ms()));
     let mut deliveries = None;
     let backend = if let Some(c) = opts.cluster.take() {
-        let node =
-            crate::cluster::Node::start(c, &opts.config, &opts.registry, board.clone(), (etx, erx))
-                .await;
+        let node = crate::cluster::Node::start(
+            c,
+            &opts.config,
+            &opts.registry,
+            board.clone(),
+            (etx, erx),
+            (&opts.policies, opts.dry_run),
+        )
+        .await;
         match node {
             Ok(n) => Backend::Cluster(n),
             Err(e) => {
