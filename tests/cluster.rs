@@ -366,7 +366,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
 
     // Every window the cluster published, read back from its stream.
     let nc = async_nats::connect(url.as_str()).await.unwrap();
-    let js = async_nats::jetstream::new(nc);
+    let js = async_nats::jetstream::new(nc.clone());
     let t0 = Instant::now();
     let published = loop {
         let stream = js.get_stream("TOKENWATCH_SCORES").await.unwrap();
@@ -464,6 +464,20 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         let got: Vec<(&str, f64)> = top.iter().map(|r| (r.token_id.as_str(), r.risk)).collect();
         assert_eq!(got, want, "ListRiskyTokens");
     }
+    // The owner answers on tokenwatch.query.<p> (what GetTokenRisk forwards to).
+    for (t, want) in &latest {
+        let p = shard_of(t, PARTITIONS);
+        let m = nc
+            .request(format!("tokenwatch.query.{p}"), t.to_string().into())
+            .await
+            .unwrap();
+        assert_eq!(&&pb::TokenRisk::decode(m.payload.as_ref()).unwrap(), want);
+    }
+    let m = nc
+        .request("tokenwatch.query.0", "no-such-token".into())
+        .await
+        .unwrap();
+    assert!(m.payload.is_empty());
     let st = stats(&mut c1).await;
     assert_eq!(st.published_windows, truth.len() as u64);
     // One stream of many small requests (about 7,700 pieces: one per partition each one

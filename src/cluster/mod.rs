@@ -446,6 +446,11 @@ impl Node {
             tokio::spawn(relay_scores(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(relay_alerts(shared.clone(), board.clone(), stop_rx.clone())),
             tokio::spawn(answer_stats(shared.clone(), stop_rx.clone())),
+            tokio::spawn(answer_queries(
+                shared.clone(),
+                board.clone(),
+                stop_rx.clone(),
+            )),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
             tokio::spawn(watch_link(shared.clone(), link_tx)),
             tokio::spawn(index_alerts(shared.clone(), stop_rx.clone())),
@@ -681,6 +686,101 @@ async fn relay(
 }
 
 /// Answer GetStats' scatter: this node's counters.
+/// How long a node waits for a partition's owner to answer a query before it answers from
+/// its own copy of the scores.
+const QUERY_WAIT: Duration = Duration::from_secs(1);
+
+/// Queries any node forwards to a partition's owner (see [`Query`]).
+pub struct Query {
+    client: async_nats::Client,
+    n: u32,
+    board: Arc<Board>,
+}
+
+impl Node {
+    /// The handle the RPC handlers forward owner queries through.
+    pub fn query(&self) -> Query {
+        Query {
+            client: self.shared.client.clone(),
+            n: self.shared.n,
+            board: self.board.clone(),
+        }
+    }
+}
+
+impl Query {
+    /// The token's latest window as its partition's owner knows it (request/reply on
+    /// `tokenwatch.query.<p>`); when no owner answers within [`QUERY_WAIT`] (a handover
+    /// under way), this node's copy from the scores stream.
+    pub async fn token_risk(&self, token: &str) -> Option<Arc<pb::TokenRisk>> {
+        let p = shard_of(token, self.n as usize) as u32;
+        let asked = tokio::time::timeout(
+            QUERY_WAIT,
+            self.client
+                .request(wire::query_subject(p), token.to_string().into()),
+        )
+        .await;
+        match asked {
+            Ok(Ok(m)) if m.payload.is_empty() => None,
+            Ok(Ok(m)) => match pb::TokenRisk::decode(m.payload.as_ref()) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "an owner's answer cannot be read");
+                    self.board.get(token)
+                }
+            },
+            _ => {
+                tracing::debug!(
+                    partition = p,
+                    "no owner answered; answering from this node's scores"
+                );
+                self.board.get(token)
+            }
+        }
+    }
+}
+
+/// Answer the queries of the partitions this node owns (other nodes stay silent: the
+/// owner's is the answer).
+async fn answer_queries(shared: Arc<Shared>, board: Arc<Board>, mut stop: watch::Receiver<bool>) {
+    let mut sub = match shared.client.subscribe("tokenwatch.query.*").await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot answer partition queries");
+            return;
+        }
+    };
+    loop {
+        let m = tokio::select! {
+            m = sub.next() => m,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(m) = m else { return };
+        let (Some(reply), Some(p)) = (
+            m.reply,
+            m.subject
+                .strip_prefix("tokenwatch.query.")
+                .and_then(|p| p.parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        let mine = shared
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&p);
+        if !mine {
+            continue;
+        }
+        let body = std::str::from_utf8(&m.payload)
+            .ok()
+            .and_then(|t| board.get(t))
+            .map(|r| r.encode_to_vec())
+            .unwrap_or_default();
+        let _ = shared.client.publish(reply, body.into()).await;
+    }
+}
+
 async fn answer_stats(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut sub = match shared.client.subscribe(wire::STATS_SUBJECT).await {
         Ok(s) => s,

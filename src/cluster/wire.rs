@@ -50,6 +50,12 @@ pub fn events_subject(p: u32) -> String {
     format!("tokenwatch.events.{p}")
 }
 
+/// Subject of queries answered by partition `p`'s owner (GetTokenRisk: the token id as
+/// the request, its latest `TokenRisk` as the reply, empty when it has none).
+pub fn query_subject(p: u32) -> String {
+    format!("tokenwatch.query.{p}")
+}
+
 /// Subject of partition `p`'s window scores.
 pub fn scores_subject(p: u32) -> String {
     format!("tokenwatch.scores.{p}")

@@ -184,11 +184,13 @@ pub async fn run(
     let (finished_tx, finished_rx) = watch::channel(false);
     let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));
     let (ready_tx, ready_rx) = watch::channel(false);
+    let cluster_query: Arc<std::sync::OnceLock<crate::cluster::Query>> = Arc::default();
     let svc = Arc::new(service::Service {
         scopes,
         dedup: Arc::new(std::sync::Mutex::new(dedup::Dedup::new(scfg.dedup_ids))),
         engine: etx.clone(),
         board: board.clone(),
+        cluster: cluster_query.clone(),
         ready: ready_rx,
         cfg: scfg.clone(),
         streams: streams.clone(),
@@ -267,7 +269,10 @@ pub async fn run(
         )
         .await;
         match node {
-            Ok(n) => Backend::Cluster(n),
+            Ok(n) => {
+                let _ = cluster_query.set(n.query());
+                Backend::Cluster(n)
+            }
             Err(e) => {
                 let _ = stop_tx.send(());
                 let _ = server.await;

@@ -22,6 +22,9 @@ const MAX_LIMIT: usize = 10_000;
 pub struct Service {
     pub(super) engine: mpsc::Sender<Cmd>,
     pub(super) board: Arc<Board>,
+    /// In cluster mode, the queries forwarded to a partition's owner (set once the node
+    /// has joined).
+    pub(super) cluster: Arc<std::sync::OnceLock<crate::cluster::Query>>,
     pub(super) cfg: ServerConfig,
     /// Bounds the Ingest streams open at once (each holds buffers while it runs).
     pub(super) streams: Arc<Semaphore>,
@@ -211,7 +214,11 @@ impl pb::token_watch_server::TokenWatch for Service {
         require(&req, Role::Read)?;
         self.ready()?;
         let token = &req.get_ref().token_id;
-        match self.board.get(token) {
+        let found = match self.cluster.get() {
+            Some(q) => q.token_risk(token).await,
+            None => self.board.get(token),
+        };
+        match found {
             Some(r) => Ok(Response::new(r.as_ref().clone())),
             None => Err(Status::not_found(
                 "no scored window for this token (unknown, or its first window is still open)",
