@@ -337,6 +337,10 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            // The alert is judged (and its action queued) just before its window is
+            // published: a moment for the publish, so that the successors' replay meets an
+            // alert the stream already has (and must not raise it again).
+            tokio::time::sleep(Duration::from_secs(1)).await;
             // SIGKILL: no goodbye, its leases must expire.
             let _ = n3.0.kill();
             let _ = n3.0.wait();

@@ -1181,11 +1181,13 @@ async fn a_distinct_token_flood_stays_within_the_budget_and_an_evicted_token_kee
         Code::NotFound,
         "evicted: off the board too"
     );
-    // tok-home returns: loaded back from the spill, with its week of baseline.
+    // tok-home returns: loaded back from the spill, with its week of baseline. Its three
+    // calls fall in one (1-minute) window wherever `now` lies in its minute.
+    let minute = (now - 600_000).div_euclid(60_000) * 60_000;
     let back: Vec<pb::Event> = (0..3)
         .map(|k| {
             event(
-                now - 600_000 + k * 1000,
+                minute + 10_000 + k * 1000,
                 "tok-home",
                 "10.0.0.1",
                 "FR",

@@ -5,6 +5,7 @@
 //! publishes every closed window, shares every refit with the other partitions, and
 //! writes a snapshot now and then. Every side effect first checks the lease.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,11 +38,14 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     let h = shared.handle.clone();
     let (mut engine, mut seq, saved) = match load(&shared, p) {
         Ok(Some((e, s, r))) => (e, s, r),
-        Ok(None) => (
-            Engine::new(shared.cfg.clone(), shared.registry.clone()),
-            0,
-            None,
-        ),
+        Ok(None) => {
+            let mut e = Engine::new(shared.cfg.clone(), shared.registry.clone());
+            if let Err(err) = attach_spill(&mut e, &shared.work_dir.join(format!("p{p}")), None) {
+                tracing::error!(partition = p, error = %err, "cannot open the partition's token spill; not taking it");
+                return;
+            }
+            (e, 0, None)
+        }
         Err(e) => {
             tracing::error!(partition = p, error = %e, "cannot load the partition's snapshot; not taking it");
             return;
@@ -485,15 +489,7 @@ fn save(
         }
     }
     let dir = shared.work_dir.join(format!("p{p}"));
-    let pos = LogPos {
-        segment: seq,
-        batches: 0,
-    };
-    let path =
-        crate::store::snapshot::write(&dir, &engine.snapshot(), pos).map_err(|e| e.to_string())?;
-    let bytes = std::fs::read(&path).map_err(|e| e.to_string());
-    let _ = std::fs::remove_file(&path);
-    let bytes = wire::pack_snapshot(&bytes?, responder.map(|r| r.export()).as_ref());
+    let bytes = encode(engine, responder, &dir, seq)?;
     let meta = async_nats::jetstream::object_store::ObjectMetadata {
         name,
         metadata: [(SEQ_KEY.to_string(), seq.to_string())].into(),
@@ -538,16 +534,100 @@ fn load(shared: &Shared, p: u32) -> Result<Option<Loaded>, String> {
         return Ok(None);
     };
     let dir = shared.work_dir.join(format!("p{p}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    decode(&bytes, &shared.cfg, &shared.registry, &dir)
+        .map(Some)
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+/// A partition's snapshot object (see [`wire::pack_snapshot`]): the engine with the
+/// savepoint of its spill, the responder's state, and the spill file as of that savepoint,
+/// so a new owner gets the evicted tokens' baselines too. `dir`: the partition's scratch
+/// directory on this node.
+pub(crate) fn encode(
+    engine: &Engine,
+    responder: Option<&Responder>,
+    dir: &Path,
+    seq: u64,
+) -> Result<Vec<u8>, String> {
+    let pos = LogPos {
+        segment: seq,
+        batches: 0,
+    };
+    let snap = engine.snapshot_with_spill().map_err(|e| e.to_string())?;
+    let spill = match (&snap.spill, engine.spill_file()) {
+        (Some(_), Some(name)) => {
+            let path = crate::store::spill::dir(dir).join(name);
+            std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        _ => Vec::new(),
+    };
+    let path = crate::store::snapshot::write(dir, &snap, pos).map_err(|e| e.to_string())?;
+    let parquet = std::fs::read(&path).map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(&path);
+    Ok(wire::pack_snapshot(
+        &parquet?,
+        responder.map(|r| r.export()).as_ref(),
+        &spill,
+    ))
+}
+
+/// The engine (with its spill in `dir`), the stream sequence and the responder state of a
+/// snapshot object [`encode`] wrote.
+pub(crate) fn decode(
+    bytes: &[u8],
+    cfg: &crate::config::Config,
+    registry: &crate::model::registry::Registry,
+    dir: &Path,
+) -> Result<Loaded, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let packed = wire::unpack_snapshot(bytes)?;
     let path = dir.join("loaded.parquet");
-    let (parquet, responder) = wire::unpack_snapshot(&bytes).map_err(|e| format!("{name}: {e}"))?;
-    std::fs::write(&path, parquet).map_err(|e| e.to_string())?;
+    std::fs::write(&path, packed.parquet).map_err(|e| e.to_string())?;
     let read = crate::store::snapshot::read(&path);
     let _ = std::fs::remove_file(&path);
     let (snap, pos) = read.map_err(|e| e.to_string())?;
-    let engine = Engine::restore(shared.cfg.clone(), shared.registry.clone(), &snap)
-        .map_err(|e| format!("snapshot {name}: {e}"))?;
-    Ok(Some((engine, pos.segment, responder)))
+    let mut engine = Engine::restore(cfg.clone(), registry.clone(), &snap)
+        .map_err(|e| format!("model state: {e}"))?;
+    let spill = match (&snap.spill, packed.spill.is_empty()) {
+        (Some(r), false) => Some((packed.spill, r.savepoint)),
+        (Some(_), true) => return Err("its evicted tokens' spill is missing".into()),
+        (None, _) => None,
+    };
+    attach_spill(&mut engine, dir, spill)?;
+    Ok((engine, pos.segment, packed.responder))
+}
+
+/// Give a partition's engine a spill file of its own in `dir` (a new generation; the
+/// earlier ones of this directory are deleted): `from`, the bytes of a snapshot's spill and
+/// its savepoint, or empty. A named spill (not a temporary one) is what lets the snapshot
+/// carry the evicted tokens.
+pub(crate) fn attach_spill(
+    engine: &mut Engine,
+    dir: &Path,
+    from: Option<(&[u8], u64)>,
+) -> Result<(), String> {
+    use crate::store::spill;
+    let (s, name) = spill::create_next(dir).map_err(|e| e.to_string())?;
+    // Earlier generations belong to earlier owners of the partition on this node (a worker
+    // still winding down keeps its open file; a name is never reused while it lives).
+    for old in spill::files(dir).map_err(|e| e.to_string())? {
+        if old != name {
+            let _ = std::fs::remove_file(spill::dir(dir).join(old));
+        }
+    }
+    let s = match from {
+        None => s,
+        Some((bytes, savepoint)) => {
+            let path = s.path().to_path_buf();
+            drop(s);
+            std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            let s = spill::Spill::open(&path).map_err(|e| e.to_string())?;
+            s.restore(savepoint).map_err(|e| e.to_string())?;
+            s
+        }
+    };
+    engine.set_spill(Arc::new(s), name);
+    Ok(())
 }
 
 /// Longest read of one object (a share, a snapshot).
@@ -660,5 +740,69 @@ impl Exchange for Refits {
             }
         }
         Some((Arc::new(global), earliest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::registry::Registry;
+
+    /// A partition handed over with evicted tokens: the new owner's engine, restored from
+    /// the snapshot object in another directory, scores the rest exactly as the old one
+    /// would have (the evicted tokens come back with their baselines from the carried spill).
+    #[test]
+    fn a_snapshot_object_carries_the_evicted_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = crate::generate::Options::new(dir.path().join("gen"));
+        g.tokens = 12;
+        g.days = 3;
+        g.seed = 3;
+        g.scale = 0.2;
+        crate::generate::run(&g).unwrap();
+        let path = dir.path().join("gen/events.parquet");
+        let mut reader =
+            crate::ingest::EventReader::open(&path, crate::ingest::BadRowPolicy::Fail).unwrap();
+        let mut batches = Vec::new();
+        while let Some(b) = reader.next_batch().unwrap() {
+            for at in (0..b.num_rows()).step_by(500) {
+                batches.push(b.slice(at, 500.min(b.num_rows() - at)));
+            }
+        }
+        let mut cfg = Config::default();
+        cfg.window.size.ms = 300_000;
+        cfg.engine.shards = 1;
+        cfg.engine.max_tokens = 4;
+        let reg = Registry::default();
+        let mut old = Engine::new(cfg.clone(), reg.clone());
+        attach_spill(&mut old, &dir.path().join("a"), None).unwrap();
+        let half = batches.len() / 2;
+        for b in &batches[..half] {
+            old.apply(b).unwrap();
+        }
+        assert!(old.stats().evicted > 0, "{:?}", old.stats());
+        let bytes = encode(&old, None, &dir.path().join("a"), 7).unwrap();
+        let (mut new, seq, responder) = decode(&bytes, &cfg, &reg, &dir.path().join("b")).unwrap();
+        assert_eq!((seq, responder), (7, None));
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        for b in &batches[half..] {
+            want.extend(old.apply(b).unwrap());
+            got.extend(new.apply(b).unwrap());
+        }
+        want.extend(old.finish());
+        got.extend(new.finish());
+        assert!(new.stats().reloaded > 0, "{:?}", new.stats());
+        assert!(!want.is_empty());
+        assert_eq!(got, want);
+
+        // Without its spill the object is refused, not restored with tokens missing.
+        let p = wire::unpack_snapshot(&bytes).unwrap();
+        assert!(!p.spill.is_empty());
+        let cut = wire::pack_snapshot(p.parquet, None, &[]);
+        let e = decode(&cut, &cfg, &reg, &dir.path().join("c"))
+            .err()
+            .unwrap();
+        assert!(e.contains("spill is missing"), "{e}");
     }
 }

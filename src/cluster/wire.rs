@@ -113,41 +113,77 @@ pub struct FeedbackReply {
     pub result: Result<(String, u32, Vec<String>, Option<i64>), String>,
 }
 
-/// Magic of a partition snapshot object that carries the responder's state after the
-/// engine's Parquet snapshot (`TWP1`, u64 LE length of the Parquet bytes, Parquet, JSON).
+/// Magic of a partition snapshot object: `TWP1`, then the engine's Parquet snapshot, the
+/// responder's state (JSON, may be empty) and the token spill (a redb file, may be empty),
+/// the first two each after its length (u64 LE), the spill to the end.
 const PACK_MAGIC: &[u8; 4] = b"TWP1";
 
-/// A partition snapshot object: the engine's Parquet snapshot and the responder's state.
-pub fn pack_snapshot(parquet: &[u8], responder: Option<&serde_json::Value>) -> Vec<u8> {
+/// The parts of a partition snapshot object.
+#[derive(Debug, PartialEq)]
+pub struct Packed<'a> {
+    /// The engine's Parquet snapshot.
+    pub parquet: &'a [u8],
+    /// The responder's state.
+    pub responder: Option<serde_json::Value>,
+    /// The spill file of the partition's evicted tokens (empty: none evicted).
+    pub spill: &'a [u8],
+}
+
+/// A partition snapshot object of its parts.
+pub fn pack_snapshot(
+    parquet: &[u8],
+    responder: Option<&serde_json::Value>,
+    spill: &[u8],
+) -> Vec<u8> {
     let json = responder.map(|v| v.to_string()).unwrap_or_default();
-    let mut out = Vec::with_capacity(12 + parquet.len() + json.len());
+    let mut out = Vec::with_capacity(20 + parquet.len() + json.len() + spill.len());
     out.extend_from_slice(PACK_MAGIC);
-    out.extend_from_slice(&(parquet.len() as u64).to_le_bytes());
-    out.extend_from_slice(parquet);
-    out.extend_from_slice(json.as_bytes());
+    for part in [parquet, json.as_bytes()] {
+        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(spill);
     out
 }
 
-/// The two parts of [`pack_snapshot`]'s bytes (a bare Parquet snapshot has no responder
-/// state).
-pub fn unpack_snapshot(bytes: &[u8]) -> Result<(&[u8], Option<serde_json::Value>), String> {
-    let Some(rest) = bytes.strip_prefix(PACK_MAGIC) else {
-        return Ok((bytes, None));
+/// The parts of [`pack_snapshot`]'s bytes (a bare Parquet snapshot is only an engine).
+pub fn unpack_snapshot(bytes: &[u8]) -> Result<Packed<'_>, String> {
+    let Some(mut rest) = bytes.strip_prefix(PACK_MAGIC) else {
+        return Ok(Packed {
+            parquet: bytes,
+            responder: None,
+            spill: &[],
+        });
     };
-    let (len, rest) = rest
-        .split_first_chunk::<8>()
-        .ok_or("partition snapshot: truncated header")?;
-    let len = usize::try_from(u64::from_le_bytes(*len))
-        .ok()
-        .filter(|&l| l <= rest.len())
-        .ok_or("partition snapshot: the Parquet part is longer than the object")?;
-    let (parquet, json) = rest.split_at(len);
-    if json.is_empty() {
-        return Ok((parquet, None));
+    let mut parts = [&[][..]; 2];
+    for (i, what) in ["the Parquet part", "the responder part"]
+        .iter()
+        .enumerate()
+    {
+        let (len, r) = rest
+            .split_first_chunk::<8>()
+            .ok_or("partition snapshot: truncated header")?;
+        let len = usize::try_from(u64::from_le_bytes(*len))
+            .ok()
+            .filter(|&l| l <= r.len())
+            .ok_or_else(|| format!("partition snapshot: {what} is longer than the object"))?;
+        let (part, r) = r.split_at(len);
+        parts[i] = part;
+        rest = r;
     }
-    let v = serde_json::from_slice(json)
-        .map_err(|e| format!("partition snapshot: responder state: {e}"))?;
-    Ok((parquet, Some(v)))
+    let responder = if parts[1].is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::from_slice(parts[1])
+                .map_err(|e| format!("partition snapshot: responder state: {e}"))?,
+        )
+    };
+    Ok(Packed {
+        parquet: parts[0],
+        responder,
+        spill: rest,
+    })
 }
 
 /// De-duplication id of a window's score or alert.
@@ -162,12 +198,22 @@ mod tests {
     #[test]
     fn a_snapshot_pack_gives_back_its_parts_and_refuses_a_short_one() {
         let v = serde_json::json!({"a": 1});
-        let b = pack_snapshot(b"PAR1xyz", Some(&v));
-        assert_eq!(unpack_snapshot(&b).unwrap(), (&b"PAR1xyz"[..], Some(v)));
-        let b = pack_snapshot(b"PAR1", None);
-        assert_eq!(unpack_snapshot(&b).unwrap(), (&b"PAR1"[..], None));
-        assert_eq!(unpack_snapshot(b"PAR1").unwrap(), (&b"PAR1"[..], None));
-        let mut b = pack_snapshot(b"PAR1xyz", None);
+        let b = pack_snapshot(b"PAR1xyz", Some(&v), b"redb");
+        let want = Packed {
+            parquet: b"PAR1xyz",
+            responder: Some(v),
+            spill: b"redb",
+        };
+        assert_eq!(unpack_snapshot(&b).unwrap(), want);
+        let b = pack_snapshot(b"PAR1", None, b"");
+        let bare = Packed {
+            parquet: b"PAR1",
+            responder: None,
+            spill: b"",
+        };
+        assert_eq!(unpack_snapshot(&b).unwrap(), bare);
+        assert_eq!(unpack_snapshot(b"PAR1").unwrap(), bare);
+        let mut b = pack_snapshot(b"PAR1xyz", None, b"");
         b.truncate(14);
         assert!(unpack_snapshot(&b)
             .unwrap_err()
