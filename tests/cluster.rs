@@ -80,16 +80,18 @@ fn start_nats(bin: &Path, dir: &Path) -> (Proc, String) {
     (p, format!("nats://127.0.0.1:{port}"))
 }
 
-/// A node of the cluster; `snapshots`: how often its partitions snapshot themselves.
+/// A node of the cluster; `snapshots`: how often its partitions snapshot themselves. Its
+/// gRPC and console addresses.
 fn start_node(
     url: &str,
     id: &str,
     dir: &Path,
     (tokens, config): (&Path, &Path),
     snapshots: &str,
-) -> (Proc, String) {
+) -> (Proc, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
         .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
+        .args(["--http", "127.0.0.1:0"])
         .args(["--cluster", url, "--node-id", id, "--partitions", "12"])
         .args(["--cluster-snapshot-every", snapshots])
         .arg("--data-dir")
@@ -104,15 +106,38 @@ fn start_node(
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("node {id} did not start: {line:?}"))
-        .to_string();
+    let mut console = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let line = line.trim();
+        if let Some(c) = line.strip_prefix("console on http://") {
+            console = c.trim_end_matches('/').to_string();
+            continue;
+        }
+        break line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("node {id} did not start: {line:?}"))
+            .to_string();
+    };
     std::thread::spawn(move || for _ in out.lines() {});
-    (Proc(child), addr)
+    (Proc(child), addr, console)
+}
+
+/// The body of an HTTP GET of `path` on `addr` (the console, no login with
+/// --insecure-no-auth).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{path}: {body:.200}");
+    body
 }
 
 type Client = pb::token_watch_client::TokenWatchClient<Channel>;
@@ -258,11 +283,11 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     assert!(!truth_alerts.is_empty());
 
     let files = (tokens.as_path(), config.as_path());
-    let (n1, a1) = start_node(&url, "n1", dir.path(), files, "2s");
-    let (n2, a2) = start_node(&url, "n2", dir.path(), files, "2s");
+    let (n1, a1, h1) = start_node(&url, "n1", dir.path(), files, "2s");
+    let (n2, a2, _) = start_node(&url, "n2", dir.path(), files, "2s");
     // n3 never snapshots after taking its partitions (empty, before any event): the
     // survivors replay everything it applied, and must not act on its alerts again.
-    let (mut n3, _a3) = start_node(&url, "n3", dir.path(), files, "1h");
+    let (mut n3, _, _) = start_node(&url, "n3", dir.path(), files, "1h");
     let (mut c1, mut c2) = (client(&a1).await, client(&a2).await);
     wait_owned(&mut c1, &["n1", "n2", "n3"]).await;
     // n3 dies after 40% of the events, and after at least one of its alerts has closed
@@ -325,7 +350,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         if i == kill_at {
             // Once n3 has applied what it was sent and raised an alert (owners apply
             // behind the acks; actions are delivered behind the judging).
-            let audit = dir.path().join("n3/cluster/audit.jsonl");
+            let audit = dir.path().join("n3/audit.jsonl");
             let t0 = Instant::now();
             while !std::fs::read_to_string(&audit)
                 .unwrap_or_default()
@@ -517,7 +542,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     loop {
         raised.clear();
         for n in ["n1", "n2", "n3"] {
-            let audit = dir.path().join(n).join("cluster/audit.jsonl");
+            let audit = dir.path().join(n).join("audit.jsonl");
             for line in std::fs::read_to_string(&audit).unwrap_or_default().lines() {
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                     continue; // n3's last line, cut by the SIGKILL
@@ -541,7 +566,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     // Only an alert n3 raised in the instant before its SIGKILL, before it published the
     // window, may be raised again by the partition's next owner (at least once, never lost).
     assert!(twice.len() <= 1, "alerts raised twice: {twice:?}");
-    let by_n3 = std::fs::read_to_string(dir.path().join("n3/cluster/audit.jsonl"))
+    let by_n3 = std::fs::read_to_string(dir.path().join("n3/audit.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter(|l| l.contains("\"what\":\"alert\""))
@@ -554,7 +579,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     // A node that joins takes partitions over from the snapshots the others write when they
     // hand them over: with their alert policies' state (no alert raised again, verdicts on
     // earlier alerts still possible).
-    let (n5, _a5) = start_node(&url, "n5", dir.path(), files, "2s");
+    let (n5, _, _) = start_node(&url, "n5", dir.path(), files, "2s");
     wait_owned(&mut c1, &["n1", "n2", "n5"]).await;
     let held5 = owners(&mut c1).await;
 
@@ -587,7 +612,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         unknown.message().contains("unknown alert id"),
         "{unknown:?}"
     );
-    let audit = std::fs::read_to_string(dir.path().join("n5/cluster/audit.jsonl")).unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("n5/audit.jsonl")).unwrap();
     assert!(
         audit
             .lines()
@@ -598,6 +623,29 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         !audit.contains("\"what\":\"alert\""),
         "a node that took partitions over raised their alerts again"
     );
+
+    // The console's alert page on any node lists the cluster's alerts, with the verdict
+    // given on another node.
+    // (A partition being handed over is missing from the page until its new owner has
+    // loaded it: wait for that.)
+    let t0 = Instant::now();
+    let page = loop {
+        let page = http_get(&h1, "/alerts");
+        let missing: Vec<&String> = fired
+            .keys()
+            .filter(|id| !page.contains(id.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break page;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "alerts missing from n1's console: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let open = format!("{} without a verdict", fired.len() - 1);
+    assert!(page.contains(&open), "{open:?} not on the page");
 
     drop((n1, n2, n5));
     let (seen, ids) = watched.await.unwrap();

@@ -105,6 +105,8 @@ pub struct Shared {
     /// Alert id -> token of the cluster's alerts (from the alerts stream), so that a
     /// verdict submitted on any node reaches the alert's owner.
     alert_tokens: Mutex<AlertIndex>,
+    /// The responders of the owned partitions (for the console's alert pages).
+    responders: Mutex<BTreeMap<u32, Arc<Mutex<crate::respond::actions::Responder>>>>,
 }
 
 /// Alert policies and the delivery of their actions.
@@ -141,6 +143,36 @@ impl AlertIndex {
 }
 
 impl Shared {
+    fn responders_mut(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<Mutex<crate::respond::actions::Responder>>>>
+    {
+        self.responders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The alerts this node's partitions remember, most recently raised first, at most
+    /// `most` (with `token`, only its), and how many they remember and hold open.
+    fn recent_alerts(
+        &self,
+        most: usize,
+        token: Option<&str>,
+    ) -> (Vec<crate::respond::actions::AlertRow>, usize, usize) {
+        let rs: Vec<_> = self.responders_mut().values().cloned().collect();
+        let (mut rows, mut total, mut open) = (Vec::new(), 0, 0);
+        for r in rs {
+            let (mut page, t, o) = r
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .recent(0, most, token);
+            rows.append(&mut page);
+            total += t;
+            open += o;
+        }
+        newest_first(&mut rows);
+        rows.truncate(most);
+        (rows, total, open)
+    }
+
     /// A responder for one owned partition (its own policy state, the node's delivery).
     fn responder(&self) -> Option<crate::respond::actions::Responder> {
         let p = self.policing.as_ref()?;
@@ -386,7 +418,8 @@ impl Node {
         std::fs::create_dir_all(&opts.work_dir)
             .map_err(|e| format!("{}: {e}", opts.work_dir.display()))?;
         // Each owner delivers the actions of its partitions' alerts (outbox, audit and dead
-        // letters in this node's work directory).
+        // letters in the data directory, where the embedded mode keeps them and the console
+        // reads the audit).
         let mut tasks = Vec::new();
         let policing = if policies.is_empty() {
             None
@@ -394,7 +427,7 @@ impl Node {
             let rcfg = cfg.respond.clone();
             let (tx, rx) = mpsc::channel(rcfg.queue.max(1));
             let (actions, resumed, bad) = crate::respond::actions::Actions::new(
-                Some(&opts.work_dir),
+                Some(opts.work_dir.parent().unwrap_or(&opts.work_dir)),
                 rcfg,
                 dry_run,
                 policies,
@@ -437,6 +470,7 @@ impl Node {
             accepted: AtomicU64::new(0),
             policing,
             alert_tokens: Mutex::default(),
+            responders: Mutex::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let leases = tokio::spawn(lease::run(shared.clone(), stop_rx.clone()));
@@ -451,6 +485,7 @@ impl Node {
                 board.clone(),
                 stop_rx.clone(),
             )),
+            tokio::spawn(answer_alerts(shared.clone(), stop_rx.clone())),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
             tokio::spawn(watch_link(shared.clone(), link_tx)),
             tokio::spawn(index_alerts(shared.clone(), stop_rx.clone())),
@@ -949,14 +984,109 @@ async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Boar
             Cmd::Describe(_, _, tx) => {
                 let _ = tx.send(None);
             }
-            Cmd::Alerts { reply, .. } => {
-                let _ = reply.send((Vec::new(), 0, 0));
+            Cmd::Alerts {
+                offset,
+                limit,
+                token,
+                reply,
+            } => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(gather_alerts(&shared, offset, limit, token).await);
+                });
             }
             Cmd::Stop(tx) => {
                 let _ = tx.send(shared.local().1);
                 break;
             }
         }
+    }
+}
+
+/// Subject of the console's alert pages, gathered from every node's partitions.
+const ALERTS_QUERY: &str = "tokenwatch.query.alerts";
+
+/// Most recently raised first (by first window, then id, so every node orders alike).
+fn newest_first(rows: &mut [crate::respond::actions::AlertRow]) {
+    rows.sort_by(|a, b| {
+        b.info
+            .first
+            .cmp(&a.info.first)
+            .then_with(|| a.alert_id.cmp(&b.alert_id))
+    });
+}
+
+/// A page of the cluster's remembered alerts: every live node answers with its partitions'
+/// newest `offset + limit` (those that do not answer within a second are left out), merged.
+async fn gather_alerts(
+    shared: &Shared,
+    offset: usize,
+    limit: usize,
+    token: Option<String>,
+) -> (Vec<crate::respond::actions::AlertRow>, usize, usize) {
+    let most = offset.saturating_add(limit);
+    let ask = serde_json::json!({ "most": most, "token": token }).to_string();
+    let live = shared.live.load(Ordering::Relaxed).max(1) as usize;
+    let (mut rows, mut total, mut open) = (Vec::new(), 0, 0);
+    let inbox = shared.client.new_inbox();
+    if let Ok(mut sub) = shared.client.subscribe(inbox.clone()).await {
+        if shared
+            .client
+            .publish_with_reply(ALERTS_QUERY, inbox, ask.into())
+            .await
+            .is_ok()
+        {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            let mut answers = 0;
+            while answers < live {
+                let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await else {
+                    break;
+                };
+                answers += 1;
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+                    continue;
+                };
+                total += v["total"].as_u64().unwrap_or(0) as usize;
+                open += v["open"].as_u64().unwrap_or(0) as usize;
+                for r in v["rows"].as_array().into_iter().flatten() {
+                    if let Ok(r) = crate::respond::actions::AlertRow::from_json(r) {
+                        rows.push(r);
+                    }
+                }
+            }
+        }
+    }
+    newest_first(&mut rows);
+    let page = rows.into_iter().skip(offset).take(limit).collect();
+    (page, total, open)
+}
+
+/// Answer [`gather_alerts`] with this node's partitions' alerts.
+async fn answer_alerts(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut sub = match shared.client.subscribe(ALERTS_QUERY).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot answer the console's alert pages");
+            return;
+        }
+    };
+    loop {
+        let m = tokio::select! {
+            m = sub.next() => m,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(m) = m else { return };
+        let Some(reply) = m.reply else { continue };
+        let ask: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        // One page at most as large as the embedded console ever asks for.
+        let most = (ask["most"].as_u64().unwrap_or(50) as usize).min(10_000);
+        let (rows, total, open) = shared.recent_alerts(most, ask["token"].as_str());
+        let body = serde_json::json!({
+            "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+            "total": total,
+            "open": open,
+        });
+        let _ = shared.client.publish(reply, body.to_string().into()).await;
     }
 }
 

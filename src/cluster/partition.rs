@@ -51,12 +51,17 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             return;
         }
     };
-    let mut responder = shared.responder();
-    if let (Some(r), Some(v)) = (responder.as_mut(), saved.as_ref()) {
+    let mut own = shared.responder();
+    if let (Some(r), Some(v)) = (own.as_mut(), saved.as_ref()) {
         if let Err(e) = r.import(v) {
             // The engine goes on; open alerts may fire once more as new ones.
             tracing::warn!(partition = p, error = %e, "the snapshot's alert policy state cannot be read; starting it empty");
         }
+    }
+    // Shared with the node's answers to the console's alert pages.
+    let responder = own.map(|r| Arc::new(std::sync::Mutex::new(r)));
+    if let Some(r) = &responder {
+        shared.responders_mut().insert(p, r.clone());
     }
     // Windows the previous owner already published (and acted on): judged again to
     // follow the policies' state, but their actions are not delivered twice.
@@ -93,7 +98,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     loop {
         if stop.load(Ordering::Relaxed) {
             if lease.valid() && seq > snap_seq {
-                if let Err(e) = save(&shared, p, &engine, responder.as_ref(), seq) {
+                if let Err(e) = save(&shared, p, &engine, lock(&responder).as_deref(), seq) {
                     tracing::warn!(partition = p, error = %e, "last snapshot before handing over failed");
                 }
             }
@@ -107,7 +112,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             break;
         }
         if seq > snap_seq && last_snapshot.elapsed() >= shared.snapshot_every {
-            match save(&shared, p, &engine, responder.as_ref(), seq) {
+            match save(&shared, p, &engine, lock(&responder).as_deref(), seq) {
                 Ok(()) => snap_seq = seq,
                 Err(e) => tracing::warn!(partition = p, error = %e, "partition snapshot failed"),
             }
@@ -148,7 +153,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                         .map(|v| v.as_str().to_string())
                 };
                 if header(wire::KIND_HEADER).as_deref() == Some(wire::FEEDBACK_KIND) {
-                    let result = feedback(&mut engine, responder.as_mut(), &m.payload);
+                    let result = feedback(&mut engine, lock(&responder).as_deref_mut(), &m.payload);
                     if let Err(e) = &result {
                         tracing::warn!(partition = p, sequence = s, error = %e, "verdict not applied");
                     }
@@ -237,7 +242,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             if !lease.valid() {
                 break;
             }
-            let ids = judge(responder.as_mut(), &scores, seq, delivered);
+            let ids = judge(lock(&responder).as_deref_mut(), &scores, seq, delivered);
             if let Err(e) = h.block_on(publish(&shared, p, &scores, &ids, seq)) {
                 // Not applied as far as the cluster knows: the next owner (or this node
                 // again) replays from the last snapshot and publishes them then.
@@ -261,6 +266,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&p);
+    shared.responders_mut().remove(&p);
     tracing::info!(partition = p, sequence = seq, "partition released");
 }
 
@@ -305,6 +311,15 @@ async fn consume(shared: &Shared, p: u32, seq: u64) -> Result<pull::Ordered, Str
         .await
         .map_err(|e| e.to_string())?;
     consumer.messages().await.map_err(|e| e.to_string())
+}
+
+/// A partition's responder, locked (only the partition thread and the console's alert
+/// pages take it, each briefly).
+fn lock(
+    r: &Option<Arc<std::sync::Mutex<Responder>>>,
+) -> Option<std::sync::MutexGuard<'_, Responder>> {
+    r.as_ref()
+        .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Judge closed windows against the alert policies (see [`last_published`] for

@@ -601,6 +601,62 @@ pub struct AlertRow {
     pub info: AlertInfo,
 }
 
+impl AlertRow {
+    /// As JSON (a partition snapshot's responder state, a cluster node's answer to a
+    /// console page).
+    pub fn to_json(&self) -> serde_json::Value {
+        let a = &self.info;
+        json!({
+            "id": self.alert_id,
+            "token": &*a.token,
+            "first": a.first,
+            "last": a.last,
+            "signals": a.signals.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            "verdict": a.verdict.map(|v| v.name()),
+            "policy": &*a.policy,
+            "severity": &*a.severity,
+            "windows": a.windows,
+            "max_risk": a.max_risk,
+        })
+    }
+
+    /// What [`Self::to_json`] wrote (unknown signal names are dropped).
+    pub fn from_json(v: &serde_json::Value) -> Result<AlertRow, String> {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            id: String,
+            token: String,
+            first: i64,
+            last: i64,
+            signals: Vec<String>,
+            verdict: Option<String>,
+            policy: String,
+            severity: String,
+            windows: u32,
+            max_risk: f32,
+        }
+        let a: Saved = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        Ok(AlertRow {
+            alert_id: a.id,
+            info: AlertInfo {
+                token: a.token.into(),
+                first: a.first,
+                last: a.last,
+                signals: a
+                    .signals
+                    .iter()
+                    .filter_map(|s| crate::model::SignalKind::from_name(s))
+                    .collect(),
+                verdict: a.verdict.as_deref().and_then(crate::engine::Verdict::parse),
+                policy: a.policy.into(),
+                severity: a.severity.into(),
+                windows: a.windows,
+                max_risk: a.max_risk,
+            },
+        })
+    }
+}
+
 /// Alert and verdict counters, per signal (position in `SignalKind::ALL`).
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
@@ -672,19 +728,14 @@ impl Responder {
             .order
             .iter()
             .filter_map(|id| {
-                let a = self.alerts.get(id)?;
-                Some(json!({
-                    "id": id,
-                    "token": &*a.token,
-                    "first": a.first,
-                    "last": a.last,
-                    "signals": a.signals.iter().map(|s| s.name()).collect::<Vec<_>>(),
-                    "verdict": a.verdict.map(|v| v.name()),
-                    "policy": &*a.policy,
-                    "severity": &*a.severity,
-                    "windows": a.windows,
-                    "max_risk": a.max_risk,
-                }))
+                let info = self.alerts.get(id)?.clone();
+                Some(
+                    AlertRow {
+                        alert_id: id.clone(),
+                        info,
+                    }
+                    .to_json(),
+                )
             })
             .collect();
         let t = &self.tally;
@@ -702,21 +753,13 @@ impl Responder {
 
     /// Take the state [`Self::export`] wrote (replacing this one's).
     pub fn import(&mut self, v: &serde_json::Value) -> Result<(), String> {
-        #[derive(serde::Deserialize)]
-        struct Saved {
-            id: String,
-            token: String,
-            first: i64,
-            last: i64,
-            signals: Vec<String>,
-            verdict: Option<String>,
-            policy: String,
-            severity: String,
-            windows: u32,
-            max_risk: f32,
-        }
         self.policies.import(&v["policies"])?;
-        let saved: Vec<Saved> = serde_json::from_value(v["alerts"].clone())
+        let saved = v["alerts"]
+            .as_array()
+            .ok_or("responder state: alerts: not a list")?
+            .iter()
+            .map(AlertRow::from_json)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("responder state: alerts: {e}"))?;
         let tally: (u64, u64, u64) = serde_json::from_value(v["tally"].clone())
             .map_err(|e| format!("responder state: tally: {e}"))?;
@@ -725,23 +768,8 @@ impl Responder {
         self.alerts.clear();
         self.order.clear();
         for a in saved.into_iter().rev().take(MAX_ALERTS).rev() {
-            let info = AlertInfo {
-                token: a.token.into(),
-                first: a.first,
-                last: a.last,
-                signals: a
-                    .signals
-                    .iter()
-                    .filter_map(|s| crate::model::SignalKind::from_name(s))
-                    .collect(),
-                verdict: a.verdict.as_deref().and_then(crate::engine::Verdict::parse),
-                policy: a.policy.into(),
-                severity: a.severity.into(),
-                windows: a.windows,
-                max_risk: a.max_risk,
-            };
-            self.order.push_back(a.id.clone());
-            self.alerts.insert(a.id, info);
+            self.order.push_back(a.alert_id.clone());
+            self.alerts.insert(a.alert_id, a.info);
         }
         let mut t = Tally {
             alerts: tally.0,
