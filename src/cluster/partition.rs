@@ -58,11 +58,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             tracing::warn!(partition = p, error = %e, "the snapshot's alert policy state cannot be read; starting it empty");
         }
     }
-    // Shared with the node's answers to the console's alert pages.
     let responder = own.map(|r| Arc::new(std::sync::Mutex::new(r)));
-    if let Some(r) = &responder {
-        shared.responders_mut().insert(p, r.clone());
-    }
     // Windows the previous owner already published (and acted on): judged again to
     // follow the policies' state, but their actions are not delivered twice.
     let delivered = match h.block_on(last_published(&shared, p)) {
@@ -90,6 +86,10 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             return;
         }
     };
+    // Shared with the node's answers to the console's alert pages while this worker runs.
+    if let Some(r) = &responder {
+        shared.responders_mut().insert(p, r.clone());
+    }
     let mut snap_seq = seq;
     let mut last_snapshot = Instant::now();
     let mut last_arrival = Instant::now();
@@ -266,7 +266,15 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&p);
-    shared.responders_mut().remove(&p);
+    {
+        // Not a newer worker's of the same partition.
+        let mut rs = shared.responders_mut();
+        if let (Some(mine), Some(there)) = (&responder, rs.get(&p)) {
+            if Arc::ptr_eq(mine, there) {
+                rs.remove(&p);
+            }
+        }
+    }
     tracing::info!(partition = p, sequence = seq, "partition released");
 }
 
