@@ -777,50 +777,51 @@ impl Query {
 
 /// Answer the queries of the partitions this node owns (other nodes stay silent: the
 /// owner's is the answer).
-async fn answer_queries(shared: Arc<Shared>, board: Arc<Board>, mut stop: watch::Receiver<bool>) {
-    let mut sub = match shared.client.subscribe("tokenwatch.query.*").await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot answer partition queries");
-            return;
-        }
-    };
-    loop {
-        let m = tokio::select! {
-            m = sub.next() => m,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Some(m) = m else { return };
-        let (Some(reply), Some(p)) = (
-            m.reply,
-            m.subject
+async fn answer_queries(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Receiver<bool>) {
+    let s = shared.clone();
+    answer(
+        shared,
+        "tokenwatch.query.*",
+        "partition queries",
+        stop,
+        move |m| {
+            let p = m
+                .subject
                 .strip_prefix("tokenwatch.query.")
-                .and_then(|p| p.parse::<u32>().ok()),
-        ) else {
-            continue;
-        };
-        let mine = shared
-            .owned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&p);
-        if !mine {
-            continue;
-        }
-        let body = std::str::from_utf8(&m.payload)
-            .ok()
-            .and_then(|t| board.get(t))
-            .map(|r| r.encode_to_vec())
-            .unwrap_or_default();
-        let _ = shared.client.publish(reply, body.into()).await;
-    }
+                .and_then(|p| p.parse::<u32>().ok())?;
+            if !s
+                .owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&p)
+            {
+                return None;
+            }
+            Some(
+                std::str::from_utf8(&m.payload)
+                    .ok()
+                    .and_then(|t| board.get(t))
+                    .map(|r| r.encode_to_vec())
+                    .unwrap_or_default(),
+            )
+        },
+    )
+    .await
 }
 
-async fn answer_stats(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut sub = match shared.client.subscribe(wire::STATS_SUBJECT).await {
+/// Answer the requests on `subject` (`what` names them in a log line) with `f`'s bytes;
+/// `None`: stay silent (another node answers).
+async fn answer(
+    shared: Arc<Shared>,
+    subject: &'static str,
+    what: &str,
+    mut stop: watch::Receiver<bool>,
+    mut f: impl FnMut(&async_nats::Message) -> Option<Vec<u8>>,
+) {
+    let mut sub = match shared.client.subscribe(subject).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot answer cluster stats");
+            tracing::error!(error = %e, "cannot answer {what}");
             return;
         }
     };
@@ -830,39 +831,62 @@ async fn answer_stats(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         };
         let Some(m) = m else { return };
-        if let Some(reply) = m.reply {
-            let body = shared.local_stats().encode_to_vec();
+        let Some(reply) = m.reply.clone() else {
+            continue;
+        };
+        if let Some(body) = f(&m) {
             let _ = shared.client.publish(reply, body.into()).await;
         }
     }
 }
 
+/// Ask every live node on `subject`: the answers that come within a second (the nodes that
+/// do not answer in time are left out).
+async fn scatter(shared: &Shared, subject: &'static str, ask: Vec<u8>) -> Vec<bytes::Bytes> {
+    let live = shared.live.load(Ordering::Relaxed).max(1) as usize;
+    let inbox = shared.client.new_inbox();
+    let mut answers = Vec::new();
+    let Ok(mut sub) = shared.client.subscribe(inbox.clone()).await else {
+        return answers;
+    };
+    if shared
+        .client
+        .publish_with_reply(subject, inbox, ask.into())
+        .await
+        .is_err()
+    {
+        return answers;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while answers.len() < live {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) => answers.push(m.payload),
+            _ => break,
+        }
+    }
+    answers
+}
+
+async fn answer_stats(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let s = shared.clone();
+    answer(
+        shared,
+        wire::STATS_SUBJECT,
+        "cluster stats",
+        stop,
+        move |_| Some(s.local_stats().encode_to_vec()),
+    )
+    .await
+}
+
 /// Every node's counters, summed (nodes that do not answer within a second are left
 /// out); the cluster-wide view of windows and tokens comes from this node's board.
 async fn gather_stats(shared: &Shared, board: &Board) -> pb::StatsResponse {
-    let live = shared.live.load(Ordering::Relaxed).max(1) as usize;
-    let inbox = shared.client.new_inbox();
-    let mut replies = Vec::new();
-    if let Ok(mut sub) = shared.client.subscribe(inbox.clone()).await {
-        if shared
-            .client
-            .publish_with_reply(wire::STATS_SUBJECT, inbox, Vec::new().into())
-            .await
-            .is_ok()
-        {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-            while replies.len() < live {
-                match tokio::time::timeout_at(deadline, sub.next()).await {
-                    Ok(Some(m)) => {
-                        if let Ok(r) = pb::StatsResponse::decode(m.payload.as_ref()) {
-                            replies.push(r);
-                        }
-                    }
-                    _ => break,
-                }
-            }
-        }
-    }
+    let replies: Vec<pb::StatsResponse> = scatter(shared, wire::STATS_SUBJECT, Vec::new())
+        .await
+        .iter()
+        .filter_map(|b| pb::StatsResponse::decode(b.as_ref()).ok())
+        .collect();
     let mut out = pb::StatsResponse {
         cluster: Some(shared.report()),
         ..Default::default()
@@ -1026,33 +1050,16 @@ async fn gather_alerts(
 ) -> (Vec<crate::respond::actions::AlertRow>, usize, usize) {
     let most = offset.saturating_add(limit);
     let ask = serde_json::json!({ "most": most, "token": token }).to_string();
-    let live = shared.live.load(Ordering::Relaxed).max(1) as usize;
     let (mut rows, mut total, mut open) = (Vec::new(), 0, 0);
-    let inbox = shared.client.new_inbox();
-    if let Ok(mut sub) = shared.client.subscribe(inbox.clone()).await {
-        if shared
-            .client
-            .publish_with_reply(ALERTS_QUERY, inbox, ask.into())
-            .await
-            .is_ok()
-        {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-            let mut answers = 0;
-            while answers < live {
-                let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await else {
-                    break;
-                };
-                answers += 1;
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
-                    continue;
-                };
-                total += v["total"].as_u64().unwrap_or(0) as usize;
-                open += v["open"].as_u64().unwrap_or(0) as usize;
-                for r in v["rows"].as_array().into_iter().flatten() {
-                    if let Ok(r) = crate::respond::actions::AlertRow::from_json(r) {
-                        rows.push(r);
-                    }
-                }
+    for b in scatter(shared, ALERTS_QUERY, ask.into_bytes()).await {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else {
+            continue;
+        };
+        total += v["total"].as_u64().unwrap_or(0) as usize;
+        open += v["open"].as_u64().unwrap_or(0) as usize;
+        for r in v["rows"].as_array().into_iter().flatten() {
+            if let Ok(r) = crate::respond::actions::AlertRow::from_json(r) {
+                rows.push(r);
             }
         }
     }
@@ -1062,32 +1069,27 @@ async fn gather_alerts(
 }
 
 /// Answer [`gather_alerts`] with this node's partitions' alerts.
-async fn answer_alerts(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut sub = match shared.client.subscribe(ALERTS_QUERY).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot answer the console's alert pages");
-            return;
-        }
-    };
-    loop {
-        let m = tokio::select! {
-            m = sub.next() => m,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Some(m) = m else { return };
-        let Some(reply) = m.reply else { continue };
-        let ask: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-        // One page at most as large as the embedded console ever asks for.
-        let most = (ask["most"].as_u64().unwrap_or(50) as usize).min(10_000);
-        let (rows, total, open) = shared.recent_alerts(most, ask["token"].as_str());
-        let body = serde_json::json!({
-            "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
-            "total": total,
-            "open": open,
-        });
-        let _ = shared.client.publish(reply, body.to_string().into()).await;
-    }
+async fn answer_alerts(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let s = shared.clone();
+    answer(
+        shared,
+        ALERTS_QUERY,
+        "the console's alert pages",
+        stop,
+        move |m| {
+            let ask: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            // One page at most as large as the embedded console ever asks for.
+            let most = (ask["most"].as_u64().unwrap_or(50) as usize).min(10_000);
+            let (rows, total, open) = s.recent_alerts(most, ask["token"].as_str());
+            let body = serde_json::json!({
+                "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+                "total": total,
+                "open": open,
+            });
+            Some(body.to_string().into_bytes())
+        },
+    )
+    .await
 }
 
 /// How long a node waits for the owner to apply a verdict it submitted.
