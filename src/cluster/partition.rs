@@ -401,31 +401,11 @@ fn feedback(
         .ok_or_else(|| format!("unknown verdict {:?}", f.verdict))?;
     let r =
         responder.ok_or("the cluster runs without alert policies, so there are no alert ids")?;
-    let info = r.label(&f.alert_id, verdict)?;
-    metrics::counter!("tokenwatch_feedback_total", "verdict" => verdict.name()).increment(1);
-    let effect = engine
-        .feedback(&info.token, (info.first, info.last), verdict, &info.signals)
-        .ok_or_else(|| format!("token {} is not known to the models", info.token))?;
-    let damped: Vec<String> = effect.damped.iter().map(|s| s.name().to_string()).collect();
-    r.audit().append(&serde_json::json!({
-        "at": crate::event::fmt_ts(f.at),
-        "who": "operator",
-        "what": "feedback",
-        "token_id": &*info.token,
-        "alert_id": f.alert_id,
-        "why": verdict.name(),
-        "note": f.note,
-        "result": format!(
-            "learned {} window(s); damped {:?}; hold until {:?}",
-            effect.learned_windows,
-            damped,
-            effect.hold_until.map(crate::event::fmt_ts)
-        ),
-    }));
+    let (info, effect) = r.apply_verdict(engine, &f.alert_id, verdict, &f.note, f.at)?;
     Ok((
         info.token.to_string(),
         effect.learned_windows,
-        damped,
+        effect.damped.iter().map(|s| s.name().to_string()).collect(),
         effect.hold_until,
     ))
 }

@@ -949,6 +949,46 @@ impl Responder {
         Ok(a.clone())
     }
 
+    /// Apply an operator's verdict on a remembered alert: its memory and the counters
+    /// ([`Self::label`]), the token's models (`Engine::feedback`), the feedback metrics and
+    /// the audit record (`at`: when it was given, ms). The alert and what changed. The one
+    /// path of a verdict through the embedded server and a cluster partition alike.
+    pub fn apply_verdict(
+        &mut self,
+        engine: &mut crate::engine::Engine,
+        alert_id: &str,
+        verdict: crate::engine::Verdict,
+        note: &str,
+        at: i64,
+    ) -> Result<(AlertInfo, crate::engine::FeedbackEffect), String> {
+        let info = self.label(alert_id, verdict)?;
+        metrics::counter!("tokenwatch_feedback_total", "verdict" => verdict.name()).increment(1);
+        for k in crate::model::SignalKind::ALL {
+            if let Some(p) = self.tally.precision(k) {
+                metrics::gauge!("tokenwatch_signal_precision", "signal" => k.name()).set(p);
+            }
+        }
+        let effect = engine
+            .feedback(&info.token, (info.first, info.last), verdict, &info.signals)
+            .ok_or_else(|| format!("token {} is not known to the models", info.token))?;
+        self.audit().append(&json!({
+            "at": fmt_ts(at),
+            "who": "operator",
+            "what": "feedback",
+            "token_id": &*info.token,
+            "alert_id": alert_id,
+            "why": verdict.name(),
+            "note": note,
+            "result": format!(
+                "learned {} window(s); damped {:?}; hold until {:?}",
+                effect.learned_windows,
+                effect.damped.iter().map(|s| s.name()).collect::<Vec<_>>(),
+                effect.hold_until.map(fmt_ts)
+            ),
+        }));
+        Ok((info, effect))
+    }
+
     /// Counters so far.
     pub fn tally(&self) -> &Tally {
         &self.tally

@@ -524,20 +524,11 @@ impl Worker {
             .responder
             .as_mut()
             .ok_or("the server runs without alert policies, so there are no alert ids")?;
-        let info = r.label(alert_id, verdict)?;
-        metrics::counter!("tokenwatch_feedback_total", "verdict" => verdict.name()).increment(1);
-        for k in crate::model::SignalKind::ALL {
-            if let Some(p) = r.tally().precision(k) {
-                metrics::gauge!("tokenwatch_signal_precision", "signal" => k.name()).set(p);
-            }
-        }
-        let effect = self
-            .engine
-            .feedback(&info.token, (info.first, info.last), verdict, &info.signals)
-            .ok_or_else(|| format!("token {} is not known to the models", info.token))?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let (info, effect) = r.apply_verdict(&mut self.engine, alert_id, verdict, &note, now)?;
         let pos = self.store.as_ref().map(|s| s.pos()).unwrap_or_default();
         let rec = crate::store::FeedbackRecord {
-            at: crate::event::fmt_ts(chrono::Utc::now().timestamp_millis()),
+            at: crate::event::fmt_ts(now),
             pos: (pos.segment, pos.batches),
             alert_id: alert_id.to_string(),
             token_id: info.token.to_string(),
@@ -553,20 +544,6 @@ impl Worker {
                 tracing::error!(error = %e, "feedback could not be recorded");
             }
         }
-        r.audit().append(&serde_json::json!({
-            "at": rec.at,
-            "who": "operator",
-            "what": "feedback",
-            "token_id": rec.token_id,
-            "alert_id": rec.alert_id,
-            "why": rec.verdict,
-            "result": format!(
-                "learned {} window(s); damped {:?}; hold until {:?}",
-                effect.learned_windows,
-                effect.damped.iter().map(|s| s.name()).collect::<Vec<_>>(),
-                effect.hold_until.map(crate::event::fmt_ts)
-            ),
-        }));
         Ok((rec.token_id, effect))
     }
 
