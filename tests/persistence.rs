@@ -440,3 +440,72 @@ fn a_crash_after_evictions_recovers_the_spill_of_the_snapshot() {
         "scores after recovery differ from a run that never stopped"
     );
 }
+
+#[test]
+fn event_ids_acknowledged_before_a_crash_are_still_duplicates_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut serial = 0u64;
+    // Every event carries an id: its serial number.
+    let with_ids = |reqs: Vec<pb::IngestRequest>| -> Vec<pb::IngestRequest> {
+        reqs.into_iter()
+            .map(|mut r| {
+                for e in &mut r.events {
+                    e.event_id = format!("ev-{}", e.bytes_out);
+                }
+                r
+            })
+            .collect()
+    };
+    let first = with_ids(traffic("dup", 2, T0, 10, &mut serial));
+    let second = with_ids(traffic("dup", 2, T0 + 10 * MINUTE, 5, &mut serial));
+    let fresh = with_ids(traffic("dup", 2, T0 + 15 * MINUTE, 1, &mut serial));
+    let n = |reqs: &[pb::IngestRequest]| reqs.iter().map(|r| r.events.len() as u64).sum::<u64>();
+    let ingest = |addr: String, reqs: Vec<pb::IngestRequest>| {
+        rt.block_on(async move {
+            let mut c = client(&addr).await;
+            c.ingest(tokio_stream::iter(reqs))
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    };
+    let (mut child, addr) = start(dir.path());
+    let r = ingest(addr.clone(), first.clone());
+    assert_eq!((r.accepted, r.duplicates), (n(&first), 0), "{r:?}");
+    // A snapshot: the first events' log segment is sealed and put into the history, so after
+    // the crash they are not replayed, only their ids are read back.
+    rt.block_on(async {
+        client(&addr)
+            .await
+            .snapshot(pb::SnapshotRequest {})
+            .await
+            .unwrap();
+    });
+    let r = ingest(addr.clone(), second.clone());
+    assert_eq!((r.accepted, r.duplicates), (n(&second), 0), "{r:?}");
+    child.kill().unwrap(); // SIGKILL: the acknowledgements may never have reached the client
+    let _ = child.wait();
+
+    let (mut child, addr) = start(dir.path());
+    // The client resends everything, and some new events.
+    let mut again = first.clone();
+    again.extend(second.clone());
+    again.extend(fresh.clone());
+    let r = ingest(addr.clone(), again);
+    assert_eq!(
+        (r.accepted, r.duplicates),
+        (n(&fresh), n(&first) + n(&second)),
+        "{r:?}"
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(child.wait().unwrap().success());
+    // Each event is in the history exactly once.
+    let seen = history(&dir.path().join("data"));
+    assert_eq!(seen.len() as u64, serial);
+    assert!(seen.values().all(|&c| c == 1), "an event was stored twice");
+}

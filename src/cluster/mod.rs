@@ -927,7 +927,9 @@ async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Boar
     let not_here = "not available in cluster mode yet (see the README's cluster section)";
     while let Some(cmd) = rx.recv().await {
         match cmd {
-            Cmd::Batch(b, ack) => {
+            // Event ids: JetStream's own de-duplication (message ids) covers a retried
+            // publish; the keys are for the embedded log.
+            Cmd::Batch(b, ack, _keys) => {
                 let (min, max) = ts_range(&b);
                 if !origin_set {
                     match ensure_origin(&shared, min).await {

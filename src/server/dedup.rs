@@ -31,7 +31,8 @@ impl Dedup {
         }
     }
 
-    fn key(token: &str, event_id: &str) -> u64 {
+    /// The key of an event id (as written to the log with the event).
+    pub fn key(token: &str, event_id: &str) -> u64 {
         mix(text_key(token) ^ text_key(event_id).rotate_left(29))
     }
 
@@ -41,7 +42,14 @@ impl Dedup {
         if event_id.is_empty() || self.cap == 0 {
             return true;
         }
-        let k = Dedup::key(token, event_id);
+        self.first_key(Dedup::key(token, event_id))
+    }
+
+    /// [`Dedup::first`] of a key.
+    pub fn first_key(&mut self, k: u64) -> bool {
+        if self.cap == 0 {
+            return true;
+        }
         if !self.seen.insert(k) {
             return false;
         }
@@ -59,6 +67,13 @@ impl Dedup {
     pub fn clear(&mut self) {
         self.seen.clear();
         self.order.clear();
+    }
+
+    /// Remember the keys a restart read back from the log, oldest first.
+    pub fn restore(&mut self, keys: &[u64]) {
+        for &k in keys {
+            self.first_key(k);
+        }
     }
 
     /// Ids remembered.

@@ -53,8 +53,9 @@ impl Ack {
 
 /// Work for the engine thread.
 pub enum Cmd {
-    /// Validated events, and what their stream learns about them.
-    Batch(RecordBatch, Arc<Ack>),
+    /// Validated events, what their stream learns about them, and the de-duplication keys
+    /// of their client event ids (logged with them, so a restart remembers them).
+    Batch(RecordBatch, Arc<Ack>, Vec<u64>),
     /// Answer once everything queued before this is processed (each stream then reads its
     /// own [`Ack`]).
     Flush(oneshot::Sender<Result<(), String>>),
@@ -421,18 +422,19 @@ impl Worker {
                 },
             };
             match cmd {
-                Cmd::Batch(b, ack) => {
+                Cmd::Batch(b, ack, mut keys) => {
                     let mut rows = b.num_rows();
                     self.count_late(&b, &ack.late);
                     let mut batches = vec![b];
                     let mut acks = vec![ack];
                     while rows < COALESCE_ROWS {
                         match rx.try_recv() {
-                            Ok(Cmd::Batch(b, ack)) => {
+                            Ok(Cmd::Batch(b, ack, more)) => {
                                 rows += b.num_rows();
                                 self.count_late(&b, &ack.late);
                                 batches.push(b);
                                 acks.push(ack);
+                                keys.extend(more);
                             }
                             Ok(other) => {
                                 next = Some(other);
@@ -441,7 +443,7 @@ impl Worker {
                             Err(_) => break,
                         }
                     }
-                    self.apply(batches, &acks);
+                    self.apply(batches, &acks, &keys);
                 }
                 Cmd::Flush(tx) => {
                     let _ = tx.send(Ok(()));
@@ -611,7 +613,7 @@ impl Worker {
         }
     }
 
-    fn apply(&mut self, batches: Vec<RecordBatch>, acks: &[Arc<Ack>]) {
+    fn apply(&mut self, batches: Vec<RecordBatch>, acks: &[Arc<Ack>], keys: &[u64]) {
         let batch = if batches.len() == 1 {
             batches.into_iter().next()
         } else {
@@ -623,7 +625,10 @@ impl Worker {
         // acknowledged event is on disk, and a replay sees the batches the engine saw.
         let t0 = Instant::now();
         if let Some(store) = self.store.as_mut() {
-            if let Err(e) = store.append(&batch).and_then(|_| store.commit()) {
+            if let Err(e) = store
+                .append_keyed(&batch, keys)
+                .and_then(|_| store.commit())
+            {
                 // Exactly the streams whose events this write held fail; the log goes on
                 // in a new segment (never after the failed write).
                 tracing::error!(error = %e, streams = acks.len(), "write-ahead log failed; those events are refused");

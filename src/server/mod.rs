@@ -185,9 +185,10 @@ pub async fn run(
     let streams = Arc::new(Semaphore::new(scfg.max_ingest_streams));
     let (ready_tx, ready_rx) = watch::channel(false);
     let cluster_query: Arc<std::sync::OnceLock<crate::cluster::Query>> = Arc::default();
+    let dedup = Arc::new(std::sync::Mutex::new(dedup::Dedup::new(scfg.dedup_ids)));
     let svc = Arc::new(service::Service {
         scopes,
-        dedup: Arc::new(std::sync::Mutex::new(dedup::Dedup::new(scfg.dedup_ids))),
+        dedup: dedup.clone(),
         engine: etx.clone(),
         board: board.clone(),
         cluster: cluster_query.clone(),
@@ -304,8 +305,16 @@ pub async fn run(
                         Some((t.clone(), r))
                     }));
                     board.publish_quietly(&rec.scores);
+                    // Before the first Ingest is served (the service says it is recovering
+                    // until then): a resend of an event acknowledged before the restart is
+                    // still a duplicate.
+                    dedup
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .restore(&rec.dedup_keys);
                     tracing::info!(
                         snapshot = ?rec.snapshot,
+                        event_ids = rec.dedup_keys.len(),
                         batches = rec.replayed_batches,
                         events = rec.replayed_events,
                         seconds = t0.elapsed().as_secs_f64(),

@@ -145,11 +145,21 @@ impl pb::token_watch_server::TokenWatch for Service {
             let t0 = std::time::Instant::now();
             let before = rejected.count;
             let mut dup = 0u64;
+            // Keys of the accepted events' ids: logged with the events (one allocation per
+            // message, only for messages with ids).
+            let mut keys = Vec::new();
             let batch = if msg.events.iter().any(|e| !e.event_id.is_empty()) {
                 let mut d = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
                 to_batch_with(&msg.events, index, clock, &mut rejected, &mut |e| {
-                    let first = d.first(&e.token_id, &e.event_id);
+                    if e.event_id.is_empty() {
+                        return true;
+                    }
+                    let k = super::dedup::Dedup::key(&e.token_id, &e.event_id);
+                    let first = d.first_key(k);
                     dup += u64::from(!first);
+                    if first {
+                        keys.push(k);
+                    }
                     first
                 })
             } else {
@@ -168,7 +178,7 @@ impl pb::token_watch_server::TokenWatch for Service {
                 // Bounded queue: when the engine is behind, this waits, the stream is not
                 // read, and HTTP/2 flow control pushes back on the client.
                 self.engine
-                    .send(Cmd::Batch(batch, ack.clone()))
+                    .send(Cmd::Batch(batch, ack.clone(), keys))
                     .await
                     .map_err(|_| engine_gone())?;
                 accepted += rows;

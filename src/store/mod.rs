@@ -216,6 +216,9 @@ pub struct Recovered {
     pub scores: Vec<WindowScore>,
     /// Problems that did not stop the start (a corrupt snapshot skipped, a torn log tail).
     pub warnings: Vec<String>,
+    /// De-duplication keys of the client event ids in the log segments still on disk, oldest
+    /// first, at most `server.dedup-ids` of them: a resend after a restart is still caught.
+    pub dedup_keys: Vec<u64>,
 }
 
 /// The data directory of a running server.
@@ -224,6 +227,57 @@ pub struct Store {
     wal: wal::Wal,
     cfg: StoreConfig,
     feedback: JsonLog,
+    /// Event-id keys remembered (`server.dedup-ids`).
+    dedup_cap: usize,
+}
+
+/// Event-id keys of log segments that were deleted (see [`Store::checkpoint`]), in the log
+/// directory: magic, the keys (u64, little-endian, oldest first), CRC-32 of the keys.
+const CARRIED_KEYS: &str = "dedup.keys";
+const CARRIED_MAGIC: &[u8; 8] = b"TWKEYS1\n";
+
+/// The carried keys (none if the file is missing; a damaged file is an error naming it).
+fn read_carried(wal_d: &Path) -> Result<Vec<u64>, Error> {
+    let path = wal_d.join(CARRIED_KEYS);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let body = bytes
+        .strip_prefix(CARRIED_MAGIC)
+        .filter(|b| b.len() >= 4 && (b.len() - 4) % 8 == 0)
+        .ok_or_else(|| format(&path)("not a tokenwatch event-id key file".into()))?;
+    let (keys, sum) = body.split_at(body.len() - 4);
+    if crc32fast::hash(keys).to_le_bytes() != sum {
+        return Err(format(&path)(
+            "checksum mismatch: the file is damaged".into(),
+        ));
+    }
+    Ok(keys
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect())
+}
+
+/// Replace the carried keys with `keys` (atomically: a temporary file, fsync'd, renamed).
+fn write_carried(wal_d: &Path, keys: &[u64]) -> Result<(), Error> {
+    let path = wal_d.join(CARRIED_KEYS);
+    let tmp = path.with_extension("keys.tmp");
+    let mut buf = Vec::with_capacity(CARRIED_MAGIC.len() + keys.len() * 8 + 4);
+    buf.extend_from_slice(CARRIED_MAGIC);
+    for k in keys {
+        buf.extend_from_slice(&k.to_le_bytes());
+    }
+    let sum = crc32fast::hash(&buf[CARRIED_MAGIC.len()..]);
+    buf.extend_from_slice(&sum.to_le_bytes());
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        std::io::Write::write_all(&mut f, &buf).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    sync_dir(wal_d)
 }
 
 /// Paths inside a data directory.
@@ -313,16 +367,32 @@ impl Store {
             .collect();
         pending.sort_by_key(|f| f.log_pos());
         let mut pending = pending.into_iter().peekable();
+        // The ids of deleted segments first (they are older), then those of the segments.
+        let mut dedup_keys = match read_carried(&wal_d) {
+            Ok(k) => k,
+            Err(e) => {
+                warnings.push(format!(
+                    "{e}; the event ids of the log's deleted segments are forgotten (a resend of those events is counted again)"
+                ));
+                Vec::new()
+            }
+        };
         for seg in segments {
-            let skip = match from {
-                Some(p) if seg < p.segment => continue,
-                Some(p) if seg == p.segment => p.batches,
-                Some(_) => 0,
-                None if wal::compacted_marker(&wal_d, seg).exists() => continue,
-                None => 0,
-            };
             let path = wal::segment_path(&wal_d, seg);
-            let read = wal::read_segment(&path)?;
+            let skip = match from {
+                Some(p) if seg < p.segment => None,
+                Some(p) if seg == p.segment => Some(p.batches),
+                Some(_) => Some(0),
+                None if wal::compacted_marker(&wal_d, seg).exists() => None,
+                None => Some(0),
+            };
+            let Some(skip) = skip else {
+                // Already in the model state: only which ids it acknowledged is read.
+                dedup_keys.extend(wal::read_keys(&path)?);
+                continue;
+            };
+            let mut read = wal::read_segment(&path)?;
+            dedup_keys.append(&mut read.keys);
             if let Some(t) = &read.torn {
                 warnings.push(format!(
                     "{}: torn tail after {} whole batches ({t}); nothing after them was acknowledged",
@@ -351,12 +421,17 @@ impl Store {
         for f in pending {
             f.apply(&mut engine);
         }
+        let cap = cfg.server.dedup_ids;
+        if dedup_keys.len() > cap {
+            dedup_keys.drain(..dedup_keys.len() - cap);
+        }
         let wal = wal::Wal::open(&wal_d, cfg.store.segment_bytes, cfg.store.fsync)?;
         let store = Store {
             dir: dir.to_path_buf(),
             wal,
             cfg: cfg.store.clone(),
             feedback: JsonLog::new(Some(dir.join(FEEDBACK_LOG))),
+            dedup_cap: cfg.server.dedup_ids,
         };
         // Segments of earlier runs are whole (torn tails end at the last whole batch).
         store.compact_sealed(true)?;
@@ -371,6 +446,7 @@ impl Store {
                 extras,
                 scores,
                 warnings,
+                dedup_keys,
             },
         ))
     }
@@ -378,6 +454,11 @@ impl Store {
     /// Append a batch to the log (durable at the next [`Store::commit`]).
     pub fn append(&mut self, batch: &RecordBatch) -> Result<(), Error> {
         self.wal.append(batch)
+    }
+
+    /// [`Store::append`] with the de-duplication keys of the batch's client event ids.
+    pub fn append_keyed(&mut self, batch: &RecordBatch, keys: &[u64]) -> Result<(), Error> {
+        self.wal.append_keyed(batch, keys)
     }
 
     /// Install a fault injector into the log (tests).
@@ -409,13 +490,31 @@ impl Store {
         let snaps = snapshot::list(&snapshots_dir(&self.dir))?;
         if let Some((oldest, _)) = snaps.last() {
             let wal_d = wal_dir(&self.dir);
-            for seg in wal::segments(&wal_d)? {
-                let marker = wal::compacted_marker(&wal_d, seg);
-                if seg < oldest.segment && marker.exists() {
-                    let p = wal::segment_path(&wal_d, seg);
-                    std::fs::remove_file(&p).map_err(io(&p))?;
-                    std::fs::remove_file(&marker).map_err(io(&marker))?;
+            let gone: Vec<u64> = wal::segments(&wal_d)?
+                .into_iter()
+                .filter(|&seg| seg < oldest.segment)
+                .filter(|&seg| wal::compacted_marker(&wal_d, seg).exists())
+                .collect();
+            // The event ids they acknowledged outlive them (a client may resend after a
+            // restart): carried into the key file first, the segments deleted after.
+            let mut carried = Vec::new();
+            for &seg in &gone {
+                carried.extend(wal::read_keys(&wal::segment_path(&wal_d, seg))?);
+            }
+            if !carried.is_empty() && self.dedup_cap > 0 {
+                // A damaged key file is replaced (start reported it).
+                let mut keys = read_carried(&wal_d).unwrap_or_default();
+                keys.append(&mut carried);
+                if keys.len() > self.dedup_cap {
+                    keys.drain(..keys.len() - self.dedup_cap);
                 }
+                write_carried(&wal_d, &keys)?;
+            }
+            for seg in gone {
+                let p = wal::segment_path(&wal_d, seg);
+                let marker = wal::compacted_marker(&wal_d, seg);
+                std::fs::remove_file(&p).map_err(io(&p))?;
+                std::fs::remove_file(&marker).map_err(io(&marker))?;
             }
         }
         if let Some(newest) = newest {

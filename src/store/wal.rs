@@ -51,6 +51,11 @@ pub fn segments(dir: &Path) -> Result<Vec<u64>, Error> {
 pub const SEGMENT_MAGIC: &[u8; 8] = b"TWLOG\x01\n\0";
 /// First bytes of every record: lets a reader find the next record after damage.
 const RECORD_MAGIC: u32 = 0x5457_5243; // "TWRC"
+/// A record whose events carried client event ids: the payload starts with the count and
+/// the 64-bit keys of those ids ([`crate::server::dedup`]), then the batch. The keys are in
+/// the same record (one checksum) as the events, so they are durable exactly when the
+/// events are, and a restart still knows which ids it acknowledged.
+const KEYED_MAGIC: u32 = 0x5457_524B; // "TWRK"
 /// Record header: magic, payload length, record index in the segment, CRC-32 of index and
 /// payload.
 const HEADER: usize = 16;
@@ -70,6 +75,8 @@ pub struct Segment {
     pub damage: Vec<String>,
     /// Rows of intact records that failed validation again (a hand-made or hostile file).
     pub invalid_rows: u64,
+    /// De-duplication keys of the intact records' client event ids, in log order.
+    pub keys: Vec<u64>,
 }
 
 impl Segment {
@@ -114,6 +121,72 @@ pub fn read_segment_with(path: &Path, validate: bool) -> Result<Segment, Error> 
     if !bytes.starts_with(SEGMENT_MAGIC) {
         return read_stream_segment(path, &bytes);
     }
+    let (torn, damage) = scan(&bytes, |magic, index, payload| {
+        let batch = split_keys(path, magic, index, payload, &mut seg.keys)?;
+        decode_record(path, batch, index, validate, &mut seg)
+    })?;
+    seg.torn = torn;
+    seg.damage = damage;
+    Ok(seg)
+}
+
+/// Only the de-duplication keys of a segment's intact records, in log order (at start, of
+/// the segments already in the history: no batch is decoded).
+pub fn read_keys(path: &Path) -> Result<Vec<u64>, Error> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let mut keys = Vec::new();
+    if bytes.starts_with(SEGMENT_MAGIC) {
+        scan(&bytes, |magic, index, payload| {
+            split_keys(path, magic, index, payload, &mut keys).map(|_| ())
+        })?;
+    }
+    Ok(keys)
+}
+
+/// The keys at the start of a keyed record's payload (appended to `keys`) and the batch
+/// after them.
+fn split_keys<'a>(
+    path: &Path,
+    magic: u32,
+    index: u64,
+    payload: &'a [u8],
+    keys: &mut Vec<u64>,
+) -> Result<&'a [u8], Error> {
+    if magic != KEYED_MAGIC {
+        return Ok(payload);
+    }
+    let bad = || {
+        format(path)(format!(
+            "record {index}: checksum valid but its key list is cut short"
+        ))
+    };
+    if payload.len() < 4 {
+        return Err(bad());
+    }
+    let n = u32_at(payload, 0) as usize;
+    let end = n
+        .checked_mul(8)
+        .and_then(|b| b.checked_add(4))
+        .filter(|&e| e <= payload.len());
+    let Some(end) = end else {
+        return Err(bad());
+    };
+    keys.extend(
+        payload[4..end]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())),
+    );
+    Ok(&payload[end..])
+}
+
+/// Walk the records of a framed segment (after its magic), calling `f` with each intact
+/// record's magic, index and payload. Returns an incomplete last record (torn tail) and the
+/// damage found in the middle.
+fn scan(
+    bytes: &[u8],
+    mut f: impl FnMut(u32, u64, &[u8]) -> Result<(), Error>,
+) -> Result<(Option<String>, Vec<String>), Error> {
+    let mut damage = Vec::new();
     let mut at = SEGMENT_MAGIC.len();
     // Bytes not accounted for by an intact record: where they start, and whether they
     // start like the last record of a crash (a header or a record cut short by the end).
@@ -124,18 +197,18 @@ pub fn read_segment_with(path: &Path, validate: bool) -> Result<Segment, Error> 
             bad.get_or_insert((at, true));
             break;
         }
-        let (m, len) = (u32_at(&bytes, at), u32_at(&bytes, at + 4) as usize);
-        let (index, sum) = (u32_at(&bytes, at + 8) as u64, u32_at(&bytes, at + 12));
-        if m == RECORD_MAGIC && len <= MAX_RECORD {
+        let (m, len) = (u32_at(bytes, at), u32_at(bytes, at + 4) as usize);
+        let (index, sum) = (u32_at(bytes, at + 8) as u64, u32_at(bytes, at + 12));
+        if (m == RECORD_MAGIC || m == KEYED_MAGIC) && len <= MAX_RECORD {
             if rest - HEADER >= len {
                 let payload = &bytes[at + HEADER..at + HEADER + len];
                 if crc(index, payload) == sum {
                     if let Some((from, _)) = bad.take() {
-                        seg.damage.push(format!(
+                        damage.push(format!(
                             "bytes {from}..{at} are damaged (no valid record); the records after them are intact"
                         ));
                     }
-                    decode_record(path, payload, index, validate, &mut seg)?;
+                    f(m, index, payload)?;
                     at += HEADER + len;
                     continue;
                 }
@@ -147,20 +220,21 @@ pub fn read_segment_with(path: &Path, validate: bool) -> Result<Segment, Error> 
         bad.get_or_insert((at, false));
         at += 1;
     }
-    match bad {
-        Some((from, true)) => {
-            seg.torn = Some(format!(
-                "the last record, from byte {from}, is incomplete ({} bytes)",
-                bytes.len() - from
-            ))
-        }
-        Some((from, false)) => seg.damage.push(format!(
-            "bytes {from}..{} are damaged (no valid record up to the end of the segment)",
-            bytes.len()
+    let torn = match bad {
+        Some((from, true)) => Some(format!(
+            "the last record, from byte {from}, is incomplete ({} bytes)",
+            bytes.len() - from
         )),
-        None => {}
-    }
-    Ok(seg)
+        Some((from, false)) => {
+            damage.push(format!(
+                "bytes {from}..{} are damaged (no valid record up to the end of the segment)",
+                bytes.len()
+            ));
+            None
+        }
+        None => None,
+    };
+    Ok((torn, damage))
 }
 
 /// One record's payload (an Arrow IPC stream of one batch), validated again.
@@ -283,6 +357,12 @@ impl Wal {
     /// Append a batch (buffered) as one checksummed record; [`Wal::commit`] makes it
     /// durable.
     pub fn append(&mut self, batch: &RecordBatch) -> Result<(), Error> {
+        self.append_keyed(batch, &[])
+    }
+
+    /// [`Wal::append`] with the de-duplication keys of the batch's client event ids (none:
+    /// a plain record, as before ids existed).
+    pub fn append_keyed(&mut self, batch: &RecordBatch, keys: &[u64]) -> Result<(), Error> {
         let path = segment_path(&self.dir, self.seq);
         if self.writer.is_none() {
             let f = OpenOptions::new()
@@ -296,6 +376,13 @@ impl Wal {
             self.writer = Some(w);
         }
         self.buf.clear();
+        if !keys.is_empty() {
+            self.buf
+                .extend_from_slice(&(keys.len() as u32).to_le_bytes());
+            for k in keys {
+                self.buf.extend_from_slice(&k.to_le_bytes());
+            }
+        }
         {
             let mut sw = StreamWriter::try_new(&mut self.buf, &event_schema())
                 .map_err(|e| format(&path)(e.to_string()))?;
@@ -304,7 +391,12 @@ impl Wal {
         }
         let index = self.batches;
         let mut header = [0u8; HEADER];
-        header[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        let magic = if keys.is_empty() {
+            RECORD_MAGIC
+        } else {
+            KEYED_MAGIC
+        };
+        header[0..4].copy_from_slice(&magic.to_le_bytes());
         header[4..8].copy_from_slice(&(self.buf.len() as u32).to_le_bytes());
         header[8..12].copy_from_slice(&(index as u32).to_le_bytes());
         header[12..16].copy_from_slice(&crc(index, &self.buf).to_le_bytes());
@@ -454,6 +546,51 @@ mod tests {
         assert_eq!(segments(dir.path()).unwrap(), [1, 2]);
         assert_eq!(w.seal().unwrap(), Some(2));
         assert_eq!(w.seal().unwrap(), None);
+    }
+
+    #[test]
+    fn event_id_keys_are_durable_with_their_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open(dir.path(), u64::MAX, true).unwrap();
+        w.append_keyed(&batch(3, 1_000), &[7, 8, 9]).unwrap();
+        w.append(&batch(2, 2_000)).unwrap();
+        w.append_keyed(&batch(1, 3_000), &[u64::MAX]).unwrap();
+        w.commit().unwrap();
+        drop(w);
+        let p = segment_path(dir.path(), 1);
+        let seg = read_segment(&p).unwrap();
+        assert_eq!(rows(&seg), [(0, 3), (1, 2), (2, 1)]);
+        assert_eq!(seg.keys, [7, 8, 9, u64::MAX]);
+        assert!(seg.torn.is_none() && seg.damage.is_empty(), "{seg:?}");
+        assert_eq!(read_keys(&p).unwrap(), [7, 8, 9, u64::MAX]);
+        // A torn last record takes its keys with it: neither was acknowledged.
+        let len = std::fs::metadata(&p).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let seg = read_segment(&p).unwrap();
+        assert_eq!(rows(&seg), [(0, 3), (1, 2)]);
+        assert_eq!(seg.keys, [7, 8, 9]);
+        assert_eq!(read_keys(&p).unwrap(), [7, 8, 9]);
+        // A checksum-valid record whose key count runs past its payload is refused, named.
+        let mut w = Wal::open(dir.path(), u64::MAX, true).unwrap();
+        w.append_keyed(&batch(1, 4_000), &[1]).unwrap();
+        w.commit().unwrap();
+        drop(w);
+        let p = segment_path(dir.path(), 2);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = SEGMENT_MAGIC.len() + HEADER;
+        bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let len = u32_at(&bytes, SEGMENT_MAGIC.len() + 4) as usize;
+        let sum = crc(0, &bytes[at..at + len]);
+        let h = SEGMENT_MAGIC.len() + 12;
+        bytes[h..h + 4].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let e = read_keys(&p).unwrap_err().to_string();
+        assert!(e.contains("record 0") && e.contains("key list"), "{e}");
     }
 
     #[test]
