@@ -104,6 +104,19 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ScopesFormat::Table)]
         format: ScopesFormat,
     },
+    /// Copy a cluster's Parquet event history (JetStream object store `tokenwatch_history`)
+    /// into a data directory's history layout, for `retrain`, `scopes` and offline study.
+    History {
+        /// NATS URL of the cluster (as `serve --cluster`).
+        #[arg(long, env = "TOKENWATCH_CLUSTER")]
+        cluster: String,
+        /// Directory to write (its `events/` gets one file per UTC date).
+        #[arg(long)]
+        out: PathBuf,
+        /// Only these partitions (repeat the flag; default: every partition).
+        #[arg(long)]
+        partition: Vec<u32>,
+    },
     /// Rebuild every model from a data directory's Parquet history and write a snapshot.
     Retrain {
         /// The server's data directory.

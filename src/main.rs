@@ -143,6 +143,27 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", report.render(&cfg));
         }
         Command::Serve(args) => serve(args)?,
+        Command::History {
+            cluster,
+            out,
+            partition,
+        } => {
+            let rt = runtime()?;
+            let t0 = std::time::Instant::now();
+            let pulled = rt
+                .block_on(tokenwatch::cluster::pull_history(
+                    &cluster, &out, &partition,
+                ))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "{} events from {} history chunks into {} files under {} in {:.1} s",
+                pulled.events,
+                pulled.chunks,
+                pulled.files.len(),
+                tokenwatch::store::events_dir(&out).display(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
         Command::Label {
             target,
             key,

@@ -525,7 +525,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         .collect();
     let resp = tokio::time::timeout(
         Duration::from_secs(60),
-        c2.ingest(tokio_stream::iter(flood)),
+        c2.ingest(tokio_stream::iter(flood.clone())),
     )
     .await
     .expect("a long ingest stream stalled")
@@ -647,7 +647,74 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     let open = format!("{} without a verdict", fired.len() - 1);
     assert!(page.contains(&open), "{open:?} not on the page");
 
-    drop((n1, n2, n5));
+    // (f) The Parquet history of the cluster (written by the owners, pulled with
+    // `tokenwatch history`) holds every accepted event exactly once, n3's partitions too
+    // (the chunks n3 wrote past its only snapshot are replayed and written again by the
+    // survivors, not kept twice). The nodes stop gracefully first: each owner writes its
+    // last chunk and snapshot.
+    for mut node in [n1, n2, n5] {
+        let kill = Command::new("kill")
+            .args(["-TERM", &node.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let t0 = Instant::now();
+        while node.0.try_wait().unwrap().is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "a node did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let pulled = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+        .args(["history", "--cluster", &url, "--out"])
+        .arg(dir.path().join("pulled"))
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    type Key = (String, i64, String, u64);
+    let key =
+        |e: &pb::Event| -> Key { (e.token_id.clone(), e.ts_ms, e.endpoint.clone(), e.bytes_out) };
+    let mut want: BTreeMap<Key, i64> = BTreeMap::new();
+    for e in events
+        .iter()
+        .chain(&sentinels)
+        .chain(flood.iter().flat_map(|r| &r.events))
+    {
+        *want.entry(key(e)).or_default() += 1;
+    }
+    let mut got: BTreeMap<Key, i64> = BTreeMap::new();
+    let files =
+        tokenwatch::store::history::files(&dir.path().join("pulled/events"), None, None).unwrap();
+    for f in &files {
+        for b in tokenwatch::store::history::read_file(f, None, None).unwrap() {
+            for e in events_of(&b.unwrap()) {
+                *got.entry(key(&e)).or_default() += 1;
+            }
+        }
+    }
+    let wrong: Vec<_> = want
+        .iter()
+        .filter(|(k, n)| got.get(*k) != Some(n))
+        .take(3)
+        .collect();
+    assert!(
+        wrong.is_empty() && got.len() == want.len(),
+        "history: {} distinct events, {} accepted; e.g. {wrong:?}",
+        got.len(),
+        want.len()
+    );
+    eprintln!(
+        "history: {} events in {} files, each once: {}",
+        want.values().sum::<i64>(),
+        files.len(),
+        String::from_utf8_lossy(&pulled.stdout).trim()
+    );
     let (seen, ids) = watched.await.unwrap();
     assert_eq!(seen, truth_alerts, "alerts relayed to n2's WatchAlerts");
     assert!(!ids.contains(""), "an alert without its policy's alert id");

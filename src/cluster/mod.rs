@@ -80,6 +80,7 @@ pub struct Shared {
     facts: kv::Store,
     snaps: object_store::ObjectStore,
     refits: object_store::ObjectStore,
+    history: object_store::ObjectStore,
     events: stream::Stream,
     /// Partition count.
     pub n: u32,
@@ -408,6 +409,17 @@ impl Node {
             },
         )
         .await?;
+        // The history keeps what `store.retention` says (by the time a chunk was written,
+        // JetStream's own age limit), as the embedded history does.
+        let history = objects_of(
+            &ctl,
+            object_store::Config {
+                bucket: wire::HISTORY.into(),
+                max_age: Duration::from_millis(cfg.store.retention.ms.max(0) as u64),
+                ..Default::default()
+            },
+        )
+        .await?;
         let mut pcfg = cfg.clone();
         // One thread per partition; the node's memory budget shared by its partitions.
         pcfg.engine.shards = 1;
@@ -455,6 +467,7 @@ impl Node {
             facts,
             snaps,
             refits,
+            history,
             events,
             n,
             node: opts.node_id.clone(),
@@ -1259,4 +1272,102 @@ async fn publish_batch(
         }
     }
     Ok(())
+}
+
+/// What [`pull_history`] wrote.
+#[derive(Debug, Default)]
+pub struct Pulled {
+    /// History chunks read.
+    pub chunks: u64,
+    /// Events written.
+    pub events: u64,
+    /// Files written (one per UTC date).
+    pub files: Vec<PathBuf>,
+}
+
+/// Copy the cluster's event history (every partition's, or only `only`'s) into the
+/// history layout of a data directory, `out/events/date=D/part-....parquet`: per UTC date
+/// one file, the partitions' events merged in event-time order (ties in stream order), so
+/// `retrain --data-dir out`, `scopes` and `replay` read it as an embedded server's history.
+/// A date is merged in memory: a very large cluster pulls a partition at a time.
+pub async fn pull_history(
+    url: &str,
+    out: &std::path::Path,
+    only: &[u32],
+) -> Result<Pulled, String> {
+    let client = async_nats::ConnectOptions::new()
+        .name("tokenwatch history")
+        .connection_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to the cluster at {url}: {e}"))?;
+    let js = jetstream::new(client);
+    let store = js
+        .get_object_store(wire::HISTORY)
+        .await
+        .map_err(|e| format!("{}: {e} (no node has written history yet?)", wire::HISTORY))?;
+    // (date, partition, first sequence) -> object name: dates in order, each date's chunks
+    // in partition and stream order.
+    let mut chunks: BTreeMap<(String, u32, u64), String> = BTreeMap::new();
+    let mut list = store.list().await.map_err(|e| e.to_string())?;
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| e.to_string())?;
+        if info.deleted {
+            continue;
+        }
+        if let Some((p, date, first)) = partition::parse_history_name(&info.name) {
+            if only.is_empty() || only.contains(&p) {
+                chunks.insert((date, p, first), info.name);
+            }
+        }
+    }
+    let events_d = crate::store::events_dir(out);
+    let mut pulled = Pulled::default();
+    let mut dates: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ((date, _, _), name) in chunks {
+        dates.entry(date).or_default().push(name);
+    }
+    for (date, names) in dates {
+        let mut batches = Vec::new();
+        for name in &names {
+            let mut obj = store.get(name).await.map_err(|e| format!("{name}: {e}"))?;
+            let mut bytes = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes)
+                .await
+                .map_err(|e| format!("{name}: {e}"))?;
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                bytes::Bytes::from(bytes),
+            )
+            .and_then(|b| b.build())
+            .map_err(|e| format!("{name}: {e}"))?;
+            for b in reader {
+                batches.push(b.map_err(|e| format!("{name}: {e}"))?);
+            }
+            pulled.chunks += 1;
+        }
+        let schema = crate::store::history::history_schema();
+        let all = arrow::compute::concat_batches(&schema, &batches)
+            .map_err(|e| format!("date {date}: {e}"))?;
+        let ts = all
+            .column(col::TS)
+            .as_primitive::<TimestampMillisecondType>();
+        let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+        // Stable: events of one time stay in the order their partition applied them.
+        order.sort_by_key(|&i| ts.value(i as usize));
+        let take = UInt32Array::from(order);
+        let cols = all
+            .columns()
+            .iter()
+            .map(|c| arrow::compute::take(c.as_ref(), &take, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("date {date}: {e}"))?;
+        let sorted = RecordBatch::try_new(schema, cols).map_err(|e| format!("date {date}: {e}"))?;
+        let dir = events_d.join(format!("date={date}"));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join(format!("part-{:020}.parquet", 1));
+        pulled.events +=
+            crate::store::history::write_parquet(&path, &[sorted]).map_err(|e| e.to_string())?;
+        pulled.files.push(path);
+    }
+    Ok(pulled)
 }

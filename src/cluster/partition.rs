@@ -24,6 +24,7 @@ use crate::model::Global;
 use crate::respond::actions::Responder;
 use crate::server::pb;
 use crate::store::LogPos;
+use arrow::record_batch::RecordBatch;
 
 /// How long one wait for the next message lasts before the partition looks at cluster
 /// time (and its lease, and its snapshot clock).
@@ -90,6 +91,22 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     if let Some(r) = &responder {
         shared.responders_mut().insert(p, r.clone());
     }
+    // Chunks an owner wrote past the snapshot it covered (it died before the snapshot) are
+    // replayed again from it: deleted first, so each event is in the history once.
+    match h.block_on(drop_history_after(&shared, p, seq)) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            partition = p,
+            chunks = n,
+            after = seq,
+            "history chunks past the snapshot removed; replayed again"
+        ),
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "cannot clean the partition's history; not taking it");
+            return;
+        }
+    }
+    let mut hist = Pending::default();
     let mut snap_seq = seq;
     let mut last_snapshot = Instant::now();
     let mut last_arrival = Instant::now();
@@ -98,7 +115,9 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     loop {
         if stop.load(Ordering::Relaxed) {
             if lease.valid() && seq > snap_seq {
-                if let Err(e) = save(&shared, p, &engine, lock(&responder).as_deref(), seq) {
+                let saved = flush_history(&shared, p, &mut hist, &lease)
+                    .and_then(|_| save(&shared, p, &engine, lock(&responder).as_deref(), seq));
+                if let Err(e) = saved {
                     tracing::warn!(partition = p, error = %e, "last snapshot before handing over failed");
                 }
             }
@@ -112,11 +131,20 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             break;
         }
         if seq > snap_seq && last_snapshot.elapsed() >= shared.snapshot_every {
-            match save(&shared, p, &engine, lock(&responder).as_deref(), seq) {
+            // The history first: a snapshot never covers an event the history lacks.
+            let saved = flush_history(&shared, p, &mut hist, &lease)
+                .and_then(|_| save(&shared, p, &engine, lock(&responder).as_deref(), seq));
+            match saved {
                 Ok(()) => snap_seq = seq,
                 Err(e) => tracing::warn!(partition = p, error = %e, "partition snapshot failed"),
             }
             last_snapshot = Instant::now();
+        } else if hist.rows >= CHUNK_ROWS
+            || hist.since.is_some_and(|t| t.elapsed() >= HISTORY_EVERY)
+        {
+            if let Err(e) = flush_history(&shared, p, &mut hist, &lease) {
+                tracing::warn!(partition = p, error = %e, "writing the partition's history failed; retried");
+            }
         }
         let next = h.block_on(async { tokio::time::timeout(POLL, messages.next()).await });
         let scores = match next {
@@ -170,7 +198,13 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(i64::MAX);
                 let out = match wire::decode_batch(&m.payload) {
-                    Ok(b) => engine.apply_at(&b, now).map_err(|e| e.to_string()),
+                    Ok(b) => {
+                        let out = engine.apply_at(&b, now).map_err(|e| e.to_string());
+                        if out.is_ok() {
+                            hist.push(b, s);
+                        }
+                        out
+                    }
                     Err(e) => Err(e),
                 };
                 seq = s;
@@ -460,6 +494,106 @@ async fn publish(
         a.await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Events applied since the last history chunk (see [`wire::HISTORY`]).
+#[derive(Default)]
+struct Pending {
+    batches: Vec<RecordBatch>,
+    rows: usize,
+    /// Stream sequences of the first and last batch.
+    first: u64,
+    last: u64,
+    /// When the first batch came.
+    since: Option<Instant>,
+}
+
+impl Pending {
+    fn push(&mut self, b: RecordBatch, seq: u64) {
+        if self.batches.is_empty() {
+            self.first = seq;
+            self.since = Some(Instant::now());
+        }
+        self.last = seq;
+        self.rows += b.num_rows();
+        self.batches.push(b);
+    }
+}
+
+/// Rows a partition buffers for its history before it writes a chunk between snapshots...
+const CHUNK_ROWS: usize = 256 * 1024;
+/// ...and how long at most: the history lags the stream by about this much.
+const HISTORY_EVERY: Duration = Duration::from_secs(10);
+
+/// Object name of a history chunk of partition `p`.
+fn history_name(p: u32, date: &str, first: u64, last: u64) -> String {
+    format!("p{p}/date={date}/part-{first:020}-{last:020}.parquet")
+}
+
+/// Partition and first stream sequence of a history chunk's object name.
+pub(super) fn parse_history_name(name: &str) -> Option<(u32, String, u64)> {
+    let (p, rest) = name.strip_prefix('p')?.split_once('/')?;
+    let (date, file) = rest.strip_prefix("date=")?.split_once('/')?;
+    let first = file
+        .strip_prefix("part-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((p.parse().ok()?, date.to_string(), first))
+}
+
+/// Write the pending events as history chunks (one Parquet object per UTC date, named by
+/// the stream sequences they cover) and empty it. Checks the lease first, as the snapshots
+/// do (check, then put: see the README on fencing).
+fn flush_history(
+    shared: &Shared,
+    p: u32,
+    pending: &mut Pending,
+    lease: &Lease,
+) -> Result<(), String> {
+    if pending.batches.is_empty() {
+        return Ok(());
+    }
+    if !lease.valid() {
+        return Err("the lease is no longer held".into());
+    }
+    let by_date = crate::store::history::by_date(&pending.batches)?;
+    for (date, parts) in by_date {
+        let (bytes, _) = crate::store::history::write_parts(Vec::new(), &parts)?;
+        let name = history_name(p, &date, pending.first, pending.last);
+        shared
+            .handle
+            .block_on(shared.history.put(name.as_str(), &mut bytes.as_slice()))
+            .map_err(|e| format!("history chunk {name}: {e}"))?;
+    }
+    *pending = Pending::default();
+    Ok(())
+}
+
+/// Delete partition `p`'s history chunks that start after stream sequence `seq`; how many.
+async fn drop_history_after(shared: &Shared, p: u32, seq: u64) -> Result<u64, String> {
+    let mut list = shared.history.list().await.map_err(|e| e.to_string())?;
+    let mut gone = Vec::new();
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| e.to_string())?;
+        if info.deleted {
+            continue;
+        }
+        if let Some((q, _, first)) = parse_history_name(&info.name) {
+            if q == p && first > seq {
+                gone.push(info.name);
+            }
+        }
+    }
+    for name in &gone {
+        shared
+            .history
+            .delete(name)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(gone.len() as u64)
 }
 
 /// Object name of partition `p`'s snapshot.

@@ -21,6 +21,10 @@ pub const FACTS: &str = "tokenwatch_cluster";
 /// Object store of the partitions' snapshots (object `p<p>`) and fitted models
 /// (`global/<refit point>`).
 pub const SNAPSHOTS: &str = "tokenwatch_snapshots";
+/// Object store of the event history, the format of record: each partition's owner writes
+/// the events it applied as Parquet, `p<p>/date=YYYY-MM-DD/part-<first>-<last>.parquet`
+/// (stream sequences, zero-padded), before every snapshot, so each event is in it once.
+pub const HISTORY: &str = "tokenwatch_history";
 /// Object store of the refit exchange (`refit/<point>/p<p>`: one partition's share).
 pub const REFITS: &str = "tokenwatch_refits";
 /// Subject of GetStats' scatter-gather over nodes.

@@ -66,12 +66,28 @@ pub fn compact(wal: &Path, events: &Path, seq: u64, validate: bool) -> Result<u6
     }
     remove_parts(events, seq)?;
     let batches = read_segment_with(&segment_path(wal, seq), validate)?.into_batches();
-    // Rows of each date, in log order.
+    let by_date = by_date(&batches).map_err(format(segment_path(wal, seq)))?;
+    let mut rows = 0u64;
+    for (date, parts) in by_date {
+        let dir = events.join(format!("date={date}"));
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(part_name(seq));
+        rows += write_parquet(&path, &parts)?;
+        sync_dir(&dir)?;
+    }
+    std::fs::write(&marker, b"").map_err(io(&marker))?;
+    sync_dir(wal)?;
+    Ok(rows)
+}
+
+/// The history columns of `batches`, split by UTC event date: each date's rows in their
+/// order.
+pub fn by_date(batches: &[RecordBatch]) -> Result<BTreeMap<String, Vec<RecordBatch>>, String> {
     let mut by_date: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
-    for b in &batches {
+    for b in batches {
         let b = b
             .project(&(0..HISTORY_COLUMNS).collect::<Vec<_>>())
-            .map_err(|e| format(segment_path(wal, seq))(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let ts = b.column(col::TS).as_primitive::<TimestampMillisecondType>();
         let mut rows: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
         for i in 0..b.num_rows() {
@@ -89,41 +105,39 @@ pub fn compact(wal: &Path, events: &Path, seq: u64, validate: bool) -> Result<u6
                     .iter()
                     .map(|c| arrow::compute::take(c.as_ref(), &take, None))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format(segment_path(wal, seq))(e.to_string()))?;
-                RecordBatch::try_new(b.schema(), cols)
-                    .map_err(|e| format(segment_path(wal, seq))(e.to_string()))?
+                    .map_err(|e| e.to_string())?;
+                RecordBatch::try_new(b.schema(), cols).map_err(|e| e.to_string())?
             };
             by_date.entry(date_of(day * DAY_MS)).or_default().push(part);
         }
     }
-    let mut rows = 0u64;
-    for (date, parts) in by_date {
-        let dir = events.join(format!("date={date}"));
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(part_name(seq));
-        rows += write_parquet(&path, &parts)?;
-        sync_dir(&dir)?;
-    }
-    std::fs::write(&marker, b"").map_err(io(&marker))?;
-    sync_dir(wal)?;
-    Ok(rows)
+    Ok(by_date)
 }
 
-fn write_parquet(path: &Path, parts: &[RecordBatch]) -> Result<u64, Error> {
-    let tmp = path.with_extension("parquet.tmp");
-    let f = File::create(&tmp).map_err(io(&tmp))?;
+/// Write history rows as one Parquet file (zstd) to `w`; the rows written.
+pub fn write_parts<W: std::io::Write + Send>(
+    w: W,
+    parts: &[RecordBatch],
+) -> Result<(W, u64), String> {
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_max_row_group_row_count(Some(256 * 1024))
         .build();
-    let fail = |e: parquet::errors::ParquetError| format(&tmp)(e.to_string());
-    let mut w = ArrowWriter::try_new(f, history_schema(), Some(props)).map_err(fail)?;
+    let fail = |e: parquet::errors::ParquetError| e.to_string();
+    let mut w = ArrowWriter::try_new(w, history_schema(), Some(props)).map_err(fail)?;
     let mut rows = 0;
     for p in parts {
         w.write(p).map_err(fail)?;
         rows += p.num_rows() as u64;
     }
-    let f = w.into_inner().map_err(fail)?;
+    Ok((w.into_inner().map_err(fail)?, rows))
+}
+
+/// [`write_parts`] to `path`, under a temporary name renamed when it is whole (fsync'd).
+pub fn write_parquet(path: &Path, parts: &[RecordBatch]) -> Result<u64, Error> {
+    let tmp = path.with_extension("parquet.tmp");
+    let f = File::create(&tmp).map_err(io(&tmp))?;
+    let (f, rows) = write_parts(f, parts).map_err(format(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
     Ok(rows)
