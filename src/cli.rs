@@ -275,6 +275,10 @@ pub struct ServeArgs {
     /// How often each owned partition writes its snapshot to the object store.
     #[arg(long, default_value = "30s", requires = "cluster")]
     pub cluster_snapshot_every: Duration,
+    /// How often each owned partition writes the events it applied to the Parquet history
+    /// (object store `tokenwatch_history`; also before every snapshot).
+    #[arg(long, default_value = "10s", requires = "cluster")]
+    pub cluster_history_every: Duration,
     /// How long the cluster's streams keep events, scores and alerts.
     #[arg(long, default_value = "7d", requires = "cluster")]
     pub cluster_retention: Duration,

@@ -466,6 +466,9 @@ fn serve(args: ServeArgs) -> Result<()> {
                 snapshot_every: std::time::Duration::from_millis(
                     args.cluster_snapshot_every.ms.max(1000) as u64,
                 ),
+                history_every: std::time::Duration::from_millis(
+                    args.cluster_history_every.ms.max(1000) as u64,
+                ),
                 work_dir: args.data_dir.join("cluster"),
                 retention: std::time::Duration::from_millis(
                     args.cluster_retention.ms.max(3_600_000) as u64,

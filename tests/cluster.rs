@@ -80,20 +80,22 @@ fn start_nats(bin: &Path, dir: &Path) -> (Proc, String) {
     (p, format!("nats://127.0.0.1:{port}"))
 }
 
-/// A node of the cluster; `snapshots`: how often its partitions snapshot themselves. Its
+/// A node of the cluster; `snapshots`, `history`: how often its partitions snapshot
+/// themselves and write the events they applied to the history. Its
 /// gRPC and console addresses.
 fn start_node(
     url: &str,
     id: &str,
     dir: &Path,
     (tokens, config): (&Path, &Path),
-    snapshots: &str,
+    (snapshots, history): (&str, &str),
 ) -> (Proc, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
         .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
         .args(["--http", "127.0.0.1:0"])
         .args(["--cluster", url, "--node-id", id, "--partitions", "12"])
         .args(["--cluster-snapshot-every", snapshots])
+        .args(["--cluster-history-every", history])
         .arg("--data-dir")
         .arg(dir.join(id))
         .arg("--tokens")
@@ -283,11 +285,12 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     assert!(!truth_alerts.is_empty());
 
     let files = (tokens.as_path(), config.as_path());
-    let (n1, a1, h1) = start_node(&url, "n1", dir.path(), files, "2s");
-    let (n2, a2, _) = start_node(&url, "n2", dir.path(), files, "2s");
+    let (n1, a1, h1) = start_node(&url, "n1", dir.path(), files, ("2s", "10s"));
+    let (n2, a2, _) = start_node(&url, "n2", dir.path(), files, ("2s", "10s"));
     // n3 never snapshots after taking its partitions (empty, before any event): the
-    // survivors replay everything it applied, and must not act on its alerts again.
-    let (mut n3, _, _) = start_node(&url, "n3", dir.path(), files, "1h");
+    // survivors replay everything it applied, and must not act on its alerts again; it
+    // writes its history every second, so the survivors must drop those chunks.
+    let (mut n3, _, _) = start_node(&url, "n3", dir.path(), files, ("1h", "1s"));
     let (mut c1, mut c2) = (client(&a1).await, client(&a2).await);
     wait_owned(&mut c1, &["n1", "n2", "n3"]).await;
     // n3 dies after 40% of the events, and after at least one of its alerts has closed
@@ -579,7 +582,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     // A node that joins takes partitions over from the snapshots the others write when they
     // hand them over: with their alert policies' state (no alert raised again, verdicts on
     // earlier alerts still possible).
-    let (n5, _, _) = start_node(&url, "n5", dir.path(), files, "2s");
+    let (n5, _, _) = start_node(&url, "n5", dir.path(), files, ("2s", "10s"));
     wait_owned(&mut c1, &["n1", "n2", "n5"]).await;
     let held5 = owners(&mut c1).await;
 

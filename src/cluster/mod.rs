@@ -54,6 +54,9 @@ pub struct Options {
     pub partitions: u32,
     /// How often each owned partition writes its snapshot.
     pub snapshot_every: Duration,
+    /// How long an owned partition buffers applied events before it writes them to the
+    /// history (they are written before every snapshot too).
+    pub history_every: Duration,
     /// Local scratch directory (snapshot files on their way to and from the object store).
     pub work_dir: PathBuf,
     /// How long events are kept in the events stream (must exceed the snapshot interval
@@ -90,6 +93,7 @@ pub struct Shared {
     registry: Registry,
     handle: tokio::runtime::Handle,
     snapshot_every: Duration,
+    history_every: Duration,
     idle_close: Duration,
     work_dir: PathBuf,
     /// Owned partitions' reports.
@@ -475,6 +479,7 @@ impl Node {
             registry: registry.clone(),
             handle: tokio::runtime::Handle::current(),
             snapshot_every: opts.snapshot_every,
+            history_every: opts.history_every,
             idle_close: Duration::from_millis(cfg.server.idle_close.ms.max(0) as u64),
             work_dir: opts.work_dir.clone(),
             parts: Mutex::default(),

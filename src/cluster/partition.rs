@@ -140,7 +140,9 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             }
             last_snapshot = Instant::now();
         } else if hist.rows >= CHUNK_ROWS
-            || hist.since.is_some_and(|t| t.elapsed() >= HISTORY_EVERY)
+            || hist
+                .since
+                .is_some_and(|t| t.elapsed() >= shared.history_every)
         {
             if let Err(e) = flush_history(&shared, p, &mut hist, &lease) {
                 tracing::warn!(partition = p, error = %e, "writing the partition's history failed; retried");
@@ -520,10 +522,9 @@ impl Pending {
     }
 }
 
-/// Rows a partition buffers for its history before it writes a chunk between snapshots...
+/// Rows a partition buffers for its history before it writes a chunk between snapshots
+/// (or `--cluster-history-every`, whichever comes first).
 const CHUNK_ROWS: usize = 256 * 1024;
-/// ...and how long at most: the history lags the stream by about this much.
-const HISTORY_EVERY: Duration = Duration::from_secs(10);
 
 /// Object name of a history chunk of partition `p`.
 fn history_name(p: u32, date: &str, first: u64, last: u64) -> String {
