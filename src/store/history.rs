@@ -114,17 +114,22 @@ pub fn by_date(batches: &[RecordBatch]) -> Result<BTreeMap<String, Vec<RecordBat
     Ok(by_date)
 }
 
+/// A Parquet writer of history rows (zstd, row groups of 256 Ki rows) to `w`.
+pub fn parquet_writer<W: std::io::Write + Send>(w: W) -> Result<ArrowWriter<W>, String> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_max_row_group_row_count(Some(256 * 1024))
+        .build();
+    ArrowWriter::try_new(w, history_schema(), Some(props)).map_err(|e| e.to_string())
+}
+
 /// Write history rows as one Parquet file (zstd) to `w`; the rows written.
 pub fn write_parts<W: std::io::Write + Send>(
     w: W,
     parts: &[RecordBatch],
 ) -> Result<(W, u64), String> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-        .set_max_row_group_row_count(Some(256 * 1024))
-        .build();
     let fail = |e: parquet::errors::ParquetError| e.to_string();
-    let mut w = ArrowWriter::try_new(w, history_schema(), Some(props)).map_err(fail)?;
+    let mut w = parquet_writer(w)?;
     let mut rows = 0;
     for p in parts {
         w.write(p).map_err(fail)?;
