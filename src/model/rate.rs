@@ -119,6 +119,22 @@ pub struct Expectation {
     pub own: bool,
 }
 
+/// Surprise (nats) past which a drop's evidence grows only logarithmically.
+pub const DROP_KNEE: f64 = 12.0;
+
+/// A drop's tail probability with its surprise past [`DROP_KNEE`] grown logarithmically: a
+/// token quieter than usual (or silent) says that something changed, not that someone abuses
+/// it, so a drop alone ranks (a deeper one higher, strictly) but does not page; with other
+/// evidence it adds.
+fn drop_p(p: f64) -> f64 {
+    let s = -p.max(1e-300).ln();
+    if s <= DROP_KNEE {
+        p
+    } else {
+        (-(DROP_KNEE + (s - DROP_KNEE).ln_1p())).exp()
+    }
+}
+
 /// Rate model parameters.
 #[derive(Debug, Clone)]
 pub struct RateModel {
@@ -243,7 +259,7 @@ impl RateModel {
         let p = if z >= 0.0 {
             st.up.p_std(z)
         } else if e.mean >= self.min_drop_expected {
-            st.down.p(-z).powf(self.drop_weight)
+            drop_p(st.down.p(-z).powf(self.drop_weight))
         } else {
             1.0
         };
@@ -597,6 +613,34 @@ mod tests {
         assert!(shift[6] > shift[0].sqrt(), "{shift:?}");
         let burst = run_of(30);
         assert!(burst.iter().all(|&p| p < 1e-6), "{burst:?}");
+    }
+
+    /// A steady token that goes silent is scored (a deep drop), ranks above a milder drop,
+    /// and alone does not page; a burst as surprising does.
+    #[test]
+    fn silence_ranks_but_a_drop_alone_does_not_page() {
+        let (m, st, c) = trained(14);
+        let g = Global::default();
+        // Tuesday 11:00 UTC: 70 calls expected.
+        let s = T0 + 15 * 86_400_000 + 11 * 3_600_000;
+        let cx = ctx(&c, &g, s);
+        assert!(m.expects_traffic(&st, &cx));
+        let (silent, e, z) = m.surprise(&st, 0.0, &cx).unwrap();
+        assert!(e.mean > 50.0 && z < -5.0, "{e:?} {z}");
+        let (half, _, _) = m.surprise(&st, 25.0, &cx).unwrap();
+        assert!(silent < half && half < 0.05, "{silent} {half}");
+        let w = &c.weights;
+        let alone = |p: f64| {
+            let mut sig = vec![Signal::new(SignalKind::Rate, 0.0, e.mean, p)];
+            crate::score::combine(&mut sig, &c.score, w)
+        };
+        assert!(alone(silent) < c.score.alert_risk, "{}", alone(silent));
+        assert!(alone(silent) > alone(half));
+        // Past the knee a drop still grows, strictly, but slowly.
+        assert!(drop_p(1e-5) == 1e-5 && drop_p(1e-6) > 1e-6);
+        assert!(drop_p(1e-40) < drop_p(1e-20) && drop_p(1e-20) > 1e-8);
+        let (burst, _, _) = m.surprise(&st, 700.0, &cx).unwrap();
+        assert!(alone(burst) >= c.score.alert_risk, "{}", alone(burst));
     }
 
     #[test]
