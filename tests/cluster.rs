@@ -652,6 +652,23 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     };
     let open = format!("{} without a verdict", fired.len() - 1);
     assert!(page.contains(&open), "{open:?} not on the page");
+    // The console's token page on n1 shows the baseline of a token n1 does not own (its
+    // owner describes it), as the replay's engine has it.
+    let elsewhere = truth
+        .keys()
+        .map(|(t, _)| t)
+        .find(|t| !held5["n1"].contains(&(shard_of(t, PARTITIONS) as u32)))
+        .expect("a token n1 does not own");
+    let body = http_get(&h1, &format!("/tokens/{elsewhere}?format=json"));
+    let json = &body[body.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json:.300}"));
+    let (truth_state, _, _) = engine.describe(elsewhere, &[]).unwrap();
+    assert_eq!(
+        v["baseline"]["windows_learned"].as_u64(),
+        Some(u64::from(truth_state.windows)),
+        "{json:.500}"
+    );
 
     // (f) The Parquet history of the cluster (written by the owners, pulled with
     // `tokenwatch history`) holds every accepted event exactly once, n3's partitions too

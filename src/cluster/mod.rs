@@ -112,6 +112,11 @@ pub struct Shared {
     alert_tokens: Mutex<AlertIndex>,
     /// The responders of the owned partitions (for the console's alert pages).
     responders: Mutex<BTreeMap<u32, Arc<Mutex<crate::respond::actions::Responder>>>>,
+    /// The owned partitions' workers, for the console's token views: the worker's number
+    /// and where to ask it (it answers between two messages).
+    describers: Mutex<BTreeMap<u32, (u64, std::sync::mpsc::Sender<partition::Describe>)>>,
+    /// Numbers the workers' registrations (a new worker of a partition replaces the old).
+    workers: AtomicU64,
 }
 
 /// Alert policies and the delivery of their actions.
@@ -489,6 +494,8 @@ impl Node {
             policing,
             alert_tokens: Mutex::default(),
             responders: Mutex::default(),
+            describers: Mutex::default(),
+            workers: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let leases = tokio::spawn(lease::run(shared.clone(), stop_rx.clone()));
@@ -504,6 +511,7 @@ impl Node {
                 stop_rx.clone(),
             )),
             tokio::spawn(answer_alerts(shared.clone(), stop_rx.clone())),
+            tokio::spawn(answer_describe(shared.clone(), stop_rx.clone())),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
             tokio::spawn(watch_link(shared.clone(), link_tx)),
             tokio::spawn(index_alerts(shared.clone(), stop_rx.clone())),
@@ -827,6 +835,97 @@ async fn answer_queries(shared: Arc<Shared>, board: Arc<Board>, stop: watch::Rec
     .await
 }
 
+/// Longest wait for a partition's owner to describe a token (it answers between two
+/// messages of its partition).
+const DESCRIBE_WAIT: Duration = Duration::from_secs(2);
+
+/// A token's model state and names as its partition's owner has them (the console's token
+/// page), `None` if it is not tracked or no owner answered within [`DESCRIBE_WAIT`].
+async fn describe(
+    shared: &Shared,
+    token: &str,
+    keys: Vec<u64>,
+) -> Option<Box<crate::server::host::TokenView>> {
+    let p = shard_of(token, shared.n as usize) as u32;
+    let ask = wire::DescribeAsk {
+        token: token.to_string(),
+        keys,
+    };
+    let body = serde_json::to_vec(&ask).ok()?;
+    let m = tokio::time::timeout(
+        DESCRIBE_WAIT,
+        shared
+            .client
+            .request(wire::describe_subject(p), body.into()),
+    )
+    .await;
+    match m {
+        Ok(Ok(m)) if m.payload.is_empty() => None,
+        Ok(Ok(m)) => match wire::unpack_view(&m.payload) {
+            Ok(v) => Some(Box::new(v)),
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "an owner's token view cannot be read");
+                None
+            }
+        },
+        _ => {
+            tracing::debug!(partition = p, "no owner described the token");
+            None
+        }
+    }
+}
+
+/// Answer the token views asked of the partitions this node owns, from their workers.
+async fn answer_describe(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut sub = match shared.client.subscribe("tokenwatch.describe.*").await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot answer token views");
+            return;
+        }
+    };
+    loop {
+        let m = tokio::select! {
+            m = sub.next() => m,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(m) = m else { return };
+        let (Some(reply), Some(p)) = (
+            m.reply.clone(),
+            m.subject
+                .strip_prefix("tokenwatch.describe.")
+                .and_then(|p| p.parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        let Ok(ask) = serde_json::from_slice::<wire::DescribeAsk>(&m.payload) else {
+            continue;
+        };
+        let worker = shared
+            .describers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&p)
+            .map(|(_, tx)| tx.clone());
+        // Not owned here: the owner answers.
+        let Some(worker) = worker else { continue };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if worker.send((ask.token.into(), ask.keys, tx)).is_err() {
+            continue;
+        }
+        let client = shared.client.clone();
+        tokio::spawn(async move {
+            let body = match tokio::time::timeout(DESCRIBE_WAIT, rx).await {
+                Ok(Ok(Some(v))) => wire::pack_view(&v),
+                Ok(Ok(None)) => Vec::new(),
+                // The worker ended or is busy: stay silent, the asking node gives up.
+                _ => return,
+            };
+            let _ = client.publish(reply, body.into()).await;
+        });
+    }
+}
+
 /// Answer the requests on `subject` (`what` names them in a log line) with `f`'s bytes;
 /// `None`: stay silent (another node answers).
 async fn answer(
@@ -1025,8 +1124,11 @@ async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Boar
                     let _ = reply.send(submit_feedback(&shared, alert_id, verdict, note).await);
                 });
             }
-            Cmd::Describe(_, _, tx) => {
-                let _ = tx.send(None);
+            Cmd::Describe(token, keys, tx) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(describe(&shared, &token, keys).await);
+                });
             }
             Cmd::Alerts {
                 offset,

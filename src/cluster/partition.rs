@@ -95,6 +95,14 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     if let Some(r) = &responder {
         shared.responders_mut().insert(p, r.clone());
     }
+    // The console's token views are answered by this worker between two messages.
+    let me = shared.workers.fetch_add(1, Ordering::Relaxed);
+    let (describe_tx, describe_rx) = std::sync::mpsc::channel::<Describe>();
+    shared
+        .describers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(p, (me, describe_tx));
     // Chunks an owner wrote past the snapshot it covered (it died before the snapshot) are
     // replayed again from it: deleted first, so each event is in the history once.
     match h.block_on(drop_history_after(&shared, p, seq)) {
@@ -151,6 +159,18 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             if let Err(e) = flush_history(&shared, p, &mut hist, &lease) {
                 tracing::warn!(partition = p, error = %e, "writing the partition's history failed; retried");
             }
+        }
+        while let Ok((token, keys, reply)) = describe_rx.try_recv() {
+            let view = engine
+                .describe(&token, &keys)
+                .map(|(state, endpoints, agents)| {
+                    Box::new(crate::server::host::TokenView {
+                        state,
+                        endpoints,
+                        agents,
+                    })
+                });
+            let _ = reply.send(view);
         }
         let next = h.block_on(async { tokio::time::timeout(POLL, messages.next()).await });
         let scores = match next {
@@ -306,6 +326,12 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&p);
+    {
+        let mut ds = shared.describers.lock().unwrap_or_else(|e| e.into_inner());
+        if ds.get(&p).is_some_and(|(id, _)| *id == me) {
+            ds.remove(&p);
+        }
+    }
     {
         // Not a newer worker's of the same partition.
         let mut rs = shared.responders_mut();
@@ -501,6 +527,14 @@ async fn publish(
     }
     Ok(())
 }
+
+/// A token view asked of a partition's worker: the token, the user-agent keys to name,
+/// and where the answer goes.
+pub(super) type Describe = (
+    Arc<str>,
+    Vec<u64>,
+    tokio::sync::oneshot::Sender<Option<Box<crate::server::host::TokenView>>>,
+);
 
 /// Events applied since the last history chunk (see [`wire::HISTORY`]), encoded as they
 /// come: one Parquet writer per UTC date, so what waits for the next chunk is its encoded

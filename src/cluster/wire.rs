@@ -60,6 +60,60 @@ pub fn query_subject(p: u32) -> String {
     format!("tokenwatch.query.{p}")
 }
 
+/// Subject of the console's token views of partition `p` (answered by its owner): a
+/// [`DescribeAsk`] in, a [`pack_view`] out (empty: the token is not tracked).
+pub fn describe_subject(p: u32) -> String {
+    format!("tokenwatch.describe.{p}")
+}
+
+/// What a node asks a partition's owner for a token's view.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct DescribeAsk {
+    /// The token.
+    pub token: String,
+    /// User-agent keys whose names the console wants.
+    pub keys: Vec<u64>,
+}
+
+/// The names beside a packed view's state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ViewNames {
+    endpoints: Vec<(u32, String)>,
+    agents: Vec<(u64, String)>,
+}
+
+/// A token's view as bytes: the state's length (u32, little-endian), the state
+/// (`TokenState::encode`), then the names as JSON.
+pub fn pack_view(v: &crate::server::host::TokenView) -> Vec<u8> {
+    let mut w = crate::model::codec::Writer::default();
+    v.state.encode(&mut w);
+    let mut out = Vec::with_capacity(w.buf.len() + 256);
+    out.extend_from_slice(&(w.buf.len() as u32).to_le_bytes());
+    out.extend_from_slice(&w.buf);
+    let names = ViewNames {
+        endpoints: v.endpoints.clone(),
+        agents: v.agents.clone(),
+    };
+    out.extend(serde_json::to_vec(&names).unwrap_or_default());
+    out
+}
+
+/// The view [`pack_view`] wrote.
+pub fn unpack_view(b: &[u8]) -> Result<crate::server::host::TokenView, String> {
+    let n = b
+        .get(..4)
+        .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)
+        .ok_or("a token view cut short")?;
+    let state = b.get(4..4 + n).ok_or("a token view cut short")?;
+    let state = crate::model::TokenState::decode(state).map_err(|e| e.to_string())?;
+    let names: ViewNames = serde_json::from_slice(&b[4 + n..]).map_err(|e| e.to_string())?;
+    Ok(crate::server::host::TokenView {
+        state,
+        endpoints: names.endpoints,
+        agents: names.agents,
+    })
+}
+
 /// Subject of partition `p`'s window scores.
 pub fn scores_subject(p: u32) -> String {
     format!("tokenwatch.scores.{p}")
