@@ -91,18 +91,6 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             return;
         }
     };
-    // Shared with the node's answers to the console's alert pages while this worker runs.
-    if let Some(r) = &responder {
-        shared.responders_mut().insert(p, r.clone());
-    }
-    // The console's token views are answered by this worker between two messages.
-    let me = shared.workers.fetch_add(1, Ordering::Relaxed);
-    let (describe_tx, describe_rx) = std::sync::mpsc::channel::<Describe>();
-    shared
-        .describers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(p, (me, describe_tx));
     // Chunks an owner wrote past the snapshot it covered (it died before the snapshot) are
     // replayed again from it: deleted first, so each event is in the history once.
     match h.block_on(drop_history_after(&shared, p, seq)) {
@@ -118,6 +106,18 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             return;
         }
     }
+    // Shared with the node's answers to the console's alert pages while this worker runs.
+    if let Some(r) = &responder {
+        shared.responders_mut().insert(p, r.clone());
+    }
+    // The console's token views are answered by this worker between two messages.
+    let me = shared.workers.fetch_add(1, Ordering::Relaxed);
+    let (describe_tx, describe_rx) = std::sync::mpsc::channel::<Describe>();
+    shared
+        .describers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(p, (me, describe_tx));
     let mut hist = Pending::default();
     let mut snap_seq = seq;
     let mut last_snapshot = Instant::now();
