@@ -652,6 +652,24 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     };
     let open = format!("{} without a verdict", fired.len() - 1);
     assert!(page.contains(&open), "{open:?} not on the page");
+    // Its audit trail comes from every node's audit log: the verdict n5 recorded for its
+    // partition's alert shows on n1's page.
+    let body = http_get(&h1, "/alerts?format=json");
+    let json = &body[body.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json:.300}"));
+    let trail = v["alerts"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|r| r["alert_id"].as_str() == Some(alert.as_str()))
+        })
+        .map(|r| r["audit"].to_string())
+        .unwrap_or_default();
+    assert!(
+        trail.contains("feedback"),
+        "n5's verdict record not in n1's audit column: {trail:.300}"
+    );
     // The console's token page on n1 shows the baseline of a token n1 does not own (its
     // owner describes it), as the replay's engine has it.
     let elsewhere = truth

@@ -512,6 +512,7 @@ impl Node {
             )),
             tokio::spawn(answer_alerts(shared.clone(), stop_rx.clone())),
             tokio::spawn(answer_describe(shared.clone(), stop_rx.clone())),
+            tokio::spawn(answer_audit(shared.clone(), stop_rx.clone())),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
             tokio::spawn(watch_link(shared.clone(), link_tx)),
             tokio::spawn(index_alerts(shared.clone(), stop_rx.clone())),
@@ -756,6 +757,7 @@ pub struct Query {
     client: async_nats::Client,
     n: u32,
     board: Arc<Board>,
+    shared: Arc<Shared>,
 }
 
 impl Node {
@@ -765,11 +767,65 @@ impl Node {
             client: self.shared.client.clone(),
             n: self.shared.n,
             board: self.board.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
 
+/// Subject of the console's audit scatter: alert ids in (JSON), each node's audit records
+/// of them out.
+const AUDIT_QUERY: &str = "tokenwatch.query.audit";
+
+/// Alert ids one audit question may name (a console page asks for one page's).
+const AUDIT_MOST_IDS: usize = 1000;
+
+/// Answer the audit scatter from this node's audit log (each owner audits its partitions'
+/// alerts: raised, delivered, verdicts).
+async fn answer_audit(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let path = shared
+        .work_dir
+        .parent()
+        .unwrap_or(&shared.work_dir)
+        .join("audit.jsonl");
+    answer(shared, AUDIT_QUERY, "the console's audit", stop, move |m| {
+        let mut ids: Vec<String> = serde_json::from_slice(&m.payload).unwrap_or_default();
+        ids.truncate(AUDIT_MOST_IDS);
+        let found = crate::server::console::pages::audit_of(
+            &path,
+            &ids,
+            crate::server::console::AUDIT_TAIL,
+        );
+        serde_json::to_vec(&found).ok()
+    })
+    .await
+}
+
 impl Query {
+    /// The audit records of `ids` from every node's audit log that answers within a second,
+    /// each id's records in time order.
+    pub async fn audit(
+        &self,
+        ids: &[String],
+    ) -> rustc_hash::FxHashMap<String, Vec<serde_json::Value>> {
+        let mut out: rustc_hash::FxHashMap<String, Vec<serde_json::Value>> = Default::default();
+        let Ok(ask) = serde_json::to_vec(ids) else {
+            return out;
+        };
+        for a in scatter(&self.shared, AUDIT_QUERY, ask).await {
+            let Ok(found) = serde_json::from_slice::<BTreeMap<String, Vec<serde_json::Value>>>(&a)
+            else {
+                continue;
+            };
+            for (id, recs) in found {
+                out.entry(id).or_default().extend(recs);
+            }
+        }
+        for recs in out.values_mut() {
+            recs.sort_by(|a, b| a["at"].to_string().cmp(&b["at"].to_string()));
+        }
+        out
+    }
+
     /// The token's latest window as its partition's owner knows it (request/reply on
     /// `tokenwatch.query.<p>`); when no owner answers within [`QUERY_WAIT`] (a handover
     /// under way), this node's copy from the scores stream.

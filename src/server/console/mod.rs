@@ -12,7 +12,7 @@
 //!
 //! Every page is also JSON (`Accept: application/json` or `?format=json`).
 
-mod pages;
+pub(crate) mod pages;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -43,7 +43,7 @@ const PAGE: usize = 50;
 /// (a bounded walk of the risk index, whatever the number of tokens tracked).
 const FILTER_SCAN: usize = 100_000;
 /// Of the audit log, only this much of its end is read for the alerts page.
-const AUDIT_TAIL: u64 = 4 << 20;
+pub(crate) const AUDIT_TAIL: u64 = 4 << 20;
 /// Requests served at once; more wait (a slow page cannot be multiplied without bound).
 const MAX_IN_FLIGHT: usize = 64;
 
@@ -696,9 +696,15 @@ async fn alerts(
         Some(d) => {
             let path = d.join("audit.jsonl");
             let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
-            tokio::task::spawn_blocking(move || pages::audit_of(&path, &ids, AUDIT_TAIL))
-                .await
-                .unwrap_or_default()
+            match c.svc.cluster.get() {
+                // Every node's audit log (each owner audits its own partitions' alerts).
+                Some(q) => q.audit(&ids).await,
+                None => {
+                    tokio::task::spawn_blocking(move || pages::audit_of(&path, &ids, AUDIT_TAIL))
+                        .await
+                        .unwrap_or_default()
+                }
+            }
         }
         None => FxHashMap::default(),
     };
