@@ -670,6 +670,18 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         trail.contains("feedback"),
         "n5's verdict record not in n1's audit column: {trail:.300}"
     );
+    // Snapshot on any node: every owner snapshots its partitions now.
+    let snap = c1
+        .snapshot(pb::SnapshotRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        snap.path
+            .starts_with(&format!("tokenwatch_snapshots: {PARTITIONS} partitions")),
+        "{}",
+        snap.path
+    );
     // The console's token page on n1 shows the baseline of a token n1 does not own (its
     // owner describes it), as the replay's engine has it.
     let elsewhere = truth

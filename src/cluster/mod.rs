@@ -114,7 +114,7 @@ pub struct Shared {
     responders: Mutex<BTreeMap<u32, Arc<Mutex<crate::respond::actions::Responder>>>>,
     /// The owned partitions' workers, for the console's token views: the worker's number
     /// and where to ask it (it answers between two messages).
-    describers: Mutex<BTreeMap<u32, (u64, std::sync::mpsc::Sender<partition::Describe>)>>,
+    asks: Mutex<BTreeMap<u32, (u64, std::sync::mpsc::Sender<partition::Ask>)>>,
     /// Numbers the workers' registrations (a new worker of a partition replaces the old).
     workers: AtomicU64,
 }
@@ -494,7 +494,7 @@ impl Node {
             policing,
             alert_tokens: Mutex::default(),
             responders: Mutex::default(),
-            describers: Mutex::default(),
+            asks: Mutex::default(),
             workers: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -513,6 +513,7 @@ impl Node {
             tokio::spawn(answer_alerts(shared.clone(), stop_rx.clone())),
             tokio::spawn(answer_describe(shared.clone(), stop_rx.clone())),
             tokio::spawn(answer_audit(shared.clone(), stop_rx.clone())),
+            tokio::spawn(answer_snapshot(shared.clone(), stop_rx.clone())),
             tokio::spawn(route(rx, shared.clone(), board.clone())),
             tokio::spawn(watch_link(shared.clone(), link_tx)),
             tokio::spawn(index_alerts(shared.clone(), stop_rx.clone())),
@@ -811,7 +812,7 @@ impl Query {
         let Ok(ask) = serde_json::to_vec(ids) else {
             return out;
         };
-        for a in scatter(&self.shared, AUDIT_QUERY, ask).await {
+        for a in scatter(&self.shared, AUDIT_QUERY, ask, QUERY_WAIT).await {
             let Ok(found) = serde_json::from_slice::<BTreeMap<String, Vec<serde_json::Value>>>(&a)
             else {
                 continue;
@@ -931,12 +932,143 @@ async fn describe(
     }
 }
 
+/// The workers of this node's partitions (`p` only, or all), to ask them something.
+fn workers(shared: &Shared, p: Option<u32>) -> Vec<(u32, std::sync::mpsc::Sender<partition::Ask>)> {
+    shared
+        .asks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(q, _)| p.is_none_or(|p| p == **q))
+        .map(|(q, (_, tx))| (*q, tx.clone()))
+        .collect()
+}
+
 /// Answer the token views asked of the partitions this node owns, from their workers.
-async fn answer_describe(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut sub = match shared.client.subscribe("tokenwatch.describe.*").await {
+async fn answer_describe(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let s = shared.clone();
+    answer_later(
+        shared,
+        "tokenwatch.describe.*",
+        "token views",
+        stop,
+        move |m| {
+            let p = m
+                .subject
+                .strip_prefix("tokenwatch.describe.")
+                .and_then(|p| p.parse::<u32>().ok())?;
+            let ask = serde_json::from_slice::<wire::DescribeAsk>(&m.payload).ok()?;
+            // Not owned here: the owner answers.
+            let (_, worker) = workers(&s, Some(p)).pop()?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            worker
+                .send(partition::Ask::Describe(ask.token.into(), ask.keys, tx))
+                .ok()?;
+            Some(Box::pin(async move {
+                match tokio::time::timeout(DESCRIBE_WAIT, rx).await {
+                    Ok(Ok(Some(v))) => Some(wire::pack_view(&v)),
+                    Ok(Ok(None)) => Some(Vec::new()),
+                    // The worker ended or is busy: stay silent, the asking node gives up.
+                    _ => None,
+                }
+            }))
+        },
+    )
+    .await
+}
+
+/// Subject of the Snapshot RPC's scatter: every node snapshots the partitions it owns now.
+const SNAPSHOT_QUERY: &str = "tokenwatch.query.snapshot";
+
+/// Longest wait for the partitions' snapshots of a Snapshot RPC.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
+
+/// Answer the Snapshot scatter: each owned partition writes its history chunk and its
+/// snapshot now (between two messages); the answer lists them (`{"p": .., "sequence": ..}`
+/// or `{"p": .., "error": ..}`).
+async fn answer_snapshot(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let s = shared.clone();
+    answer_later(shared, SNAPSHOT_QUERY, "snapshot requests", stop, move |_| {
+        let mut waits = Vec::new();
+        for (p, worker) in workers(&s, None) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if worker.send(partition::Ask::Snapshot(tx)).is_ok() {
+                waits.push((p, rx));
+            }
+        }
+        Some(Box::pin(async move {
+            let mut out = Vec::new();
+            for (p, rx) in waits {
+                out.push(match tokio::time::timeout(SNAPSHOT_WAIT, rx).await {
+                    Ok(Ok(Ok(seq))) => serde_json::json!({"p": p, "sequence": seq}),
+                    Ok(Ok(Err(e))) => serde_json::json!({"p": p, "error": e}),
+                    _ => serde_json::json!({"p": p, "error": "the partition's worker did not answer"}),
+                });
+            }
+            serde_json::to_vec(&out).ok()
+        }))
+    })
+    .await
+}
+
+/// The Snapshot RPC in cluster mode: every node's partitions snapshot themselves now; a
+/// summary (partitions and the stream sequences their snapshots cover), or what failed.
+async fn snapshot_all(shared: &Shared) -> Result<PathBuf, String> {
+    let mut done: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut failed = Vec::new();
+    for a in scatter(shared, SNAPSHOT_QUERY, Vec::new(), SNAPSHOT_WAIT).await {
+        let Ok(parts) = serde_json::from_slice::<Vec<serde_json::Value>>(&a) else {
+            continue;
+        };
+        for v in parts {
+            let p = v["p"].as_u64().unwrap_or(u64::MAX);
+            match v["sequence"].as_u64() {
+                Some(seq) => {
+                    done.insert(p, seq);
+                }
+                None => failed.push(format!("p{p}: {}", v["error"].as_str().unwrap_or("?"))),
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(format!("snapshots failed: {}", failed.join("; ")));
+    }
+    let missing: Vec<String> = (0..u64::from(shared.n))
+        .filter(|p| !done.contains_key(p))
+        .map(|p| format!("p{p}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "no owner answered for {} (a handover under way?); the others wrote their snapshots",
+            missing.join(", ")
+        ));
+    }
+    let seqs: Vec<String> = done.iter().map(|(p, s)| format!("p{p}@{s}")).collect();
+    Ok(PathBuf::from(format!(
+        "{}: {} partitions ({})",
+        wire::SNAPSHOTS,
+        done.len(),
+        seqs.join(" ")
+    )))
+}
+
+/// An answer computed later (it waits for a partition's worker): its bytes, or `None` to
+/// stay silent.
+type Later = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<u8>>> + Send>>;
+
+/// [`answer`] for answers that wait: `f` starts one (`None`: stay silent), which is
+/// awaited and published on its own task.
+async fn answer_later(
+    shared: Arc<Shared>,
+    subject: &'static str,
+    what: &str,
+    mut stop: watch::Receiver<bool>,
+    mut f: impl FnMut(&async_nats::Message) -> Option<Later>,
+) {
+    let mut sub = match shared.client.subscribe(subject).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot answer token views");
+            tracing::error!(error = %e, "cannot answer {what}");
             return;
         }
     };
@@ -946,39 +1078,17 @@ async fn answer_describe(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         };
         let Some(m) = m else { return };
-        let (Some(reply), Some(p)) = (
-            m.reply.clone(),
-            m.subject
-                .strip_prefix("tokenwatch.describe.")
-                .and_then(|p| p.parse::<u32>().ok()),
-        ) else {
+        let Some(reply) = m.reply.clone() else {
             continue;
         };
-        let Ok(ask) = serde_json::from_slice::<wire::DescribeAsk>(&m.payload) else {
-            continue;
-        };
-        let worker = shared
-            .describers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&p)
-            .map(|(_, tx)| tx.clone());
-        // Not owned here: the owner answers.
-        let Some(worker) = worker else { continue };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if worker.send((ask.token.into(), ask.keys, tx)).is_err() {
-            continue;
+        if let Some(later) = f(&m) {
+            let client = shared.client.clone();
+            tokio::spawn(async move {
+                if let Some(body) = later.await {
+                    let _ = client.publish(reply, body.into()).await;
+                }
+            });
         }
-        let client = shared.client.clone();
-        tokio::spawn(async move {
-            let body = match tokio::time::timeout(DESCRIBE_WAIT, rx).await {
-                Ok(Ok(Some(v))) => wire::pack_view(&v),
-                Ok(Ok(None)) => Vec::new(),
-                // The worker ended or is busy: stay silent, the asking node gives up.
-                _ => return,
-            };
-            let _ = client.publish(reply, body.into()).await;
-        });
     }
 }
 
@@ -1015,7 +1125,12 @@ async fn answer(
 
 /// Ask every live node on `subject`: the answers that come within a second (the nodes that
 /// do not answer in time are left out).
-async fn scatter(shared: &Shared, subject: &'static str, ask: Vec<u8>) -> Vec<bytes::Bytes> {
+async fn scatter(
+    shared: &Shared,
+    subject: &'static str,
+    ask: Vec<u8>,
+    wait: Duration,
+) -> Vec<bytes::Bytes> {
     let live = shared.live.load(Ordering::Relaxed).max(1) as usize;
     let inbox = shared.client.new_inbox();
     let mut answers = Vec::new();
@@ -1030,7 +1145,7 @@ async fn scatter(shared: &Shared, subject: &'static str, ask: Vec<u8>) -> Vec<by
     {
         return answers;
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let deadline = tokio::time::Instant::now() + wait;
     while answers.len() < live {
         match tokio::time::timeout_at(deadline, sub.next()).await {
             Ok(Some(m)) => answers.push(m.payload),
@@ -1055,11 +1170,12 @@ async fn answer_stats(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
 /// Every node's counters, summed (nodes that do not answer within a second are left
 /// out); the cluster-wide view of windows and tokens comes from this node's board.
 async fn gather_stats(shared: &Shared, board: &Board) -> pb::StatsResponse {
-    let replies: Vec<pb::StatsResponse> = scatter(shared, wire::STATS_SUBJECT, Vec::new())
-        .await
-        .iter()
-        .filter_map(|b| pb::StatsResponse::decode(b.as_ref()).ok())
-        .collect();
+    let replies: Vec<pb::StatsResponse> =
+        scatter(shared, wire::STATS_SUBJECT, Vec::new(), QUERY_WAIT)
+            .await
+            .iter()
+            .filter_map(|b| pb::StatsResponse::decode(b.as_ref()).ok())
+            .collect();
     let mut out = pb::StatsResponse {
         cluster: Some(shared.report()),
         ..Default::default()
@@ -1161,9 +1277,15 @@ async fn route(mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>, board: Arc<Boar
                     let _ = tx.send(gather_stats(&shared, &board).await);
                 });
             }
-            Cmd::Snapshot(tx) | Cmd::Retrain(_, _, tx) => {
+            Cmd::Snapshot(tx) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(snapshot_all(&shared).await);
+                });
+            }
+            Cmd::Retrain(_, _, tx) => {
                 let _ = tx.send(Err(format!(
-                    "{not_here}: each partition snapshots itself into the object store"
+                    "{not_here}: retrain offline from the history (tokenwatch history, then tokenwatch retrain)"
                 )));
             }
             Cmd::Swap(_, tx) => {
@@ -1229,7 +1351,7 @@ async fn gather_alerts(
     let most = offset.saturating_add(limit);
     let ask = serde_json::json!({ "most": most, "token": token }).to_string();
     let (mut rows, mut total, mut open) = (Vec::new(), 0, 0);
-    for b in scatter(shared, ALERTS_QUERY, ask.into_bytes()).await {
+    for b in scatter(shared, ALERTS_QUERY, ask.into_bytes(), QUERY_WAIT).await {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else {
             continue;
         };

@@ -110,14 +110,15 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     if let Some(r) = &responder {
         shared.responders_mut().insert(p, r.clone());
     }
-    // The console's token views are answered by this worker between two messages.
+    // Token views and snapshots on request are answered by this worker between two
+    // messages.
     let me = shared.workers.fetch_add(1, Ordering::Relaxed);
-    let (describe_tx, describe_rx) = std::sync::mpsc::channel::<Describe>();
+    let (ask_tx, asks) = std::sync::mpsc::channel::<Ask>();
     shared
-        .describers
+        .asks
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(p, (me, describe_tx));
+        .insert(p, (me, ask_tx));
     let mut hist = Pending::default();
     let mut snap_seq = seq;
     let mut last_snapshot = Instant::now();
@@ -160,17 +161,36 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                 tracing::warn!(partition = p, error = %e, "writing the partition's history failed; retried");
             }
         }
-        while let Ok((token, keys, reply)) = describe_rx.try_recv() {
-            let view = engine
-                .describe(&token, &keys)
-                .map(|(state, endpoints, agents)| {
-                    Box::new(crate::server::host::TokenView {
-                        state,
-                        endpoints,
-                        agents,
-                    })
-                });
-            let _ = reply.send(view);
+        while let Ok(ask) = asks.try_recv() {
+            match ask {
+                Ask::Describe(token, keys, reply) => {
+                    let view = engine
+                        .describe(&token, &keys)
+                        .map(|(state, endpoints, agents)| {
+                            Box::new(crate::server::host::TokenView {
+                                state,
+                                endpoints,
+                                agents,
+                            })
+                        });
+                    let _ = reply.send(view);
+                }
+                Ask::Snapshot(reply) => {
+                    let saved = if seq > snap_seq {
+                        flush_history(&shared, p, &mut hist, &lease).and_then(|_| {
+                            save(&shared, p, &engine, lock(&responder).as_deref(), seq)
+                        })
+                    } else {
+                        // Nothing applied since the last one: it is current.
+                        Ok(())
+                    };
+                    if saved.is_ok() {
+                        snap_seq = seq;
+                        last_snapshot = Instant::now();
+                    }
+                    let _ = reply.send(saved.map(|_| snap_seq));
+                }
+            }
         }
         let next = h.block_on(async { tokio::time::timeout(POLL, messages.next()).await });
         let scores = match next {
@@ -327,7 +347,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
         .unwrap_or_else(|e| e.into_inner())
         .remove(&p);
     {
-        let mut ds = shared.describers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ds = shared.asks.lock().unwrap_or_else(|e| e.into_inner());
         if ds.get(&p).is_some_and(|(id, _)| *id == me) {
             ds.remove(&p);
         }
@@ -528,13 +548,19 @@ async fn publish(
     Ok(())
 }
 
-/// A token view asked of a partition's worker: the token, the user-agent keys to name,
-/// and where the answer goes.
-pub(super) type Describe = (
-    Arc<str>,
-    Vec<u64>,
-    tokio::sync::oneshot::Sender<Option<Box<crate::server::host::TokenView>>>,
-);
+/// What a node asks of a partition's worker (answered between two messages).
+pub(super) enum Ask {
+    /// A token's view (the console's token page): the token, the user-agent keys to name,
+    /// and where the answer goes.
+    Describe(
+        Arc<str>,
+        Vec<u64>,
+        tokio::sync::oneshot::Sender<Option<Box<crate::server::host::TokenView>>>,
+    ),
+    /// Write the history chunk and the snapshot now (the Snapshot RPC); the stream
+    /// sequence the partition's snapshot covers.
+    Snapshot(tokio::sync::oneshot::Sender<Result<u64, String>>),
+}
 
 /// Events applied since the last history chunk (see [`wire::HISTORY`]), encoded as they
 /// come: one Parquet writer per UTC date, so what waits for the next chunk is its encoded
