@@ -1,6 +1,8 @@
 //! Window-score files (`--scores-out`): CSV or Parquet by extension, one row per
 //! (token, window) with `token_id, window_start, risk, alert, top_signal`, then `events`,
-//! `learned`, `label`, `kind`, `phase`, one evidence column per signal, then `confidence`.
+//! `learned`, `label`, `kind`, `phase`, one evidence column per signal, then `confidence`
+//! and `reasons` (the window's reasons in words, `signal: reason` joined by ` | `, largest
+//! evidence first; empty when no signal spoke).
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -92,6 +94,7 @@ impl ScoresWriter {
             fields.push(Field::new(s.name(), DataType::Float32, false));
         }
         fields.push(Field::new("confidence", DataType::Float32, false));
+        fields.push(Field::new("reasons", DataType::Utf8, false));
         let schema = Arc::new(Schema::new(fields));
         let file = File::create(path).map_err(io)?;
         let sink = if parquet {
@@ -153,6 +156,8 @@ impl ScoresWriter {
             .map(|_| Float32Builder::with_capacity(n))
             .collect();
         let mut confidence = Float32Builder::with_capacity(n);
+        let mut reasons = StringBuilder::with_capacity(n, n * 4);
+        let mut line = String::new();
         for (s, ph) in &self.pending {
             token.append_value(&s.token);
             if parquet {
@@ -178,6 +183,16 @@ impl ScoresWriter {
                 b.append_value(v);
             }
             confidence.append_value(s.confidence);
+            line.clear();
+            for (i, c) in s.contributions.iter().enumerate() {
+                if i > 0 {
+                    line.push_str(" | ");
+                }
+                line.push_str(c.signal.name());
+                line.push_str(": ");
+                line.push_str(&c.reason);
+            }
+            reasons.append_value(&line);
         }
         let start: ArrayRef = if parquet {
             Arc::new(start_t.finish().with_timezone("UTC"))
@@ -200,6 +215,7 @@ impl ScoresWriter {
             cols.push(Arc::new(b.finish()));
         }
         cols.push(Arc::new(confidence.finish()));
+        cols.push(Arc::new(reasons.finish()));
         let enc = |e: String| Error::Encode {
             path: self.path.clone(),
             reason: e,

@@ -130,7 +130,16 @@ fn generate_then_eval_meets_an_honest_floor() {
         header.starts_with("token_id,window_start,risk,alert,top_signal"),
         "{header}"
     );
+    assert!(header.ends_with(",confidence,reasons"), "{header}");
     assert!(head.lines().count() > 1000);
+    // An alerting window says why in words, its top signal first.
+    let alerting = head
+        .lines()
+        .skip(1)
+        .find(|l| l.split(',').nth(3) == Some("1"))
+        .expect("an alerting window");
+    let top = alerting.split(',').nth(4).unwrap();
+    assert!(alerting.contains(&format!("{top}: ")), "{alerting}");
 }
 
 #[test]
