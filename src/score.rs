@@ -180,7 +180,7 @@ pub fn evidence(kind: SignalKind, p: f64, cfg: &ScoreConfig, weights: &Weights) 
 
 /// Evidence past `cap` grows only logarithmically: one broken model cannot dominate, yet a
 /// more extreme window still ranks higher.
-fn soft_cap(e: f64, cap: f64) -> f64 {
+pub(crate) fn soft_cap(e: f64, cap: f64) -> f64 {
     if e <= cap {
         e
     } else {

@@ -1098,29 +1098,14 @@ async fn answer(
     shared: Arc<Shared>,
     subject: &'static str,
     what: &str,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     mut f: impl FnMut(&async_nats::Message) -> Option<Vec<u8>>,
 ) {
-    let mut sub = match shared.client.subscribe(subject).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot answer {what}");
-            return;
-        }
-    };
-    loop {
-        let m = tokio::select! {
-            m = sub.next() => m,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Some(m) = m else { return };
-        let Some(reply) = m.reply.clone() else {
-            continue;
-        };
-        if let Some(body) = f(&m) {
-            let _ = shared.client.publish(reply, body.into()).await;
-        }
-    }
+    answer_later(shared, subject, what, stop, move |m| {
+        let body = f(m)?;
+        Some(Box::pin(std::future::ready(Some(body))) as Later)
+    })
+    .await
 }
 
 /// Ask every live node on `subject`: the answers that come within a second (the nodes that

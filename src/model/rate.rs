@@ -131,7 +131,8 @@ fn drop_p(p: f64) -> f64 {
     if s <= DROP_KNEE {
         p
     } else {
-        (-(DROP_KNEE + (s - DROP_KNEE).ln_1p())).exp()
+        // The scoring's own soft cap, applied to the surprise before it becomes evidence.
+        (-crate::score::soft_cap(s, DROP_KNEE)).exp()
     }
 }
 

@@ -123,26 +123,19 @@ pub fn parquet_writer<W: std::io::Write + Send>(w: W) -> Result<ArrowWriter<W>, 
     ArrowWriter::try_new(w, history_schema(), Some(props)).map_err(|e| e.to_string())
 }
 
-/// Write history rows as one Parquet file (zstd) to `w`; the rows written.
-pub fn write_parts<W: std::io::Write + Send>(
-    w: W,
-    parts: &[RecordBatch],
-) -> Result<(W, u64), String> {
-    let fail = |e: parquet::errors::ParquetError| e.to_string();
-    let mut w = parquet_writer(w)?;
+/// Write history rows as one Parquet file to `path`, under a temporary name renamed when it
+/// is whole (fsync'd); the rows written.
+pub fn write_parquet(path: &Path, parts: &[RecordBatch]) -> Result<u64, Error> {
+    let tmp = path.with_extension("parquet.tmp");
+    let f = File::create(&tmp).map_err(io(&tmp))?;
+    let fail = |e: parquet::errors::ParquetError| format(&tmp)(e.to_string());
+    let mut w = parquet_writer(f).map_err(format(&tmp))?;
     let mut rows = 0;
     for p in parts {
         w.write(p).map_err(fail)?;
         rows += p.num_rows() as u64;
     }
-    Ok((w.into_inner().map_err(fail)?, rows))
-}
-
-/// [`write_parts`] to `path`, under a temporary name renamed when it is whole (fsync'd).
-pub fn write_parquet(path: &Path, parts: &[RecordBatch]) -> Result<u64, Error> {
-    let tmp = path.with_extension("parquet.tmp");
-    let f = File::create(&tmp).map_err(io(&tmp))?;
-    let (f, rows) = write_parts(f, parts).map_err(format(&tmp))?;
+    let f = w.into_inner().map_err(fail)?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
     Ok(rows)

@@ -260,6 +260,13 @@ fn read_carried(wal_d: &Path) -> Result<Vec<u64>, Error> {
         .collect())
 }
 
+/// Keep the last `cap` keys (the newest: keys are oldest first).
+fn keep_newest(keys: &mut Vec<u64>, cap: usize) {
+    if keys.len() > cap {
+        keys.drain(..keys.len() - cap);
+    }
+}
+
 /// Replace the carried keys with `keys` (atomically: a temporary file, fsync'd, renamed).
 fn write_carried(wal_d: &Path, keys: &[u64]) -> Result<(), Error> {
     let path = wal_d.join(CARRIED_KEYS);
@@ -421,10 +428,7 @@ impl Store {
         for f in pending {
             f.apply(&mut engine);
         }
-        let cap = cfg.server.dedup_ids;
-        if dedup_keys.len() > cap {
-            dedup_keys.drain(..dedup_keys.len() - cap);
-        }
+        keep_newest(&mut dedup_keys, cfg.server.dedup_ids);
         let wal = wal::Wal::open(&wal_d, cfg.store.segment_bytes, cfg.store.fsync)?;
         let store = Store {
             dir: dir.to_path_buf(),
@@ -505,9 +509,7 @@ impl Store {
                 // A damaged key file is replaced (start reported it).
                 let mut keys = read_carried(&wal_d).unwrap_or_default();
                 keys.append(&mut carried);
-                if keys.len() > self.dedup_cap {
-                    keys.drain(..keys.len() - self.dedup_cap);
-                }
+                keep_newest(&mut keys, self.dedup_cap);
                 write_carried(&wal_d, &keys)?;
             }
             for seg in gone {
