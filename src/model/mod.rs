@@ -597,7 +597,7 @@ impl Default for SurpriseState {
 }
 
 /// Version of the encoded [`TokenState`].
-pub const STATE_VERSION: u8 = 5;
+pub const STATE_VERSION: u8 = 6;
 
 /// A rise of the token's rate this unlikely (or less) marks its slot of the day as the
 /// token's routine (see [`Models::track`]).
@@ -684,13 +684,15 @@ impl Models {
         held: bool,
         scored: &Scratch,
     ) {
-        self.rate.track(&mut st.rate, w, ctx, held, scored.rate);
         // Bursts of the whole token count for the routine as bursts on one endpoint do.
-        // Only a rise that would page on its own (far past the quiet level) marks the slot.
+        // Only a rise that the ordinary tail calls extreme (far past the quiet level, before
+        // the token's own bursts temper it) marks the slot.
         let rise = scored
             .rate
+            .map(|(_, z)| (st.rate.up.p_std(z), z))
             .filter(|&(p, z)| z > 0.0 && p < ROUTINE_RISE_P)
             .map(|(p, _)| p);
+        self.rate.track(&mut st.rate, w, ctx, held, scored.rate);
         let burst = match (scored.burst, rise) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -742,9 +744,14 @@ impl TokenState {
             .iter()
             .chain([&self.telemetry.bytes, &self.telemetry.latency])
             .chain([&self.peers.d_own, &self.peers.d_peer]);
-        let ok = [self.rate.level, self.rate.recent, self.rate.disp]
-            .iter()
-            .all(|v| v.is_finite())
+        let ok = [
+            self.rate.level,
+            self.rate.recent,
+            self.rate.disp,
+            self.rate.burst_rate,
+        ]
+        .iter()
+        .all(|v| v.is_finite())
             && tails
                 .iter()
                 .all(|t| t.u.is_finite() && t.excess.is_finite() && t.max.is_finite())

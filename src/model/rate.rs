@@ -53,8 +53,104 @@ pub struct RateState {
     pub up: Tail,
     /// Tail (own quantiles) of standardised residuals below the baseline.
     pub down: Quantiles,
-    /// Windows folded into the baseline.
-    pub n: u32,
+    /// Windows folded into the baseline (saturating).
+    pub n: u16,
+    /// The token's own bursts: episodes per window (an EWMA of episode starts), see
+    /// [`RateState::burst_p`].
+    pub burst_rate: f32,
+    /// Mean ln z of burst windows, x 1/16 (0: none yet).
+    pub burst_size: u8,
+    /// The latest burst, packed in one byte (the state's budget has no other left): its
+    /// 4-hour unit since the epoch modulo 64 (10 days; the low 6 bits), whether the token
+    /// has shown more than one episode ([`BURST_HABIT`]) and whether the latest window
+    /// followed was a burst, an episode under way ([`IN_BURST`]).
+    pub burst_at: u8,
+}
+
+/// A rise the ordinary tail calls rarer than this is a burst.
+pub const BURST_P: f64 = 1e-6;
+/// A burst e^BURST_SCALE times the token's usual size is e times rarer.
+const BURST_SCALE: f64 = 0.1;
+/// Fixed-point scale of a burst's ln z.
+const BURST_FIX: f64 = 16.0;
+/// Bursts less than this many 4-hour units apart (8 to 12 hours) are one episode.
+const BURST_APART: u8 = 3;
+/// Bits of [`RateState::burst_at`]: the unit, a second episode seen, an episode under way.
+const BURST_UNIT: u8 = 0x3f;
+const BURST_HABIT: u8 = 0x40;
+const IN_BURST: u8 = 0x80;
+
+/// The token's own bursts, the far tail of its rises as its history draws it. A window is
+/// a burst when the ordinary tail calls its rise rarer than [`BURST_P`]; an episode is a run
+/// of bursts less than [`BURST_APART`] apart. The rate learns one event per episode, at its
+/// first window; the size is the mean ln z of burst windows. Once a token has shown two
+/// episodes (one burst is an event, not a habit), a rise is at most as surprising as that
+/// mixture says: a token that bursts daily (a nightly job, a client that retries in storms)
+/// has shown that bursts of that size are its routine, while a burst several times larger
+/// than its usual ones, or on a token that never bursts, keeps the ordinary tail's verdict.
+/// The mixture judges the first window of an episode that starts well apart from the latest
+/// one and the windows that go on from it (a spike that straddles two windows is one
+/// episode); a new rise within hours of the latest burst (an attacker who pauses and
+/// resumes) keeps the ordinary tail's verdict. Six bytes of state: a mixture fitted per
+/// token would need the token's past windows, which are not kept.
+impl RateState {
+    /// Probability of a rise of at least `z` at `start` under the token's own bursts (0
+    /// before a second episode, or for a new rise within [`BURST_APART`] of the latest).
+    pub fn burst_p(&self, z: f64, start: i64) -> f64 {
+        if self.burst_at & BURST_HABIT == 0 || self.burst_size == 0 || z <= 0.0 {
+            return 0.0;
+        }
+        if self.burst_at & IN_BURST == 0 && burst_units_since(self.burst_at, start) < BURST_APART {
+            return 0.0;
+        }
+        let over = (z.ln() - self.burst_size as f64 / BURST_FIX).max(0.0);
+        self.burst_rate as f64 * (-over / BURST_SCALE).exp()
+    }
+
+    /// Fold in the window at `start` with standardised residual `z` whose ordinary tail
+    /// probability was `body`; `alpha` is the rate's EWMA factor.
+    fn learn_bursts(&mut self, z: f64, body: f64, start: i64, alpha: f64) {
+        let burst = z > 0.0 && body < BURST_P;
+        let first = self.burst_size == 0;
+        let counted = burst && (first || burst_units_since(self.burst_at, start) >= BURST_APART);
+        self.burst_rate += (alpha * ((counted as u8 as f64) - self.burst_rate as f64)) as f32;
+        let mut flags = self.burst_at & BURST_HABIT;
+        if counted && !first {
+            flags |= BURST_HABIT;
+        }
+        let mut unit = self.burst_at & BURST_UNIT;
+        if burst {
+            let lz = (z.ln() * BURST_FIX).clamp(1.0, 255.0);
+            // The size the token's bursts reach: up quickly, down slowly, so the smaller
+            // windows at the edges of a spike do not drag it below the spike's peak.
+            let prev = self.burst_size as f64;
+            let s = if first {
+                lz
+            } else if lz > prev {
+                prev + 0.25 * (lz - prev)
+            } else {
+                prev + 0.05 * (lz - prev)
+            };
+            self.burst_size = s.round().clamp(1.0, 255.0) as u8;
+            unit = burst_unit(start);
+            // An episode is under way from its counted start; a resumption within hours
+            // is not one, so all its windows keep the ordinary verdict.
+            if counted || self.burst_at & IN_BURST != 0 {
+                flags |= IN_BURST;
+            }
+        }
+        self.burst_at = unit | flags;
+    }
+}
+
+/// The 4-hour unit of `t` (ms) modulo 64.
+fn burst_unit(t: i64) -> u8 {
+    (t.div_euclid(4 * 3_600_000).rem_euclid(64)) as u8
+}
+
+/// 4-hour units from the latest burst (the unit bits of `at`) to `t`, modulo 64.
+fn burst_units_since(at: u8, t: i64) -> u8 {
+    (burst_unit(t) + 64 - (at & BURST_UNIT)) % 64
 }
 
 const UP0: Tail = Tail::STANDARD;
@@ -71,6 +167,9 @@ impl Default for RateState {
             up: UP0,
             down: Quantiles::STANDARD,
             n: 0,
+            burst_rate: 0.0,
+            burst_size: 0,
+            burst_at: 0,
         }
     }
 }
@@ -258,7 +357,12 @@ impl RateModel {
             (e, 0.0)
         };
         let p = if z >= 0.0 {
-            st.up.p_std(z)
+            let body = st.up.p_std(z);
+            if body < BURST_P {
+                (body + st.burst_p(z, ctx.start)).min(1.0)
+            } else {
+                body
+            }
         } else if e.mean >= self.min_drop_expected {
             drop_p(st.down.p(-z).powf(self.drop_weight))
         } else {
@@ -312,6 +416,8 @@ impl RateModel {
         // residuals say nothing about its tails.
         // Nor while an operator-confirmed incident holds the token.
         if !held && ctx.start - ctx.first_seen >= 86_400_000 {
+            let body = st.up.p_std(z.max(0.0));
+            st.learn_bursts(z, body, ctx.start, self.level_alpha);
             if z >= 0.0 {
                 st.up.update(z, self.level_alpha);
             } else {
@@ -443,7 +549,10 @@ impl Model for RateModel {
         w.u16(st.run as u16);
         st.up.encode(w);
         st.down.encode(w);
-        w.u32(st.n);
+        w.u16(st.n);
+        w.f32(st.burst_rate);
+        w.u8(st.burst_size);
+        w.u8(st.burst_at);
     }
 
     fn decode(r: &mut Reader) -> Result<RateState, DecodeError> {
@@ -459,7 +568,10 @@ impl Model for RateModel {
         st.run = r.u16()? as i16;
         st.up = Tail::decode(r)?;
         st.down = Quantiles::decode(r)?;
-        st.n = r.u32()?;
+        st.n = r.u16()?;
+        st.burst_rate = r.f32()?;
+        st.burst_size = r.u8()?;
+        st.burst_at = r.u8()?;
         Ok(st)
     }
 }
@@ -614,6 +726,100 @@ mod tests {
         assert!(shift[6] > shift[0].sqrt(), "{shift:?}");
         let burst = run_of(30);
         assert!(burst.iter().all(|&p| p < 1e-6), "{burst:?}");
+    }
+
+    /// Days of the usual rhythm from day `from` to `to` (learned), with `burst(day)`'s
+    /// windows (start, calls) scored and followed as the engine does (alerting windows are
+    /// not learned); the rate's tail probability of each burst window, per day.
+    fn with_bursts(
+        m: &RateModel,
+        st: &mut RateState,
+        c: &Config,
+        from: i64,
+        to: i64,
+        burst: impl Fn(i64) -> Vec<(i64, u32)>,
+    ) -> Vec<Vec<f64>> {
+        let g = Global::default();
+        let mut out = Vec::new();
+        for d in from..to {
+            let bursts = burst(d);
+            let mut ps = Vec::new();
+            for i in d * 288..(d + 1) * 288 {
+                let s = T0 + i * W5;
+                let cx = ctx(c, &g, s);
+                if let Some(&(_, n)) = bursts.iter().find(|b| b.0 == s) {
+                    let w = win(s, n);
+                    let mut sc = Scratch::default();
+                    m.score(st, &w, &cx, &mut sc);
+                    m.track(st, &w, &cx, false, sc.rate);
+                    ps.push(sc.rate.unwrap().0);
+                } else {
+                    let w = win(s, usual(s, i as u64));
+                    m.track(st, &w, &cx, false, None);
+                    m.learn(st, &w, &cx);
+                }
+            }
+            out.push(ps);
+        }
+        out
+    }
+
+    /// A token that bursts every night (a spike that straddles two windows) pages on its
+    /// first nights; once it has shown that bursts of that size are its habit, they are
+    /// tempered, while a burst five times larger, one resumed within hours of the latest,
+    /// and the same burst on a token that never bursts keep the ordinary tail's verdict.
+    #[test]
+    fn a_token_s_own_bursts_temper_rises_of_their_size_only() {
+        let (m, mut st, c) = trained(10);
+        let night = |d: i64, k: u32| {
+            let s = T0 + d * 86_400_000 + 3 * 3_600_000;
+            vec![(s, 100 * k), (s + W5, 350 * k)]
+        };
+        let days = with_bursts(&m, &mut st, &c, 10, 15, |d| night(d, 1));
+        // The first night and the start of the second: full verdict (one episode is an
+        // event, not a habit).
+        assert!(
+            days[0].iter().all(|&p| p < 1e-12) && days[1][0] < 1e-12,
+            "{days:?}"
+        );
+        // From then on, every window of an episode is judged by the token's bursts: still
+        // evidence, far less of it.
+        for p in days.iter().flatten().skip(3) {
+            assert!(*p > 1e-9 && *p < 1e-2, "{days:?}");
+        }
+        // Alone, from the third night on, the tempered rises no longer page; five times larger, far past the token's
+        // bursts, the episode does.
+        let alone = |p: f64| {
+            let mut sig = vec![Signal::new(SignalKind::Rate, 0.0, 1.0, p)];
+            crate::score::combine(&mut sig, &c.score, &c.weights)
+        };
+        for p in days[2..].iter().flatten() {
+            assert!(alone(*p) < c.score.alert_risk, "{} {days:?}", alone(*p));
+        }
+        let big = with_bursts(&m, &mut st.clone(), &c, 15, 16, |d| night(d, 5));
+        let worst = big[0].iter().copied().fold(1.0, f64::min);
+        assert!(
+            alone(worst) >= c.score.alert_risk,
+            "{} {big:?}",
+            alone(worst)
+        );
+        assert!(big[0].iter().all(|&p| p < 1e-4), "{big:?}");
+        // The usual size, resumed four hours after the latest burst: the resumption is
+        // judged in full, all of it.
+        let resumed = with_bursts(&m, &mut st.clone(), &c, 15, 16, |d| {
+            let s = T0 + d * 86_400_000 + 3 * 3_600_000;
+            vec![
+                (s, 350),
+                (s + 4 * 3_600_000, 350),
+                (s + 4 * 3_600_000 + W5, 350),
+            ]
+        });
+        let r = &resumed[0];
+        assert!(r[0] > 1e-9 && r[1] < 1e-12 && r[2] < 1e-12, "{r:?}");
+        // The same night burst on a token with no bursts of its own.
+        let (m, mut calm, c) = trained(12);
+        let never = with_bursts(&m, &mut calm, &c, 12, 13, |d| night(d, 1));
+        assert!(never[0].iter().all(|&p| p < 1e-12), "{never:?}");
     }
 
     /// A steady token that goes silent is scored (a deep drop), ranks above a milder drop,
