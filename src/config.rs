@@ -290,8 +290,9 @@ pub struct ScoreConfig {
     /// A new country is a move (not an addition) only if the token's known place went quiet
     /// at least this long before it.
     pub min_travel_gap: Duration,
-    /// A new place used beside the usual one (an addition: sharing, a leak) weighs up to
-    /// three times its first window's novelty evidence, reached after this long.
+    /// A new place used beside the usual one (an addition: sharing, a leak) weighs three
+    /// times its first window's novelty evidence after this long, then `3 + ln(t / ramp)`
+    /// times.
     pub addition_ramp: Duration,
     /// Half-life, in windows, of a token's own distribution of surprise (what its ordinary
     /// windows look like), against which each window's statistical evidence is calibrated.

@@ -796,9 +796,13 @@ impl Shard {
             // A new place used beside the usual one (a shared or leaked token) is weak
             // evidence in any one window; it accumulates while the addition lasts.
             adding: (adding_for > 0).then(|| {
-                let mask = PLACE.iter().fold(0u32, |m, k| m | 1 << k.index());
+                let mask = PLACE
+                    .iter()
+                    .chain(&[SignalKind::NewUserAgent])
+                    .fold(0u32, |m, k| m | 1 << k.index());
                 let ramp = (cfg.score.addition_ramp.ms as f64 / 60_000.0).max(1.0);
-                (mask, 1.0 + 2.0 * (adding_for as f64 / ramp).min(1.0))
+                let x = adding_for as f64 / ramp;
+                (mask, 1.0 + 2.0 * x.min(1.0) + x.max(1.0).ln())
             }),
             damped: fb
                 .damped_at(agg.start)
@@ -2166,6 +2170,7 @@ mod tests {
             src_ip: if home { "198.51.100.7" } else { "203.0.113.9" }.into(),
             country: if home { "DE" } else { "FR" }.into(),
             asn: Some(if home { 3320 } else { 12322 }),
+            user_agent: if home { "app/1.0" } else { "Mozilla/5.0" }.into(),
             ..event("tok", t)
         };
         // Two calls a minute from 08h to 20h UTC; `place(minute)`: Some(home?) or None.
@@ -2190,12 +2195,13 @@ mod tests {
             out
         };
         let change = t0 + 10 * 86_400_000 + 8 * 3_600_000;
-        let country = |s: &WindowScore| {
+        let of = |s: &WindowScore, k: SignalKind| {
             s.contributions
                 .iter()
-                .find(|c| c.signal == SignalKind::NewCountry)
+                .find(|c| c.signal == k)
                 .map_or(0.0, |c| c.evidence)
         };
+        let country = |s: &WindowScore| of(s, SignalKind::NewCountry);
         // The move: from day 10 every call is from FR.
         let moved = run(&|t| Some(t < change));
         let after: Vec<&WindowScore> = moved.iter().filter(|s| s.start >= change).collect();
@@ -2217,6 +2223,16 @@ mod tests {
         let later = country(after[24]);
         assert!(later > 2.0 * ev0, "{ev0} -> {later}");
         assert!(after[24].alert);
+        // Past the ramp it goes on growing, slowly (with the log of its duration): the longer
+        // two places share the token, the less a coincidence. The second user's new agent
+        // accumulates with its place.
+        assert!(
+            country(after[96]) > 1.1 * later,
+            "{later} -> {:?}",
+            after[96]
+        );
+        let agent = |s: &WindowScore| of(s, SignalKind::NewUserAgent);
+        assert!(agent(after[96]) > 2.0 * agent(after[0]), "{:?}", after[96]);
         assert!(country(after[150]) > 2.0, "{:?}", after[150]);
     }
 
