@@ -52,7 +52,6 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
         }
     };
     // History chunks that start after this sequence are dropped (replayed, written again).
-    let mut history_after = None;
     let (mut engine, mut seq, saved) = match load(&shared, p) {
         Ok(Found::Loaded((e, s, r))) => (e, s, r),
         Ok(Found::Missing) => match fresh() {
@@ -76,19 +75,6 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                     return;
                 }
             }
-            // The chunks of events the stream no longer holds are the only copy: kept.
-            let first = h.block_on(async {
-                let st = shared.js.get_stream(wire::EVENTS).await;
-                st.map(|st| st.cached_info().state.first_sequence)
-                    .map_err(|e| e.to_string())
-            });
-            match first {
-                Ok(f) => history_after = Some(f.saturating_sub(1)),
-                Err(e) => {
-                    tracing::error!(partition = p, error = %e, "cannot read the events stream's first sequence; not taking it");
-                    return;
-                }
-            }
             match fresh() {
                 Some(e) => (e, 0, None),
                 None => return,
@@ -98,6 +84,25 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             tracing::error!(partition = p, error = %e, "cannot read the partition's snapshot; not taking it");
             return;
         }
+    };
+    // History chunks that start after this sequence are dropped (replayed, written again).
+    // Without a snapshot the partition replays what the stream still holds: the chunks of
+    // events it no longer holds (past its retention) are the only copy and are kept.
+    let history_after = if seq == 0 {
+        let first = h.block_on(async {
+            let st = shared.js.get_stream(wire::EVENTS).await;
+            st.map(|st| st.cached_info().state.first_sequence)
+                .map_err(|e| e.to_string())
+        });
+        match first {
+            Ok(f) => f.saturating_sub(1),
+            Err(e) => {
+                tracing::error!(partition = p, error = %e, "cannot read the events stream's first sequence; not taking it");
+                return;
+            }
+        }
+    } else {
+        seq
     };
     let mut own = shared.responder();
     if let (Some(r), Some(v)) = (own.as_mut(), saved.as_ref()) {
@@ -138,7 +143,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
     // replayed again from it: deleted first, so each event is in the history once.
     // Events up to `kept` are in history chunks that stay (they start at or before the
     // snapshot): not written again.
-    let kept = match h.block_on(drop_history_after(&shared, p, history_after.unwrap_or(seq))) {
+    let kept = match h.block_on(drop_history_after(&shared, p, history_after)) {
         Ok((0, kept)) => kept,
         Ok((n, kept)) => {
             tracing::info!(
