@@ -85,25 +85,32 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             return;
         }
     };
-    // History chunks that start after this sequence are dropped (replayed, written again).
-    // Without a snapshot the partition replays what the stream still holds: the chunks of
-    // events it no longer holds (past its retention) are the only copy and are kept.
-    let history_after = if seq == 0 {
-        let first = h.block_on(async {
-            let st = shared.js.get_stream(wire::EVENTS).await;
-            st.map(|st| st.cached_info().state.first_sequence)
-                .map_err(|e| e.to_string())
-        });
-        match first {
-            Ok(f) => f.saturating_sub(1),
-            Err(e) => {
-                tracing::error!(partition = p, error = %e, "cannot read the events stream's first sequence; not taking it");
-                return;
-            }
+    // The stream's oldest event: what a replay can still read.
+    let first = match h.block_on(async {
+        let st = shared.js.get_stream(wire::EVENTS).await;
+        st.map(|st| st.cached_info().state.first_sequence)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(partition = p, error = %e, "cannot read the events stream's first sequence; not taking it");
+            return;
         }
-    } else {
-        seq
     };
+    if seq > 0 && first > seq + 1 {
+        // Said, not hidden: a snapshot older than the stream's retention.
+        tracing::error!(
+            partition = p,
+            snapshot_sequence = seq,
+            stream_first_sequence = first,
+            "the stream no longer holds every event after the partition's snapshot (its retention): this partition's events among the sequences in between are not applied (they are in its history chunks, if they were written)"
+        );
+        metrics::counter!("tokenwatch_cluster_replay_gaps_total").increment(1);
+    }
+    // History chunks that start after this sequence are dropped (replayed, written again).
+    // The chunks of events the stream no longer holds (past its retention: without a
+    // snapshot, or after an old one) are the only copy and are kept.
+    let history_after = seq.max(first.saturating_sub(1));
     let mut own = shared.responder();
     if let (Some(r), Some(v)) = (own.as_mut(), saved.as_ref()) {
         if let Err(e) = r.import(v) {
