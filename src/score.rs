@@ -97,8 +97,21 @@ pub fn risk(
     weights: &Weights,
 ) -> Risk {
     let mut surprise = 0.0;
+    // A new device in a new place: the agent's novelty is not a second coincidence to be
+    // discounted on its own (travel keeps the device, a release keeps the place), so with a
+    // new country or provider in the window that is itself rare for the token (past the
+    // quiet level: not a mobile backend whose clients bring new providers all the time) it
+    // speaks without its own quiet floor.
+    let placed = signals.iter().any(|s| {
+        matches!(s.kind, SignalKind::NewCountry | SignalKind::NewAsn) && s.p < cfg.quiet_p
+    });
     for s in signals.iter_mut() {
-        s.evidence = evidence(s.kind, s.p, cfg, weights) * scaling.factor(s.kind);
+        s.evidence = if placed && s.kind == SignalKind::NewUserAgent {
+            let raw = -s.p.max(1e-300).ln();
+            weights.get(s.kind) * soft_cap(raw, cfg.max_evidence)
+        } else {
+            evidence(s.kind, s.p, cfg, weights)
+        } * scaling.factor(s.kind);
         if s.kind.is_calibrated() {
             surprise += s.evidence;
         }
@@ -438,6 +451,36 @@ mod tests {
             s[0].evidence
         );
         assert!(r > 100.0 * cfg.score.prior);
+    }
+
+    /// A new user agent is weak on its own (a release brings one to many clients) and a new
+    /// provider is weak on its own (a network change); both at once, the provider rare for
+    /// the token, is another client: the agent then speaks without its own quiet floor. A
+    /// provider the token meets all the time (a mobile backend) does not lift it.
+    #[test]
+    fn a_new_agent_in_a_rare_new_place_is_not_discounted_twice() {
+        let cfg = Config::default();
+        let agent = |with: Option<f64>| {
+            let mut s = vec![Signal::new(SignalKind::NewUserAgent, 1.0, 1e-3, 1e-3)];
+            if let Some(p) = with {
+                s.push(Signal::new(SignalKind::NewAsn, 1.0, p, p));
+            }
+            let r = combine(&mut s, &cfg.score, &cfg.weights);
+            let e = s
+                .iter()
+                .find(|x| x.kind == SignalKind::NewUserAgent)
+                .unwrap()
+                .evidence;
+            (e, r)
+        };
+        let (alone, r_alone) = agent(None);
+        let (rare, r_rare) = agent(Some(1e-3));
+        let (common, _) = agent(Some(0.2));
+        let w = cfg.weights.get(SignalKind::NewUserAgent);
+        assert!((rare - w * 1e-3f64.ln().abs()).abs() < 1e-9, "{rare}");
+        assert!(rare > 2.0 * alone, "{alone} {rare}");
+        assert_eq!(common, alone);
+        assert!(r_rare > r_alone);
     }
 
     #[test]
