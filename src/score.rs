@@ -106,12 +106,8 @@ pub fn risk(
         matches!(s.kind, SignalKind::NewCountry | SignalKind::NewAsn) && s.p < cfg.quiet_p
     });
     for s in signals.iter_mut() {
-        s.evidence = if placed && s.kind == SignalKind::NewUserAgent {
-            let raw = -s.p.max(1e-300).ln();
-            weights.get(s.kind) * soft_cap(raw, cfg.max_evidence)
-        } else {
-            evidence(s.kind, s.p, cfg, weights)
-        } * scaling.factor(s.kind);
+        let floored = !(s.kind.is_ratio() || placed && s.kind == SignalKind::NewUserAgent);
+        s.evidence = evidence_with(s.kind, s.p, floored, cfg, weights) * scaling.factor(s.kind);
         if s.kind.is_calibrated() {
             surprise += s.evidence;
         }
@@ -182,11 +178,23 @@ pub fn learned(risk: f64, cfg: &ScoreConfig, young: bool, adopted: bool, hold: H
 /// Evidence (nats) of one signal with tail probability `p`. Likelihood-ratio signals are
 /// evidence as they stand; tail probabilities must first clear the quiet level.
 pub fn evidence(kind: SignalKind, p: f64, cfg: &ScoreConfig, weights: &Weights) -> f64 {
+    evidence_with(kind, p, !kind.is_ratio(), cfg, weights)
+}
+
+/// [`evidence`], with the quiet level's soft knee (`floored`) or counted from zero (a
+/// likelihood ratio, or a surprise whose floor another signal of the window already paid).
+fn evidence_with(
+    kind: SignalKind,
+    p: f64,
+    floored: bool,
+    cfg: &ScoreConfig,
+    weights: &Weights,
+) -> f64 {
     let surprise = -p.max(1e-300).ln();
-    let e = if kind.is_ratio() {
-        surprise.max(0.0)
-    } else {
+    let e = if floored {
         softplus(surprise + cfg.quiet_p.ln())
+    } else {
+        surprise.max(0.0)
     };
     weights.get(kind) * soft_cap(e, cfg.max_evidence)
 }

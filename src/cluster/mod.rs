@@ -1585,7 +1585,7 @@ pub async fn pull_history(
         if info.deleted {
             continue;
         }
-        if let Some((p, date, first)) = partition::parse_history_name(&info.name) {
+        if let Some((p, date, first, _)) = partition::parse_history_name(&info.name) {
             if only.is_empty() || only.contains(&p) {
                 chunks.insert((date, p, first), info.name);
             }

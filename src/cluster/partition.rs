@@ -41,23 +41,9 @@ const EXCHANGE_POLL: Duration = Duration::from_millis(50);
 /// shutdown) with the lease still held writes a last snapshot first.
 pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>) {
     let h = shared.handle.clone();
-    let fresh = || {
-        let mut e = Engine::new(shared.cfg.clone(), shared.registry.clone());
-        match attach_spill(&mut e, &shared.work_dir.join(format!("p{p}")), None) {
-            Ok(()) => Some(e),
-            Err(err) => {
-                tracing::error!(partition = p, error = %err, "cannot open the partition's token spill; not taking it");
-                None
-            }
-        }
-    };
-    // History chunks that start after this sequence are dropped (replayed, written again).
-    let (mut engine, mut seq, saved) = match load(&shared, p) {
-        Ok(Found::Loaded((e, s, r))) => (e, s, r),
-        Ok(Found::Missing) => match fresh() {
-            Some(e) => (e, 0, None),
-            None => return,
-        },
+    let loaded = match load(&shared, p) {
+        Ok(Found::Loaded(l)) => Some(l),
+        Ok(Found::Missing) => None,
         Ok(Found::Damaged { reason, bytes }) => {
             // A snapshot that cannot be used (damaged, or written by a version whose model
             // state this one cannot read) must not keep the partition from being applied:
@@ -75,14 +61,22 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
                     return;
                 }
             }
-            match fresh() {
-                Some(e) => (e, 0, None),
-                None => return,
-            }
+            None
         }
         Err(e) => {
             tracing::error!(partition = p, error = %e, "cannot read the partition's snapshot; not taking it");
             return;
+        }
+    };
+    let (mut engine, mut seq, saved) = match loaded {
+        Some(l) => l,
+        None => {
+            let mut e = Engine::new(shared.cfg.clone(), shared.registry.clone());
+            if let Err(err) = attach_spill(&mut e, &shared.work_dir.join(format!("p{p}")), None) {
+                tracing::error!(partition = p, error = %err, "cannot open the partition's token spill; not taking it");
+                return;
+            }
+            (e, 0, None)
         }
     };
     // The stream's oldest event: what a replay can still read.
@@ -156,7 +150,7 @@ pub fn run(shared: Arc<Shared>, p: u32, lease: Arc<Lease>, stop: Arc<AtomicBool>
             tracing::info!(
                 partition = p,
                 chunks = n,
-                after = seq,
+                after = history_after,
                 "history chunks past the snapshot removed; replayed again"
             );
             kept
@@ -697,17 +691,20 @@ fn history_name(p: u32, date: &str, first: u64, last: u64) -> String {
     format!("p{p}/date={date}/part-{first:020}-{last:020}.parquet")
 }
 
-/// Partition and first stream sequence of a history chunk's object name.
-pub(super) fn parse_history_name(name: &str) -> Option<(u32, String, u64)> {
+/// Partition, date, and first and last stream sequence of a history chunk's object name.
+pub(super) fn parse_history_name(name: &str) -> Option<(u32, String, u64, u64)> {
     let (p, rest) = name.strip_prefix('p')?.split_once('/')?;
     let (date, file) = rest.strip_prefix("date=")?.split_once('/')?;
-    let first = file
+    let (first, last) = file
         .strip_prefix("part-")?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()?;
-    Some((p.parse().ok()?, date.to_string(), first))
+        .strip_suffix(".parquet")?
+        .split_once('-')?;
+    Some((
+        p.parse().ok()?,
+        date.to_string(),
+        first.parse().ok()?,
+        last.parse().ok()?,
+    ))
 }
 
 /// Write the pending events as history chunks (one Parquet object per UTC date, named by
@@ -760,14 +757,14 @@ async fn drop_history_after(shared: &Shared, p: u32, seq: u64) -> Result<(u64, u
         if info.deleted {
             continue;
         }
-        if let Some((q, _, first)) = parse_history_name(&info.name) {
+        if let Some((q, _, first, last)) = parse_history_name(&info.name) {
             if q != p {
                 continue;
             }
             if first > seq {
                 gone.push(info.name);
             } else {
-                kept = kept.max(history_last(&info.name).unwrap_or(first));
+                kept = kept.max(last);
             }
         }
     }
@@ -779,15 +776,6 @@ async fn drop_history_after(shared: &Shared, p: u32, seq: u64) -> Result<(u64, u
             .map_err(|e| format!("{name}: {e}"))?;
     }
     Ok((gone.len() as u64, kept))
-}
-
-/// The last stream sequence of a history chunk's object name.
-fn history_last(name: &str) -> Option<u64> {
-    name.strip_suffix(".parquet")?
-        .rsplit('-')
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Object name of partition `p`'s snapshot.

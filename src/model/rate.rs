@@ -58,7 +58,7 @@ pub struct RateState {
     /// The token's own bursts: episodes per window (an EWMA of episode starts), see
     /// [`RateState::burst_p`].
     pub burst_rate: f32,
-    /// Mean ln z of burst windows, x 1/16 (0: none yet).
+    /// The ln z its burst windows reach (up quickly, down slowly), x 16 (0: none yet).
     pub burst_size: u8,
     /// The latest burst, packed in one byte (the state's budget has no other left): its
     /// 4-hour unit since the epoch modulo 64 (10 days; the low 6 bits), whether the token
@@ -83,7 +83,7 @@ const IN_BURST: u8 = 0x80;
 /// The token's own bursts, the far tail of its rises as its history draws it. A window is
 /// a burst when the ordinary tail calls its rise rarer than [`BURST_P`]; an episode is a run
 /// of bursts less than [`BURST_APART`] apart. The rate learns one event per episode, at its
-/// first window; the size is the mean ln z of burst windows. Once a token has shown two
+/// first window; the size is the ln z its burst windows reach. Once a token has shown two
 /// episodes (one burst is an event, not a habit), a rise is at most as surprising as that
 /// mixture says: a token that bursts daily (a nightly job, a client that retries in storms)
 /// has shown that bursts of that size are its routine, while a burst several times larger
@@ -416,7 +416,8 @@ impl RateModel {
         // residuals say nothing about its tails.
         // Nor while an operator-confirmed incident holds the token.
         if !held && ctx.start - ctx.first_seen >= 86_400_000 {
-            let body = st.up.p_std(z.max(0.0));
+            // Only a rise can be a burst: the tail is not consulted for a drop.
+            let body = if z > 0.0 { st.up.p_std(z) } else { 1.0 };
             st.learn_bursts(z, body, ctx.start, self.level_alpha);
             if z >= 0.0 {
                 st.up.update(z, self.level_alpha);
